@@ -1,0 +1,145 @@
+"""The `dptrain` command: parses options and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DataError
+
+
+class UserError(click.ClickException):
+    """Bad input: one line on stderr, exit status 2 (as click's usage errors)."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DataError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dptrain")
+def main() -> None:
+    """dptrain: fast, honest experiments on what a pre-training set should contain.
+
+    Shard a dataset once (`dptrain shard`), then stream any K-class x n-per-class subset of it.
+    """
+
+
+def _mb(ctx, param, value: float) -> int:
+    return int(value * 2**20)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path), required=False)
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "imagefolder", "flat", "imagenet-tar", "wds"]),
+              help="Layout of SRC: class folders (ImageNet train/), a flat folder + --labels "
+                   "(ImageNet val), ILSVRC2012_img_train.tar, or WebDataset shards.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV 'filename,class' for a flat folder (Kaggle's LOC_val_solution.csv works).")
+@click.option("--classes-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Use the class list and ids of this shard set (for val/test splits).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the stored order in each class.")
+@click.option("--shard-size", default=256.0, show_default=True, type=click.FloatRange(min=0.01),
+              callback=_mb, help="MB per tar; a larger class is split over several tars.")
+@click.option("--max-side", type=click.IntRange(min=16),
+              help="Re-encode images whose longer side exceeds this (px); default: copy all.")
+@click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality of re-encoded images.")
+@click.option("--check", default="header", show_default=True,
+              type=click.Choice(["header", "decode"]),
+              help="header: validate JPEG structure (fast); decode: also decode every JPEG.")
+@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Skip larger images as decompression bombs.")
+@click.option("--workers", type=click.IntRange(min=1), help="Threads (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace a shard set of another source/options.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quality, check,
+          max_pixels, workers, overwrite, progress):
+    """Write SRC as class-indexed WebDataset shards in OUT (default: shards/<SRC name>).
+
+    Per class, tars of `<key>.jpg` + `<key>.cls` in a seeded random order (the first n samples
+    of a class are a uniform sample), each with a DALI wds2idx index; plus index.json and
+    samples.npy, which locate every image by (tar, offset, size). JPEGs are copied unchanged;
+    images a decoder would choke on are converted, broken files skipped and recorded.
+    Interrupted? Run the same command again: it resumes.
+    """
+    from .shards import ShardOptions, shard_dataset
+
+    out = out or Path("shards") / src.name.split(".")[0]
+    opts = ShardOptions(seed=seed, shard_size=shard_size, max_side=max_side, quality=quality,
+                        check=check, max_pixels=max_pixels)
+    try:
+        s = shard_dataset(src, out, fmt=fmt, labels=labels, classes_from=classes_from,
+                          options=opts, workers=workers, overwrite=overwrite, progress=progress)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: run the same command again to resume {out}", err=True)
+        sys.exit(130)
+    if s["up_to_date"]:
+        click.echo(f"{out} is up to date: {s['written']:,} images in {s['classes']:,} classes")
+        return
+    run = s["this_run"]
+    click.echo(f"{out}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, {s['written']:,} "
+               f"written, {s['converted']:,} converted, {s['skipped']:,} skipped, "
+               f"{s['bytes'] / 1e6:,.1f} MB")
+    for reason, n in sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
+        click.echo(f"  skipped {n:,}: {reason}")
+    click.echo(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "
+               f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(out, as_json):
+    """Summarise the shard set in OUT: classes, samples, per-class counts, bytes, skips."""
+    from .index import ShardIndex
+
+    i = ShardIndex.load(out).info()
+    if as_json:
+        click.echo(json.dumps(i))
+        return
+    click.echo(f"{i['path']}: format v{i['format_version']}, from {i['source']} "
+               f"({i['source_format']}), seed {i['seed']}")
+    click.echo(f"  classes   {i['num_classes']:,} ({i['empty_classes']} empty)")
+    click.echo(f"  samples   {i['num_samples']:,}  per class min/median/max "
+               f"{i['per_class_min']}/{i['per_class_median']:g}/{i['per_class_max']}")
+    click.echo(f"  bytes     {i['bytes'] / 1e6:,.1f} MB in {i['num_tars']:,} tars; "
+               f"median image {i['median_width']}x{i['median_height']}")
+    click.echo(f"  converted {i['converted']:,}  skipped {i['skipped']:,}")
+    for reason, n in sorted(i["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
+        click.echo(f"    {n:,}: {reason}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workers", type=click.IntRange(min=1), help="Threads (default: all cores).")
+def verify(out, workers):
+    """Re-hash every tar and index in OUT and check samples.npy against the tars.
+
+    Exits 1 and names each damaged or missing file.
+    """
+    from .index import ShardIndex, verify as verify_set
+
+    problems = verify_set(out, workers)
+    for p in problems:
+        click.echo(f"DAMAGED {out / p}", err=True)
+    if problems:
+        sys.exit(1)
+    index = ShardIndex.load(out)
+    click.echo(f"{out}: OK ({len(index.meta['tars']):,} tars, {index.meta['num_samples']:,} samples)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The on-disk format of a shard set, and reading it back: `index.json` + `samples.npy` + tars.
+
+A shard set is a folder of per-class WebDataset tars (`LLLLL-PPP.tar`, class label and part),
+each with a DALI `wds2idx` v1.2 index (`LLLLL-PPP.idx`), plus:
+- `index.json`: format version, source, options, seed, classes (name, id, count, tars), every
+  tar's size and sha256, every skipped input with its reason;
+- `samples.npy`: one fixed-width row per sample (label, tar id, byte offset and size of the JPEG
+  payload, height, width), sorted by label and then by stored order. A class is a contiguous
+  range of rows and any sample is one positioned read: no tar is ever scanned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+SAMPLES_FILE = "samples.npy"
+SAMPLE_DTYPE = np.dtype(
+    [
+        ("label", "<i4"),
+        ("tar", "<i4"),  # position in index.json's "tars"
+        ("offset", "<i8"),  # byte offset of the JPEG payload in its tar
+        ("size", "<i4"),  # JPEG payload bytes
+        ("height", "<u2"),
+        ("width", "<u2"),
+    ]
+)
+
+
+def tar_name(label: int, part: int) -> str:
+    return f"{label:05d}-{part:03d}.tar"
+
+
+def idx_name(tar: str) -> str:
+    # wds2idx's default: the tar's name up to its first dot, then ".idx".
+    return tar.split(".", 1)[0] + ".idx"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardIndex:
+    """A loaded shard set: `meta` is index.json, `samples` the memory-mapped per-sample table."""
+
+    def __init__(self, root: Path, meta: dict, samples: np.ndarray):
+        self.root, self.meta, self.samples = root, meta, samples
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, mmap: bool = True) -> ShardIndex:
+        root = Path(root)
+        path = root / INDEX_FILE
+        if not path.is_file():
+            raise DataError(f"{root} is not a dptrain shard set (no {INDEX_FILE})")
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{path} has format version {meta.get('format_version')!r}; this dptrain reads "
+                f"version {FORMAT_VERSION}: re-shard with this version"
+            )
+        try:
+            samples = np.load(root / SAMPLES_FILE, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {root / SAMPLES_FILE}: {e}") from None
+        if samples.dtype != SAMPLE_DTYPE or len(samples) != meta["num_samples"]:
+            raise DataError(f"{root / SAMPLES_FILE} does not match {path}: re-shard or verify")
+        return cls(root, meta, samples)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.meta["classes"]]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.array([c["count"] for c in self.meta["classes"]], dtype=np.int64)
+
+    @property
+    def class_start(self) -> np.ndarray:
+        """Row where each class's samples start (rows are sorted by label)."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    @property
+    def tar_paths(self) -> list[Path]:
+        return [self.root / t["file"] for t in self.meta["tars"]]
+
+    def info(self) -> dict:
+        counts = self.counts
+        nonempty = counts[counts > 0]
+        reasons: dict[str, int] = {}
+        for s in self.meta["skipped"]:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        return {
+            "path": str(self.root),
+            "format_version": self.meta["format_version"],
+            "source": self.meta["source"],
+            "source_format": self.meta["source_format"],
+            "seed": self.meta["options"]["seed"],
+            "num_classes": len(counts),
+            "num_samples": int(counts.sum()),
+            "bytes": int(sum(t["bytes"] for t in self.meta["tars"])),
+            "num_tars": len(self.meta["tars"]),
+            "per_class": counts.tolist(),
+            "per_class_min": int(nonempty.min()) if len(nonempty) else 0,
+            "per_class_median": float(np.median(nonempty)) if len(nonempty) else 0.0,
+            "per_class_max": int(nonempty.max()) if len(nonempty) else 0,
+            "empty_classes": int((counts == 0).sum()),
+            "median_height": int(np.median(self.samples["height"])) if len(counts) else 0,
+            "median_width": int(np.median(self.samples["width"])) if len(counts) else 0,
+            "converted": len(self.meta["converted"]),
+            "skipped": len(self.meta["skipped"]),
+            "skipped_by_reason": reasons,
+        }
+
+
+def _verify_tar(root: Path, tar_id: int, tar: dict, rows: np.ndarray) -> list[str]:
+    path, problems = root / tar["file"], []
+    if not path.is_file():
+        return [f"{tar['file']}: missing"]
+    if path.stat().st_size != tar["bytes"]:
+        problems.append(f"{tar['file']}: size {path.stat().st_size} != {tar['bytes']} recorded")
+    elif sha256_file(path) != tar["sha256"]:
+        problems.append(f"{tar['file']}: sha256 mismatch (file damaged)")
+    idx = root / idx_name(tar["file"])
+    if not idx.is_file():
+        problems.append(f"{idx.name}: missing")
+    elif sha256_file(idx) != tar["idx_sha256"]:
+        problems.append(f"{idx.name}: sha256 mismatch (file damaged)")
+    if problems:
+        return problems
+    # The table must point at the tar's real members: .jpg payloads, each followed by its .cls.
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for i, row in enumerate(rows):
+            try:
+                jpg = tarfile.TarInfo.frombuf(os.pread(fd, 512, row["offset"] - 512), "utf-8", "strict")
+                cls_at = row["offset"] + -(-jpg.size // 512) * 512
+                cls = tarfile.TarInfo.frombuf(os.pread(fd, 512, cls_at), "utf-8", "strict")
+                label = os.pread(fd, cls.size, cls_at + 512)
+            except tarfile.TarError as e:
+                return [f"{tar['file']}: sample {i} at offset {row['offset']}: bad tar header ({e})"]
+            if (not jpg.name.endswith(".jpg") or jpg.size != row["size"]
+                    or cls.name != jpg.name[:-4] + ".cls" or label != b"%d" % row["label"]):
+                return [f"{tar['file']}: sample {i} at offset {row['offset']} does not match the index"]
+    return []
+
+
+def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
+    """Re-hash every file and check the table against the tars; returns the problems found."""
+    index = ShardIndex.load(root)
+    root = index.root
+    problems = []
+    if sha256_file(root / SAMPLES_FILE) != index.meta["samples_sha256"]:
+        problems.append(f"{SAMPLES_FILE}: sha256 mismatch (file damaged)")
+    counts = np.bincount(index.samples["label"], minlength=len(index.counts))
+    if not np.array_equal(counts, index.counts):
+        problems.append(f"{SAMPLES_FILE}: per-class counts differ from {INDEX_FILE}")
+    order = np.argsort(index.samples["tar"], kind="stable")
+    bounds = np.searchsorted(index.samples["tar"][order], np.arange(len(index.meta["tars"]) + 1))
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # hashlib releases the GIL
+        jobs = [
+            pool.submit(_verify_tar, root, t, tar, index.samples[order[bounds[t] : bounds[t + 1]]])
+            for t, tar in enumerate(index.meta["tars"])
+        ]
+        for job in jobs:
+            problems += job.result()
+    return problems

@@ -1,0 +1,405 @@
+"""Write a class-indexed shard set: `dptrain shard SRC OUT` (format: see `dptrain.index`).
+
+    dptrain shard /data/imagenet/train shards/imagenet-train      # ~0.8x the speed of `tar -cf`
+
+Classes are written in parallel by worker processes, one class per task. Each class's tars
+are written under temporary names and renamed when complete, then a per-class manifest is
+saved in OUT/.progress; `index.json` is written last. A killed run restarts from its
+manifests, and the result is byte-identical to an uninterrupted run: every byte depends only
+on the inputs, the options and the seed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import multiprocessing as mp
+import signal
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import DataError
+from .images import BadImage, store_image
+from .index import (FORMAT_VERSION, INDEX_FILE, SAMPLE_DTYPE, SAMPLES_FILE, ShardIndex,
+                    idx_name, sha256_file, tar_name)
+from .sources import Item, Source, open_source
+
+PROGRESS_DIR = ".progress"
+PARTIAL = ".partial"  # suffix of files being written
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    seed: int = 0  # seeds each class's stored order
+    shard_size: int = 256 * 2**20  # bytes; a class passing it continues in a new tar
+    max_side: int | None = None  # px; inputs with a longer side are re-encoded down to it
+    quality: int = 90  # JPEG quality of re-encoded images
+    check: str = "header"  # "header": walk JPEG markers; "decode": also decode every JPEG
+    max_pixels: int = 100_000_000  # larger inputs are skipped as decompression bombs
+
+
+def _init_worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    if sys.platform == "linux":
+        # Die with the main process (kill -9 included): an orphan still writing a class would
+        # race the rerun that resumes it, and an idle one would wait on its task pipe forever.
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the main process died before prctl took effect
+            os._exit(1)
+
+
+def _lock(progress_dir: Path):
+    """An exclusive lock on OUT for this run; workers inherit it, so it lasts as long as they do."""
+    f = open(progress_dir / "lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise DataError(f"another dptrain shard is writing {progress_dir.parent}") from None
+    return f
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name and rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + PARTIAL)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+_ZEROS = bytes(1024)
+# A ustar header (as tarfile.USTAR_FORMAT writes it) of a regular file, mode 0644, owner 0:0,
+# mtime 0: fixed metadata keeps the output reproducible. Name and size are filled in per member.
+_TEMPLATE = bytearray(tarfile.TarInfo("x").tobuf(tarfile.USTAR_FORMAT))
+_TEMPLATE[0:100] = bytes(100)
+_TEMPLATE[100:108] = b"0000644\0"
+_TEMPLATE[136:148] = b"00000000000\0"
+_TEMPLATE[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """Build a 512-byte tar header ~10x faster than tarfile (this runs twice per sample)."""
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    field = b"%011o\0" % size
+    header = bytearray(_TEMPLATE)
+    header[0 : len(raw)] = raw
+    header[124:136] = field
+    chksum = _TEMPLATE_SUM + sum(raw) + sum(field) - sum(_TEMPLATE[124:136])
+    header[148:156] = b"%06o\0 " % chksum
+    return bytes(header)
+
+
+class TarWriter:
+    """One WebDataset tar (`<key>.jpg` + `<key>.cls` per sample) and its wds2idx v1.2 index."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.lines = path, 0, []
+        self.sha = hashlib.sha256()
+        self.file = open(path.with_name(path.name + PARTIAL), "wb")
+
+    def _write(self, piece: bytes | memoryview) -> None:
+        self.file.write(piece)
+        self.sha.update(piece)
+        self.offset += len(piece)
+
+    def add(self, key: str, jpg: bytes | memoryview, label: int) -> int:
+        """Append one sample; returns the byte offset of its JPEG payload."""
+        cls = b"%d" % label
+        self._write(ustar_header(key + ".jpg", len(jpg)))
+        jpg_at = self.offset
+        self._write(jpg)  # written from the read buffer: the JPEG is never copied
+        # The rest of the sample is small: one write and one hash update.
+        self._write(_ZEROS[: -len(jpg) % 512] + ustar_header(key + ".cls", len(cls)) + cls
+                    + _ZEROS[: -len(cls) % 512])
+        cls_at = self.offset - 512  # a label is a few digits: its data is the last block
+        self.lines.append(f"jpg {jpg_at} {len(jpg)} {key}.jpg cls {cls_at} {len(cls)} {key}.cls")
+        return jpg_at
+
+    def close(self) -> dict:
+        self._write(_ZEROS)  # two zero blocks end a tar
+        self.file.close()
+        idx = f"v1.2 {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)
+        idx_path = self.path.with_name(idx_name(self.path.name))
+        write_atomic(idx_path, idx.encode())
+        os.replace(self.file.name, self.path)
+        return {"file": self.path.name, "bytes": self.offset,
+                "sha256": self.sha.hexdigest(), "idx_sha256": hashlib.sha256(idx.encode()).hexdigest(),
+                "samples": len(self.lines)}
+
+    def abort(self) -> None:
+        self.file.close()
+        Path(self.file.name).unlink(missing_ok=True)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sample_keys(label: int, items: list[Item]) -> list[str]:
+    """Stable, unique keys from the inputs' file names ("00042_n01440764_10026").
+
+    Only [A-Za-z0-9_-]: webdataset and DALI split a member name at its first dot.
+    """
+    stems = []
+    for it in items:
+        base = re.split(r"[/:]", it.name)[-1]
+        stems.append(_UNSAFE.sub("_", os.path.splitext(base)[0]).strip("_")[:80] or "img")
+    taken, keys = set(stems), []
+    seen: set[str] = set()
+    for s in stems:
+        k, j = s, 1
+        while k in seen or (k != s and k in taken):
+            k, j = f"{s}-{j}", j + 1
+        seen.add(k)
+        keys.append(f"{label:05d}_{k}")
+    return keys
+
+
+def _names_sha(items: list[Item]) -> str:
+    return hashlib.sha1("\n".join(it.name for it in items).encode()).hexdigest()
+
+
+def write_class(out: Path, label: int, items: list[Item], opts: ShardOptions,
+                skipped: list[tuple[str, str]] = ()) -> dict:
+    """Write one class's tars in a seeded random order; returns the class manifest.
+
+    `skipped`: the class's files its source already passed over, kept in the manifest.
+    """
+    keys = sample_keys(label, items)
+    order = np.random.default_rng([opts.seed, label]).permutation(len(items))
+    tars, rows, converted = [], [], []
+    skipped = [list(s) for s in skipped]
+    writer, part = None, 0
+    buf = bytearray(16 << 20)  # larger inputs are read into a buffer of their own
+    try:
+        for i in order:
+            item = items[i]
+            try:
+                stored = store_image(item.read_into(buf), max_side=opts.max_side,
+                                     quality=opts.quality, check=opts.check,
+                                     max_pixels=opts.max_pixels)
+            except OSError as e:
+                skipped.append([item.name, f"unreadable ({e.strerror or e})"])
+                continue
+            except BadImage as e:
+                skipped.append([item.name, str(e)])
+                continue
+            if stored.action != "copied":
+                converted.append([item.name, stored.action])
+            need = 2048 + len(stored.data)  # the sample with both headers and padding, roughly
+            if writer is not None and writer.offset and writer.offset + need > opts.shard_size:
+                tars.append(writer.close())
+                writer, part = None, part + 1
+            if writer is None:
+                writer = TarWriter(out / tar_name(label, part))
+            offset = writer.add(keys[i], stored.data, label)
+            rows.append([part, offset, len(stored.data), stored.height, stored.width])
+        if writer is not None:
+            tars.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return {"label": label, "inputs": len(items), "names_sha1": _names_sha(items), "tars": tars,
+            "rows": rows, "skipped": skipped, "converted": converted}
+
+
+def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: ShardOptions) -> dict:
+    """What must match for a rerun to continue, or be a no-op on, an existing OUT."""
+    return {"format_version": FORMAT_VERSION, "source": str(source.path.resolve()),
+            "source_format": source.format,
+            "labels_file": str(labels.resolve()) if labels else None,
+            "classes_from": str(classes_from.resolve()) if classes_from else None,
+            "options": asdict(opts)}
+
+
+def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
+    """Check OUT against the job; returns True if OUT already holds this finished job."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} exists and is not a folder")
+    old = None
+    for marker in (out / INDEX_FILE, out / PROGRESS_DIR / "job.json"):
+        if marker.is_file():
+            try:
+                old = json.loads(marker.read_text()).get("job")
+            except ValueError:
+                old = {}
+            break
+    ours = old is not None
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise DataError(f"OUT {out} is not empty and is not a dptrain shard set: choose another OUT")
+    if ours and old != job:
+        if not overwrite:
+            what = [k for k in job if (old or {}).get(k) != job[k]]
+            raise DataError(f"OUT {out} holds a shard set of another source or other options "
+                            f"({', '.join(what) or 'unreadable'} differ): use --overwrite to replace it")
+        for p in out.iterdir():
+            if p.name == PROGRESS_DIR:
+                shutil.rmtree(p)
+            elif p.suffix in (".tar", ".idx", PARTIAL) or p.name in (INDEX_FILE, SAMPLES_FILE):
+                p.unlink()
+        return False
+    return ours and (out / INDEX_FILE).is_file()
+
+
+def _load_manifests(progress: Path, out: Path) -> dict[int, dict]:
+    done = {}
+    for p in progress.glob("[0-9]*.json"):
+        try:
+            m = json.loads(p.read_text())
+        except ValueError:
+            continue  # written atomically, so only a foreign file can be unreadable
+        if all((out / t["file"]).is_file() and (out / t["file"]).stat().st_size == t["bytes"]
+               for t in m["tars"]):
+            done[m["label"]] = m
+    return done
+
+
+def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int, dict],
+              scan_skipped: list[tuple[str, str]]) -> dict:
+    tars, classes, tables = [], [], []
+    skipped = [{"input": n, "reason": r} for n, r in scan_skipped]
+    converted = []
+    for label, name in enumerate(class_names):
+        m = manifests.get(label, {"tars": [], "rows": [], "skipped": [], "converted": []})
+        first = len(tars)
+        tars += [{**t, "label": label} for t in m["tars"]]
+        rows = np.array(m["rows"], dtype=np.int64).reshape(-1, 5)
+        table = np.zeros(len(rows), SAMPLE_DTYPE)
+        table["label"], table["tar"] = label, first + rows[:, 0]
+        table["offset"], table["size"] = rows[:, 1], rows[:, 2]
+        table["height"], table["width"] = rows[:, 3], rows[:, 4]
+        tables.append(table)
+        classes.append({"id": label, "name": name, "count": len(rows),
+                        "tars": [t["file"] for t in m["tars"]]})
+        skipped += [{"input": n, "reason": r} for n, r in m["skipped"]]
+        converted += [{"input": n, "action": a} for n, a in m["converted"]]
+    samples = np.concatenate(tables) if tables else np.zeros(0, SAMPLE_DTYPE)
+    tmp = out / (SAMPLES_FILE + PARTIAL)
+    with open(tmp, "wb") as f:
+        np.save(f, samples)
+    os.replace(tmp, out / SAMPLES_FILE)
+    meta = {"format_version": FORMAT_VERSION, "source": job["source"],
+            "source_format": job["source_format"], "options": job["options"], "job": job,
+            "num_classes": len(classes), "num_samples": int(len(samples)),
+            "samples_file": SAMPLES_FILE, "samples_sha256": sha256_file(out / SAMPLES_FILE),
+            "sample_dtype": SAMPLE_DTYPE.descr, "classes": classes, "tars": tars,
+            "skipped": skipped, "converted": converted}
+    write_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())  # last: marks it complete
+    return meta
+
+
+def shard_dataset(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto",
+                  labels: str | os.PathLike | None = None,
+                  classes_from: str | os.PathLike | None = None,
+                  options: ShardOptions = ShardOptions(), workers: int | None = None,
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Shard SRC into OUT (resuming a partial OUT); returns a summary of the run."""
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    labels = Path(labels) if labels else None
+    classes_from = Path(classes_from) if classes_from else None
+    if options.check not in ("header", "decode"):
+        raise DataError(f"check must be 'header' or 'decode', not {options.check!r}")
+    source = open_source(src, fmt, labels)
+    if source.format in ("imagefolder", "flat") and out.resolve().is_relative_to(src.resolve()):
+        raise DataError(f"OUT {out} is inside SRC {src}: its files would be read as inputs")
+    class_names = source.class_names
+    if classes_from is not None:
+        ref = ShardIndex.load(classes_from).class_names
+        unknown = sorted(set(class_names) - set(ref))
+        if unknown:
+            raise DataError(f"{len(unknown)} class(es) of {src} are not in {classes_from} "
+                            f"(e.g. {unknown[:3]}): --classes-from allows only its classes")
+        class_names = ref
+    job = _job(source, labels, classes_from, options)
+    if _prepare_out(out, job, overwrite):
+        meta = ShardIndex.load(out).meta
+        return {**_totals(meta), "up_to_date": True, "seconds": time.perf_counter() - t0}
+    progress_dir = out / PROGRESS_DIR
+    try:
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(progress_dir)
+        write_atomic(progress_dir / "job.json", json.dumps({"job": job}, indent=1).encode())
+    except OSError as e:
+        raise DataError(f"cannot write to OUT {out}: {e.strerror or e}") from None
+    with lock:
+        return _shard(source, out, progress_dir, job, class_names, options, workers, progress, t0)
+
+
+def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names: list[str],
+           options: ShardOptions, workers: int | None, progress: bool, t0: float) -> dict:
+    """Write the classes not yet done (under OUT's lock), then assemble the index."""
+    done = _load_manifests(progress_dir, out)
+    label_of = {name: i for i, name in enumerate(class_names)}
+    for name, items in source._items.items():  # a class whose inputs changed is redone
+        if label_of[name] in done and done[label_of[name]]["names_sha1"] != _names_sha(items):
+            del done[label_of[name]]
+    todo = {n for n in source.class_names if label_of[n] not in done}
+    this_run = {"images": 0, "inputs": 0, "bytes": 0}
+    bar = tqdm(total=source.num_inputs, unit="img", unit_scale=True, disable=not progress,
+               desc="shard", initial=sum(m["inputs"] for m in done.values()) if source.num_inputs else 0)
+
+    def finished(m: dict) -> None:
+        write_atomic(progress_dir / f"{m['label']:05d}.json", json.dumps(m).encode())
+        done[m["label"]] = m
+        this_run["inputs"] += m["inputs"]
+        this_run["images"] += len(m["rows"])
+        this_run["bytes"] += sum(t["bytes"] for t in m["tars"])
+        bar.update(m["inputs"])
+        bar.set_postfix_str(f"{this_run['bytes'] / 1e6 / (time.perf_counter() - t0):.0f} MB/s")
+
+    # Processes, not threads: per-sample Python work and hashing scale ~1.5x better without
+    # the GIL, and only item lists and manifests cross the process boundary (as FFCV's writer).
+    # Workers ignore Ctrl-C; the main process stops submitting and lets running classes finish.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
+        pending: set = set()
+        try:
+            for name, items, skipped in source.classes(todo):
+                while len(pending) >= 2 * workers:  # bounds memory for streamed sources
+                    ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in ready:
+                        finished(f.result())
+                pending.add(pool.submit(write_class, out, label_of[name], items, options, skipped))
+            for f in as_completed(pending):
+                finished(f.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+            raise
+    bar.close()
+    for p in out.glob("*" + PARTIAL):
+        p.unlink()
+    meta = _assemble(out, job, class_names, done, source.skipped)
+    shutil.rmtree(progress_dir)
+    seconds = time.perf_counter() - t0
+    return {**_totals(meta), "up_to_date": False, "seconds": seconds,
+            "this_run": {**this_run, "images_per_s": this_run["images"] / seconds,
+                         "mb_per_s": this_run["bytes"] / 1e6 / seconds}}
+
+
+def _totals(meta: dict) -> dict:
+    reasons: dict[str, int] = {}
+    for s in meta["skipped"]:
+        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    return {"source": meta["source"], "classes": meta["num_classes"],
+            "written": meta["num_samples"], "converted": len(meta["converted"]),
+            "skipped": len(meta["skipped"]), "skipped_by_reason": reasons,
+            "inputs": meta["num_samples"] + len(meta["skipped"]),
+            "bytes": sum(t["bytes"] for t in meta["tars"])}

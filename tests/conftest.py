@@ -1,0 +1,98 @@
+"""Small datasets the tests build themselves, including one bad input of every kind."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dptrain.synthetic import _texture, imagenet_like_jpeg
+
+DPTRAIN = [sys.executable, "-m", "dptrain"]
+
+
+@pytest.fixture(scope="session")
+def texture() -> np.ndarray:
+    return _texture(0)
+
+
+def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb(seed: int, w: int = 40, h: int = 30) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8))
+
+
+def with_sof_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header claiming another size (a decompression bomb)."""
+    i = 2
+    while jpeg[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + struct.unpack_from(">H", jpeg, i + 2)[0]
+    out = bytearray(jpeg)
+    struct.pack_into(">HH", out, i + 5, height, width)
+    return bytes(out)
+
+
+def bad_inputs() -> dict[str, tuple[bytes, str]]:
+    """file name -> (bytes, expected fate: 'copied', 'converted' or the skip reason's start)."""
+    good = encode(rgb(1))
+    cmyk = encode(rgb(2).convert("CMYK"))
+    rgba = rgb(3).convert("RGBA")
+    pal = rgb(4).convert("P")
+    pal.info["transparency"] = 0
+    grey16 = Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16))
+    return {
+        "grey.jpg": (encode(rgb(5).convert("L")), "copied"),
+        "png_named.JPEG": (encode(rgb(6), "PNG"), "converted"),
+        "cmyk.jpg": (cmyk, "converted"),
+        "alpha.png": (encode(rgba, "PNG"), "converted"),
+        "palette.png": (encode(pal, "PNG"), "converted"),
+        "grey16.png": (encode(grey16, "PNG"), "converted"),
+        "truncated.jpg": (good[: len(good) // 2], "truncated JPEG"),
+        "empty.jpg": (b"", "empty file"),
+        "text.jpg": (b"this is not an image\n" * 20, "not an image"),
+        "bomb.jpg": (with_sof_size(good, 20000, 20000), "too many pixels"),
+        "notes.txt": (b"readme", "not an image file name"),
+    }
+
+
+def make_imagefolder(root: Path, texture: np.ndarray, classes: int = 4, per_class: int = 6,
+                     size: tuple[int, int] = (64, 48), bad: bool = True) -> Path:
+    """root/<class>/<file>: ImageNet-like JPEGs, plus the bad inputs in the first class."""
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            (d / f"img_{c}_{i}.JPEG").write_bytes(
+                imagenet_like_jpeg(texture, 0, c, i, width=size[0], height=size[1]))
+    if bad:
+        for name, (data, _) in bad_inputs().items():
+            (root / "class_0" / name).write_bytes(data)
+    return root
+
+
+def run_cli(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([*DPTRAIN, *map(str, args)], capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"dptrain {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root (relative name -> bytes), to compare whole outputs."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def folder(tmp_path, texture) -> Path:
+    return make_imagefolder(tmp_path / "src", texture)

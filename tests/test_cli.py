@@ -1,0 +1,181 @@
+"""The command line as users meet it: errors, kill -9 and resume, no-op reruns, info, verify."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DPTRAIN, make_imagefolder, run_cli, tree_bytes
+from dptrain.index import ShardIndex, idx_name
+
+
+def assert_usage_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, p.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["shard"], ["info"], ["verify"]):
+        p = run_cli(*cmd, "--help")
+        assert "Usage: " in p.stdout and len(p.stdout.splitlines()) > 5
+
+
+def test_bad_usage_one_line_errors(tmp_path, folder, texture):
+    assert_usage_error(run_cli("shard", tmp_path / "nope", tmp_path / "o", check=False),
+                       "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(run_cli("shard", empty, tmp_path / "o", check=False), "holds no images")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes((folder / "class_1" / "img_1_0.JPEG").read_bytes())
+    assert_usage_error(run_cli("shard", flat, tmp_path / "o", check=False), "--labels")
+    assert_usage_error(run_cli("shard", folder, tmp_path / "o", "--format", "zip", check=False),
+                       "zip")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_usage_error(run_cli("shard", folder, a_file / "sub", check=False), "cannot write")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert_usage_error(run_cli("shard", folder, foreign, check=False), "not a dptrain shard set")
+    assert (foreign / "thesis.tex").read_text() == "keep me"
+    assert_usage_error(run_cli("shard", folder, folder / "out", check=False), "inside SRC")
+    assert_usage_error(run_cli("info", folder, check=False), "not a dptrain shard set")
+    assert_usage_error(run_cli("shard", folder, tmp_path / "o", "--quality", "0", check=False),
+                       "--quality")
+
+
+def test_rerun_is_noop_and_other_options_refused(tmp_path, folder):
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress")
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    p = run_cli("shard", folder, out, "--no-progress")
+    assert "up to date" in p.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert_usage_error(run_cli("shard", folder, out, "--seed", "3", check=False),
+                       "--overwrite", "options")
+    run_cli("shard", folder, out, "--seed", "3", "--overwrite", "--no-progress")
+    assert ShardIndex.load(out).meta["options"]["seed"] == 3
+
+
+def test_summary_and_info(tmp_path, folder):
+    out = tmp_path / "out"
+    p = run_cli("shard", folder, out, "--no-progress")
+    assert "4 classes, 35 inputs seen, 30 written, 5 converted, 5 skipped" in p.stdout
+    assert "skipped 1: truncated JPEG (no end-of-image marker)" in p.stdout
+    assert "img/s" in p.stdout and "MB/s" in p.stdout
+    info = json.loads(run_cli("info", out, "--json").stdout)
+    assert info["num_classes"] == 4 and info["num_samples"] == 30
+    assert info["per_class"] == [12, 6, 6, 6] and info["skipped"] == 5
+    assert info["bytes"] == sum(p.stat().st_size for p in out.glob("*.tar"))
+    text = run_cli("info", out).stdout
+    assert "classes   4" in text and "6/6/12" in text
+
+
+def test_verify_names_each_damaged_file(tmp_path, folder):
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress", "--shard-size", "0.02")
+    assert "OK" in run_cli("verify", out).stdout
+    tars = sorted(out.glob("*.tar"))
+    data = bytearray(tars[1].read_bytes())
+    data[700] ^= 0x01  # one flipped bit inside a JPEG payload
+    tars[1].write_bytes(bytes(data))
+    tars[2].unlink()
+    idx = out / idx_name(tars[3].name)
+    idx.write_text(idx.read_text().replace("jpg 512", "jpg 513", 1))
+    p = run_cli("verify", out, check=False)
+    assert p.returncode == 1
+    damaged = [line for line in p.stderr.splitlines() if line.startswith("DAMAGED")]
+    assert len(damaged) == 3, p.stderr
+    assert tars[1].name in damaged[0] + damaged[1] + damaged[2]
+    assert any(tars[2].name in d and "missing" in d for d in damaged)
+    assert any(idx.name in d for d in damaged)
+
+
+def test_verify_checks_table_against_tars(tmp_path, folder):
+    import numpy as np
+
+    from dptrain.index import sha256_file
+
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress")
+    # A table that points at the wrong bytes, with its hash updated to hide the change.
+    table = np.load(out / "samples.npy")
+    table["offset"][3] += 512
+    np.save(out / "samples.npy", table)
+    meta = json.loads((out / "index.json").read_text())
+    meta["samples_sha256"] = sha256_file(out / "samples.npy")
+    (out / "index.json").write_text(json.dumps(meta))
+    p = run_cli("verify", out, check=False)
+    assert p.returncode == 1 and "00000-000.tar: sample 3 at offset" in p.stderr
+
+
+@pytest.fixture
+def big_folder(tmp_path, texture) -> Path:
+    # Large enough (~50 MB, decode-checked, one worker) that a run lasts about a second.
+    return make_imagefolder(tmp_path / "big", texture, classes=12, per_class=40,
+                            size=(500, 375), bad=False)
+
+
+SLOW = ["--no-progress", "--check", "decode", "--workers", "1", "--shard-size", "1"]
+
+
+def test_kill_9_and_resume_is_byte_identical(tmp_path, big_folder):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run_cli("shard", big_folder, ref, *SLOW)
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(5):  # kill -9 at random points, each run resuming the last
+        proc = subprocess.Popen([*DPTRAIN, "shard", str(big_folder), str(out), *SLOW])
+        while not (out / ".progress").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += not (out / "index.json").exists()
+    assert kills >= 2  # it really was interrupted mid-run, more than once
+    resumed = list((out / ".progress").glob("0*.json"))  # classes the last run will not redo
+    assert resumed, "no class finished before the kills: nothing to resume"
+    run_cli("shard", big_folder, out, *SLOW)
+    assert tree_bytes(out) == tree_bytes(ref)
+    assert "OK" in run_cli("verify", out).stdout
+
+
+def test_ctrl_c_then_rerun(tmp_path, big_folder):
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run_cli("shard", big_folder, ref, *SLOW)
+    proc = subprocess.Popen([*DPTRAIN, "shard", str(big_folder), str(out), *SLOW],
+                            stderr=subprocess.PIPE, text=True)
+    while not list((out / ".progress").glob("0*.json")) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again" in err
+    assert "Traceback" not in err and not (out / "index.json").exists()
+    p = run_cli("shard", big_folder, out, *SLOW)
+    assert "this run" in p.stdout
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_second_writer_is_refused(tmp_path, big_folder):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*DPTRAIN, "shard", str(big_folder), str(out), *SLOW])
+    try:
+        while not (out / ".progress" / "job.json").exists():
+            time.sleep(0.005)
+        assert_usage_error(run_cli("shard", big_folder, out, *SLOW, check=False),
+                           "another dptrain shard")
+    finally:
+        proc.wait()
+    assert proc.returncode == 0

@@ -1,0 +1,263 @@
+"""`dptrain shard`: round trips from every source, the stored order, splitting, conversions."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import bad_inputs, make_imagefolder, tree_bytes
+from dptrain.errors import DataError
+from dptrain.index import ShardIndex, idx_name
+from dptrain.shards import ShardOptions, shard_dataset
+
+
+def read_samples(out: Path) -> list[tuple[str, bytes, int]]:
+    """(key, jpg bytes, label) of every sample, read with tarfile (not with our index)."""
+    samples = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                key = name[:-4]
+                samples.append((key, data, int(members[key + ".cls"])))
+    return samples
+
+
+def test_imagefolder_round_trip(folder, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    out = tmp_path / "out"
+    shard_dataset(folder, out, progress=False)
+    index = ShardIndex.load(out)
+    stored = read_samples(out)
+    by_bytes = Counter(data for _, data, _ in stored)
+    label_of_bytes = {data: label for _, data, label in stored}
+
+    # Labels exactly as torchvision's ImageFolder assigns them, every readable image once.
+    reference = ImageFolder(str(folder), loader=lambda p: p)
+    assert index.class_names == reference.classes
+    fates = bad_inputs()
+    copied = converted = 0
+    for path, label in reference.samples:
+        name = os.path.basename(path)
+        fate = fates.get(name, (None, "copied"))[1]
+        data = Path(path).read_bytes()
+        if fate == "copied":
+            assert by_bytes[data] == 1, name  # bytes unchanged, exactly once
+            assert label_of_bytes[data] == label
+            copied += 1
+        elif fate == "converted":
+            converted += 1
+    assert copied == 4 * 6 + 1 and converted == 5
+    assert len(stored) == index.meta["num_samples"] == copied + converted
+
+    # Conversions are RGB baseline JPEGs with the source's size; skips are recorded with reasons.
+    assert {c["input"].split("/")[-1] for c in index.meta["converted"]} == {
+        n for n, (_, f) in fates.items() if f == "converted"}
+    for _, data, _ in stored:
+        im = Image.open(io.BytesIO(data))
+        assert im.format == "JPEG" and im.mode in ("RGB", "L")
+        assert im.info.get("progression", 0) == 0 or data in by_bytes
+    reasons = {s["input"].split("/")[-1]: s["reason"] for s in index.meta["skipped"]}
+    for name, (_, fate) in fates.items():
+        if fate not in ("copied", "converted"):
+            assert reasons[name].startswith(fate), (name, reasons.get(name))
+    cmyk = next(d for k, d, _ in stored if k.endswith("cmyk"))
+    assert Image.open(io.BytesIO(cmyk)).mode == "RGB"
+
+
+def test_table_points_at_every_payload(folder, tmp_path):
+    out = tmp_path / "out"
+    shard_dataset(folder, out, progress=False)
+    index = ShardIndex.load(out)
+    by_key = {key: (data, label) for key, data, label in read_samples(out)}
+    payloads = {data for data, _ in by_key.values()}
+    tars = index.tar_paths
+    seen = set()
+    for row in index.samples:
+        with open(tars[row["tar"]], "rb") as f:
+            data = os.pread(f.fileno(), int(row["size"]), int(row["offset"]))
+        assert data in payloads
+        im = Image.open(io.BytesIO(data))
+        assert (im.height, im.width) == (row["height"], row["width"])
+        seen.add(data)
+    assert len(seen) == len(index.samples)
+    # Rows are sorted by label; each class is one contiguous range.
+    labels = index.samples["label"]
+    assert np.all(np.diff(labels) >= 0)
+    assert np.array_equal(np.bincount(labels, minlength=len(index.counts)), index.counts)
+    info = index.info()
+    assert info["num_samples"] == len(seen) and sum(info["per_class"]) == len(seen)
+
+
+def test_keys_unique_and_stable(folder, tmp_path):
+    shard_dataset(folder, tmp_path / "a", progress=False)
+    shard_dataset(folder, tmp_path / "b", options=ShardOptions(seed=7), progress=False)
+    keys_a = [k for k, _, _ in read_samples(tmp_path / "a")]
+    keys_b = [k for k, _, _ in read_samples(tmp_path / "b")]
+    assert len(set(keys_a)) == len(keys_a)
+    assert set(keys_a) == set(keys_b)  # keys come from file names, not from the order
+    assert "00001_img_1_3" in keys_a
+    assert all("." not in k for k in keys_a)
+
+
+def test_seeded_order_deterministic_and_uniform(tmp_path, texture):
+    src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=40, bad=False)
+    shard_dataset(src, tmp_path / "a", progress=False)
+    shard_dataset(src, tmp_path / "a2", progress=False)
+    shard_dataset(src, tmp_path / "b", options=ShardOptions(seed=1), progress=False)
+    a, a2, b = (tree_bytes(tmp_path / n) for n in ("a", "a2", "b"))
+    a.pop("index.json"), a2.pop("index.json")
+    assert a == a2  # same seed: byte-identical tars, indexes and table
+    order = lambda n: [k for k, _, _ in read_samples(tmp_path / n)]  # noqa: E731
+    assert order("a") != order("b") and sorted(order("a")) == sorted(order("b"))
+    # Stored order is a shuffle of the sorted inputs, not the sorted order itself.
+    class0 = [k for k in order("a") if k.startswith("00000_")]
+    assert class0 != sorted(class0, key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
+def test_shard_size_splits_classes(tmp_path, texture):
+    src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=30,
+                           size=(500, 375), bad=False)
+    out = tmp_path / "out"
+    limit = 1 << 20
+    shard_dataset(src, out, options=ShardOptions(shard_size=limit), progress=False)
+    index = ShardIndex.load(out)
+    per_class = [len(c["tars"]) for c in index.meta["classes"]]
+    assert all(n >= 3 for n in per_class)  # ~3.2 MB per class in 1 MB tars
+    assert all(t["bytes"] <= limit for t in index.meta["tars"])
+    assert len(read_samples(out)) == 60 == index.meta["num_samples"]
+    for t in index.meta["tars"]:
+        assert (out / idx_name(t["file"])).is_file()
+
+
+def test_max_side_reencodes_only_larger_images(tmp_path, texture):
+    from dptrain.synthetic import imagenet_like_jpeg
+
+    src = make_imagefolder(tmp_path / "src", texture, classes=1, per_class=3, size=(500, 375),
+                           bad=False)
+    small = src / "class_0" / "small.jpg"
+    small.write_bytes(imagenet_like_jpeg(texture, 0, 0, 9, width=120, height=90))
+    out = tmp_path / "out"
+    shard_dataset(src, out, options=ShardOptions(max_side=160, quality=80), progress=False)
+    index = ShardIndex.load(out)
+    sides = sorted(zip(index.samples["width"].tolist(), index.samples["height"].tolist()))
+    assert sides == [(120, 90), (160, 120), (160, 120), (160, 120)]
+    assert sorted(c["action"] for c in index.meta["converted"]) == ["resized"] * 3
+    stored = {k: d for k, d, _ in read_samples(out)}
+    assert stored["00000_small"] == (src / "class_0" / "small.jpg").read_bytes()
+
+
+def test_flat_folder_with_labels_and_classes_from(tmp_path, folder):
+    train = tmp_path / "train"
+    shard_dataset(folder, train, progress=False)
+    val = tmp_path / "val"
+    val.mkdir()
+    for i, c in enumerate(["class_2", "class_1", "class_2"]):
+        (val / f"v{i}.JPEG").write_bytes((folder / c / f"img_{c[-1]}_{i}.JPEG").read_bytes())
+    (val / "unlabelled.JPEG").write_bytes((folder / "class_3" / "img_3_0.JPEG").read_bytes())
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "PredictionString"])  # Kaggle's LOC_val_solution.csv form
+        w.writerow(["v0", "class_2 1 2 3 4"])
+        w.writerow(["v1.JPEG", "class_1"])
+        w.writerow(["v2", "class_2"])
+        w.writerow(["gone.JPEG", "class_1"])
+    out = tmp_path / "valshards"
+    shard_dataset(val, out, labels=labels, classes_from=train, progress=False)
+    index = ShardIndex.load(out)
+    assert index.class_names == ShardIndex.load(train).class_names  # the train split's ids
+    assert index.counts.tolist() == [0, 1, 2, 0]
+    assert {(k, l) for k, _, l in read_samples(out)} == {
+        ("00002_v0", 2), ("00001_v1", 1), ("00002_v2", 2)}
+    reasons = {s["input"]: s["reason"] for s in index.meta["skipped"]}
+    assert reasons["gone.JPEG"].startswith("listed in labels.csv but missing")
+    assert reasons["unlabelled.JPEG"] == "no label in labels.csv"
+
+    # A class the reference does not have is an error, not a new id.
+    with open(labels, "a") as f:
+        f.write("unlabelled.JPEG,class_9\n")
+    with pytest.raises(DataError, match="class_9"):
+        shard_dataset(val, tmp_path / "v2", labels=labels, classes_from=train, progress=False)
+
+
+def test_imagenet_tar_of_tars_matches_folder(tmp_path, folder):
+    """ILSVRC2012_img_train.tar layout: a tar of per-class tars, read in one streamed pass."""
+    outer = tmp_path / "ILSVRC2012_img_train.tar"
+    with tarfile.open(outer, "w") as tf:
+        for cls in sorted(os.listdir(folder), reverse=True):  # member order must not matter
+            inner = tmp_path / f"{cls}.tar"
+            with tarfile.open(inner, "w") as itf:
+                for f in sorted(os.listdir(folder / cls)):
+                    itf.add(folder / cls / f, arcname=f)
+            tf.add(inner, arcname=f"{cls}.tar")
+    shard_dataset(folder, tmp_path / "from_folder", progress=False)
+    shard_dataset(outer, tmp_path / "from_tar", progress=False)
+    a, b = tree_bytes(tmp_path / "from_folder"), tree_bytes(tmp_path / "from_tar")
+    ia, ib = json.loads(a.pop("index.json")), json.loads(b.pop("index.json"))
+    assert a == b  # same tars, idx files and table, byte for byte
+    assert ib["source_format"] == "imagenet-tar"
+    assert ia["classes"] == ib["classes"] and ia["converted"] == ib["converted"]
+    assert [s["reason"] for s in ia["skipped"]] == [s["reason"] for s in ib["skipped"]]
+
+
+def test_webdataset_source_reindexed_by_class(tmp_path, texture):
+    import webdataset as wds
+
+    from dptrain.synthetic import imagenet_like_jpeg
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    expected = Counter()
+    for s in range(3):  # classes mixed across shards, as webdataset users write them
+        with wds.TarWriter(str(src / f"shard-{s:04d}.tar")) as w:
+            for i in range(10):
+                label = (s * 10 + i) % 3
+                w.write({"__key__": f"s{s}/im{i:03d}", "jpg": imagenet_like_jpeg(
+                    texture, 0, label, s * 10 + i, width=48, height=32), "cls": label})
+                expected[label] += 1
+        with wds.TarWriter(str(src / "extra.tar")) as w:
+            w.write({"__key__": "nolabel", "jpg": b"\xff\xd8"})
+    out = tmp_path / "out"
+    shard_dataset(src, out, progress=False)
+    index = ShardIndex.load(out)
+    assert index.meta["source_format"] == "wds"
+    assert index.class_names == ["0", "1", "2"]  # the original integer labels keep their ids
+    assert index.counts.tolist() == [expected[0], expected[1], expected[2]]
+    assert all(t["label"] == int(k[:5]) for t in index.meta["tars"] for k in [t["file"]])
+    assert {(k.split("_", 1)[0], l) for k, _, l in read_samples(out)} == {
+        ("00000", 0), ("00001", 1), ("00002", 2)}
+    assert any(s["reason"] == "no .cls in sample" for s in index.meta["skipped"])
+
+
+def test_bad_image_checks(texture):
+    from dptrain.images import BadImage, store_image
+
+    from conftest import encode, rgb, with_sof_size
+
+    good = encode(rgb(1))
+    assert store_image(good).action == "copied"
+    for data, reason in [(good[:100], "truncated"), (good[:-2], "truncated"),
+                         (with_sof_size(good, 12000, 9000), "too many pixels")]:
+        with pytest.raises(BadImage, match=reason):
+            store_image(data)
+    with pytest.raises(BadImage, match="too many pixels"):
+        store_image(encode(rgb(2), "PNG"), max_pixels=100)
+    # Garbage inside the entropy-coded data passes the header walk; --check decode catches it.
+    big = encode(rgb(1, 200, 150))
+    n = len(big)
+    garbage = big[: n // 2] + bytes(range(256)) * 4 + big[n // 2 + 1024 :]
+    assert store_image(garbage).action == "copied"
+    with pytest.raises(BadImage, match="not a decodable image"):
+        store_image(garbage, check="decode")
