@@ -30,7 +30,7 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class Stored:
-    data: bytes
+    data: bytes | memoryview  # a copied input is the caller's own buffer, not a copy
     height: int
     width: int
     action: str  # "copied", or what was done: "converted (png)", "resized", ...

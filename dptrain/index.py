@@ -25,6 +25,7 @@ from .errors import DataError
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 SAMPLES_FILE = "samples.npy"
+PROGRESS_DIR = ".progress"  # exists only while a shard set is being written
 SAMPLE_DTYPE = np.dtype(
     [
         ("label", "<i4"),
@@ -64,6 +65,8 @@ class ShardIndex:
     def load(cls, root: str | os.PathLike, mmap: bool = True) -> ShardIndex:
         root = Path(root)
         path = root / INDEX_FILE
+        if not path.is_file() and (root / PROGRESS_DIR).is_dir():
+            raise DataError(f"{root} is unfinished: run the dptrain shard command again to finish it")
         if not path.is_file():
             raise DataError(f"{root} is not a dptrain shard set (no {INDEX_FILE})")
         try:

@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 from .errors import DataError
 from .images import BadImage, store_image
-from .index import (FORMAT_VERSION, INDEX_FILE, SAMPLE_DTYPE, SAMPLES_FILE, ShardIndex,
-                    idx_name, sha256_file, tar_name)
+from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMPLES_FILE,
+                    ShardIndex, idx_name, sha256_file, tar_name)
 from .sources import Item, Source, open_source
 
-PROGRESS_DIR = ".progress"
 PARTIAL = ".partial"  # suffix of files being written
 
 

@@ -34,9 +34,6 @@ class Item:
     size: int = -1  # -1: the whole file
     data: bytes | None = None
 
-    def read(self) -> bytes:
-        return bytes(self.read_into(bytearray(0)))
-
     def read_into(self, buf: bytearray) -> memoryview | bytes:
         """The input's bytes, in `buf` when they fit: reusing one buffer saves an allocation
         per image (~10% of sharding's CPU). The view is valid until `buf` is reused."""
@@ -221,7 +218,8 @@ def _first_member(path: Path) -> str | None:
             return m.name if m else None
     except tarfile.ReadError:
         raise DataError(
-            f"{path} is not an uncompressed tar (compressed tars cannot be read by offset)"
+            f"SRC {path} is a file but not an uncompressed tar: expected a folder, "
+            "ILSVRC2012_img_train.tar or WebDataset .tar shards (not compressed ones)"
         ) from None
 
 

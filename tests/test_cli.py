@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -52,6 +53,16 @@ def test_bad_usage_one_line_errors(tmp_path, folder, texture):
     assert (foreign / "thesis.tex").read_text() == "keep me"
     assert_usage_error(run_cli("shard", folder, folder / "out", check=False), "inside SRC")
     assert_usage_error(run_cli("info", folder, check=False), "not a dptrain shard set")
+    one_image = folder / "class_1" / "img_1_0.JPEG"
+    assert_usage_error(run_cli("shard", one_image, tmp_path / "o", check=False),
+                       "not an uncompressed tar")
+    with tarfile.open(tmp_path / "x.tar.gz", "w:gz") as tf:
+        tf.add(one_image, arcname="a.jpg")
+    assert_usage_error(run_cli("shard", tmp_path / "x.tar.gz", tmp_path / "o", check=False),
+                       "not an uncompressed tar")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".progress").mkdir(parents=True)
+    assert_usage_error(run_cli("info", unfinished, check=False), "run the dptrain shard command")
     assert_usage_error(run_cli("shard", folder, tmp_path / "o", "--quality", "0", check=False),
                        "--quality")
 
