@@ -117,7 +117,9 @@ def _encode(im: Image.Image, quality: int) -> bytes:
 
 def _decode(data: bytes, max_pixels: int, draft_side: int | None = None) -> Image.Image:
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pixel counts are checked against max_pixels below; PIL's own threshold would
+        # override a larger --max-pixels.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
             _check_size(im.width, im.height, max_pixels)
@@ -128,7 +130,7 @@ def _decode(data: bytes, max_pixels: int, draft_side: int | None = None) -> Imag
             im.load()
         except BadImage:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except Image.DecompressionBombError as e:
             raise BadImage(f"too many pixels (decompression bomb?): {e}") from None
         except Image.UnidentifiedImageError:
             raise BadImage("not an image (unrecognised format)") from None
