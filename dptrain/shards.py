@@ -88,6 +88,7 @@ _TEMPLATE[0:100] = bytes(100)
 _TEMPLATE[100:108] = b"0000644\0"
 _TEMPLATE[136:148] = b"00000000000\0"
 _TEMPLATE[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+_TEMPLATE[124:136] = bytes(12)  # size: filled in per member
 _TEMPLATE_SUM = sum(_TEMPLATE)
 
 
@@ -100,7 +101,7 @@ def ustar_header(name: str, size: int) -> bytes:
     header = bytearray(_TEMPLATE)
     header[0 : len(raw)] = raw
     header[124:136] = field
-    chksum = _TEMPLATE_SUM + sum(raw) + sum(field) - sum(_TEMPLATE[124:136])
+    chksum = _TEMPLATE_SUM + sum(raw) + sum(field)
     header[148:156] = b"%06o\0 " % chksum
     return bytes(header)
 
