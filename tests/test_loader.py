@@ -1,0 +1,131 @@
+"""The DALI loader, CPU-only here (device_id=None); the same pipeline runs mixed on a GPU."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_imagefolder
+from dptrain.errors import DataError
+from dptrain.index import ShardIndex
+from dptrain.loader import EVAL_RESIZE, Loader
+from dptrain.shards import shard_dataset
+from dptrain.subset import select
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, texture) -> ShardIndex:
+    root = tmp_path_factory.mktemp("loader")
+    src = make_imagefolder(root / "src", texture, classes=8, per_class=12, size=(96, 72),
+                           bad=False)
+    shard_dataset(src, root / "out", progress=False)
+    return ShardIndex.load(root / "out")
+
+
+def epoch_labels(loader: Loader) -> list[torch.Tensor]:
+    out = []
+    for images, labels in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (loader.res, loader.res, 3)
+        assert labels.dtype == torch.int64 and len(labels) == len(images)
+        out.append(labels.clone())
+    return out
+
+
+def test_train_epoch_mixes_classes_and_covers_subset(index):
+    s = select(index, 8, 12, seed=0)
+    loader = Loader(s, batch_size=32, train=True, res=32, drop_last=False)
+    assert len(loader) == 3
+    for epoch in range(2):
+        batches = epoch_labels(loader)
+        assert len(batches) == 3
+        assert all(len(set(b.tolist())) > 1 for b in batches)  # never a single-class batch
+        assert torch.bincount(torch.cat(batches), minlength=8).tolist() == [12] * 8
+    assert loader.epoch == 2
+
+
+def test_bytes_read_in_one_epoch_equal_subset_bytes(index):
+    s = select(index, 5, 7, seed=1)
+    loader = Loader(s, batch_size=8, train=False, res=32)
+    assert sum(len(b) for b in epoch_labels(loader)) == len(s) == 35
+    assert loader.bytes_read == s.nbytes  # no byte outside the subset, none twice
+    train = Loader(s, batch_size=8, train=True, res=32, drop_last=False)
+    epoch_labels(train)
+    assert train.bytes_read == s.nbytes
+
+
+def test_drop_last_and_len(index):
+    s = select(index, 5, 7, seed=1)  # 35 samples
+    assert len(Loader(s, batch_size=8, train=True, res=32)) == 4  # drops the last 3
+    assert sum(len(b) for b in epoch_labels(Loader(s, batch_size=8, train=True, res=32))) == 32
+    with pytest.raises(DataError, match="no full batch"):
+        Loader(s, batch_size=64, train=True, res=32)
+
+
+def test_same_seed_same_batches_and_resume_mid_epoch(index):
+    s = select(index, 8, 12, seed=0)
+    a = Loader(s, batch_size=16, train=True, res=32, seed=5)
+    b = Loader(s, batch_size=16, train=True, res=32, seed=5)
+    a.set_epoch(3)
+    b.set_epoch(3, start_step=2)
+    full, tail = epoch_labels(a), epoch_labels(b)
+    assert len(full) == 6 and len(tail) == 4
+    assert all(torch.equal(x, y) for x, y in zip(full[2:], tail))
+
+
+def test_ranks_read_disjoint_equal_parts(index):
+    s = select(index, 8, 12, seed=0)  # 96 samples
+    loaders = [Loader(s, batch_size=8, train=True, res=32, rank=r, world_size=3) for r in range(3)]
+    assert {len(x) for x in loaders} == {4}  # the same number of steps on every rank
+    labels = [torch.cat(epoch_labels(x)) for x in loaders]
+    assert torch.bincount(torch.cat(labels), minlength=8).tolist() == [12] * 8
+    assert sum(x.bytes_read for x in loaders) == s.nbytes
+
+
+def test_eval_transform_matches_pil(index):
+    res = 48
+    s = select(index, 2, 4, seed=0)
+    loader = Loader(s, batch_size=8, train=False, res=res)
+    images, labels = next(iter(loader))
+    tars = index.tar_paths
+    for i, row in enumerate(index.samples[s.rows]):
+        with open(tars[row["tar"]], "rb") as f:
+            im = Image.open(io.BytesIO(f.read()[row["offset"] : row["offset"] + row["size"]]))
+        short = round(res * EVAL_RESIZE)
+        w, h = im.size
+        size = (short, round(h * short / w)) if w < h else (round(w * short / h), short)
+        im = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+        # DALI rounds the centre crop's origin half up (torchvision's round() goes half to
+        # even): one pixel apart when the margin is odd.
+        left, top = int((size[0] - res) / 2 + 0.5), int((size[1] - res) / 2 + 0.5)
+        ref = np.asarray(im.crop((left, top, left + res, top + res)), dtype=np.float32)
+        diff = np.abs(images[i].numpy().astype(np.float32) - ref)
+        assert diff.mean() < 2.0, (i, diff.mean())  # ~0.7 of 255 seen: filters differ slightly
+        assert int(labels[i]) == int(s.labels[i])
+
+
+def test_damaged_tar_names_file_and_sample(tmp_path, texture):
+    src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=6, bad=False)
+    shard_dataset(src, tmp_path / "out", progress=False)
+    index = ShardIndex.load(tmp_path / "out")
+    tar = index.tar_paths[1]
+    tar.write_bytes(tar.read_bytes()[:2000])  # cut short: most samples are gone
+    loader = Loader(select(index), batch_size=4, train=False, res=32)
+    with pytest.raises(Exception, match=rf"{tar.name}: sample at offset \d+ is cut short"):
+        for _ in loader:
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mixed_decode(index):
+    s = select(index, 8, 12, seed=0)
+    loader = Loader(s, batch_size=16, train=True, res=64, device="cuda", drop_last=False)
+    seen = 0
+    for images, labels in loader:
+        assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8
+        seen += len(labels)
+    assert seen == len(s) and loader.bytes_read == s.nbytes

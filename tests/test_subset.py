@@ -1,0 +1,116 @@
+"""Subset selection: exact counts, nesting, seeds, limits, epoch shuffles and rank splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_imagefolder
+from dptrain.errors import DataError
+from dptrain.index import ShardIndex
+from dptrain.shards import shard_dataset
+from dptrain.subset import epoch_order, select, steps_per_epoch
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, texture) -> ShardIndex:
+    """10 classes of 12..30 images (class c has 12 + 2c)."""
+    root = tmp_path_factory.mktemp("subset")
+    src = make_imagefolder(root / "src", texture, classes=10, per_class=30, size=(32, 24),
+                           bad=False)
+    for c in range(10):
+        for i in range(12 + 2 * c, 30):
+            (src / f"class_{c}" / f"img_{c}_{i}.JPEG").unlink()
+    shard_dataset(src, root / "out", progress=False)
+    return ShardIndex.load(root / "out")
+
+
+def keys(subset) -> set[tuple[int, int]]:
+    """(original label, row) pairs: what a subset holds."""
+    return set(zip(subset.classes[subset.labels].tolist(), subset.rows.tolist()))
+
+
+def test_exact_counts_and_labels(index):
+    s = select(index, 4, 10, seed=0)
+    assert len(s) == 40 and s.num_classes == 4
+    assert np.bincount(s.labels).tolist() == [10] * 4
+    table = index.samples[s.rows]
+    assert np.array_equal(table["label"], s.classes[s.labels])  # labels map back to the index
+    # The first n stored samples of each chosen class.
+    for k, c in enumerate(s.classes):
+        rows = s.rows[s.labels == k]
+        assert rows.tolist() == list(range(index.class_start[c], index.class_start[c] + 10))
+    assert s.nbytes == int(table["size"].sum())
+    assert select(index).num_classes == 10 and len(select(index)) == index.meta["num_samples"]
+
+
+def test_nested_and_seeded(index):
+    big = select(index, 8, 12, seed=3)
+    for k, n in [(1, 1), (3, 5), (8, 12), (5, 12), (8, 2)]:
+        small = select(index, k, n, seed=3)
+        assert keys(small) <= keys(big), (k, n)
+        assert small.classes.tolist() == big.classes[:k].tolist()
+    assert select(index, 5, 4, seed=3).classes.tolist() == select(index, 5, 4, seed=3).classes.tolist()
+    assert select(index, 5, 4, seed=4).classes.tolist() != select(index, 5, 4, seed=3).classes.tolist()
+
+
+def test_class_list(index):
+    names = ["class_7", "class_2"]
+    s = select(index, per_class=5, class_names=names)
+    assert s.class_names == names and s.classes.tolist() == [7, 2]
+    with pytest.raises(DataError, match="class_99"):
+        select(index, class_names=["class_99"])
+    with pytest.raises(DataError, match="differs"):
+        select(index, 3, class_names=names)
+
+
+def test_limits_name_the_largest_allowed_values(index):
+    with pytest.raises(DataError, match=r"--classes 11 .*\(allowed: 1\.\.10\)"):
+        select(index, 11, 5)
+    with pytest.raises(DataError, match=r"--per-class 13 .*class_0: 12 images.*allowed 1\.\.12"):
+        select(index, 10, 13)
+    s = select(index, 10, 20, allow_fewer=True)
+    assert np.bincount(s.labels, minlength=10)[s.classes.argsort()].tolist() == [
+        min(12 + 2 * c, 20) for c in range(10)]
+    assert s.describe()["allow_fewer"] is True
+
+
+def test_selection_is_index_only_and_fast():
+    """1.28 M samples, 1000 classes: selecting 500 x 256 takes milliseconds, opens no tar."""
+    import time
+
+    from dptrain.index import SAMPLE_DTYPE
+
+    counts = np.random.default_rng(0).integers(732, 1301, 1000)
+    samples = np.zeros(int(counts.sum()), SAMPLE_DTYPE)
+    samples["label"] = np.repeat(np.arange(1000), counts)
+    meta = {"classes": [{"name": f"n{c:08d}", "count": int(n)} for c, n in enumerate(counts)],
+            "tars": [], "samples_sha256": "x"}
+    index = ShardIndex(None, meta, samples)  # no files behind it: nothing can be opened
+    t = time.perf_counter()
+    s = select(index, 500, 256, seed=0)
+    assert time.perf_counter() - t < 0.5
+    assert len(s) == 500 * 256
+
+
+def test_epoch_shuffle_mixes_classes(index):
+    s = select(index, 8, 12, seed=0)
+    order = epoch_order(len(s), seed=0, epoch=0)
+    assert sorted(order.tolist()) == list(range(len(s)))
+    batches = [s.labels[order[i : i + 32]] for i in range(0, len(order) - 31, 32)]
+    assert all(len(set(b.tolist())) > 1 for b in batches)
+    assert not np.array_equal(order, epoch_order(len(s), seed=0, epoch=1))
+    assert np.array_equal(order, epoch_order(len(s), seed=0, epoch=0))
+
+
+def test_rank_parts_disjoint_equal_and_complete():
+    n, world = 103, 4
+    parts = [epoch_order(n, seed=1, epoch=2, rank=r, world_size=world) for r in range(world)]
+    assert all(len(p) == n // world for p in parts)
+    together = np.concatenate(parts)
+    assert len(set(together.tolist())) == len(together) == 4 * 25  # disjoint; 3 left out
+    whole = epoch_order(n, seed=1, epoch=2)
+    assert set(together.tolist()) <= set(whole.tolist())
+    assert steps_per_epoch(n, 8, world) == 3 and steps_per_epoch(n, 8, world, drop_last=False) == 4
+    with pytest.raises(ValueError):
+        epoch_order(n, seed=1, epoch=0, rank=4, world_size=4)
