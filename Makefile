@@ -25,6 +25,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_write.py
+	$(PY) benchmarks/subset_io.py
+	$(PY) benchmarks/loader.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) benchmarks/.data

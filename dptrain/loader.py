@@ -47,6 +47,9 @@ class _Reader:
             if len(data) != size:
                 raise DataError(f"{self.paths[self.tar[p]]}: sample at offset {self.offset[p]} "
                                 f"is cut short ({len(data)} of {size} bytes): run dptrain verify")
+            if data[:2] != b"\xff\xd8":  # a wrong offset: the decoder's error would name no file
+                raise DataError(f"{self.paths[self.tar[p]]}: sample at offset {self.offset[p]} "
+                                "is not a JPEG: the index does not match the tar; run dptrain verify")
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
             self.bytes_read += size
         return jpegs, self.subset.labels[positions]
@@ -73,8 +76,11 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, batch_size: 
             images = fn.decoders.image_random_crop(
                 jpegs, device=decode, output_type=types.RGB,
                 random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
-            images = fn.resize(images, resize_x=res, resize_y=res)
-            images = fn.flip(images, horizontal=fn.random.coin_flip())
+            # Resize with the flip folded in: a region whose start lies past its end is
+            # mirrored, which saves the separate flip pass.
+            flip = fn.random.coin_flip()
+            images = fn.resize(images, size=[res, res], roi_relative=True,
+                               roi_start=fn.stack(0.0, flip * 1.0), roi_end=fn.stack(1.0, 1.0 - flip))
         else:
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=round(res * EVAL_RESIZE))

@@ -54,6 +54,19 @@ class Subset:
                 "index_sha256": self.index.meta["samples_sha256"]}
 
 
+def read_class_list(path: str) -> list[str]:
+    """Class names, one per line (blank lines and `#` comments ignored)."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read class list {path}: {e.strerror or e}") from None
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"class list {path} names no class")
+    return names
+
+
 def _class_order(index: ShardIndex, seed: int) -> np.ndarray:
     nonempty = np.flatnonzero(index.counts > 0)
     return nonempty[np.random.default_rng((seed, 0)).permutation(len(nonempty))]

@@ -119,6 +119,28 @@ def test_damaged_tar_names_file_and_sample(tmp_path, texture):
             pass
 
 
+def test_index_not_matching_tar_names_file_and_sample(tmp_path, texture):
+    import json
+
+    from dptrain.index import sha256_file
+
+    src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=6, bad=False)
+    out = tmp_path / "out"
+    shard_dataset(src, out, progress=False)
+    table = np.load(out / "samples.npy")
+    table["offset"][4] += 512  # points at the next header, not at a JPEG
+    np.save(out / "samples.npy", table)
+    meta = json.loads((out / "index.json").read_text())
+    meta["samples_sha256"] = sha256_file(out / "samples.npy")
+    (out / "index.json").write_text(json.dumps(meta))
+    index = ShardIndex.load(out)
+    loader = Loader(select(index), batch_size=4, train=False, res=32)
+    tar = index.tar_paths[table["tar"][4]].name
+    with pytest.raises(Exception, match=rf"{tar}: sample at offset \d+ is not a JPEG"):
+        for _ in loader:
+            pass
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_mixed_decode(index):

@@ -9,7 +9,7 @@ from conftest import make_imagefolder
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex
 from dptrain.shards import shard_dataset
-from dptrain.subset import epoch_order, select, steps_per_epoch
+from dptrain.subset import epoch_order, read_class_list, select, steps_per_epoch
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,14 @@ def test_nested_and_seeded(index):
     assert select(index, 5, 4, seed=4).classes.tolist() != select(index, 5, 4, seed=3).classes.tolist()
 
 
-def test_class_list(index):
+def test_class_list(index, tmp_path):
     names = ["class_7", "class_2"]
+    listing = tmp_path / "classes.txt"
+    listing.write_text("# chosen by hand\nclass_7\n\nclass_2  # second\n")
+    assert read_class_list(str(listing)) == names
+    with pytest.raises(DataError, match="names no class"):
+        (tmp_path / "empty.txt").write_text("# nothing\n")
+        read_class_list(str(tmp_path / "empty.txt"))
     s = select(index, per_class=5, class_names=names)
     assert s.class_names == names and s.classes.tolist() == [7, 2]
     with pytest.raises(DataError, match="class_99"):
