@@ -2,8 +2,8 @@
 
     dptrain shard /data/imagenet/train shards/imagenet-train
 
-From disk it runs as fast as `tar -cf` of the same folder (1.04x, 2 cores); from the page cache
-0.55-0.63x, as it also sha256-hashes every byte (benchmarks/README.md).
+From disk it runs as fast as `tar -cf` of the same folder (0.98-1.22x, 2 cores); from the page
+cache 0.55-0.63x, as it also sha256-hashes every byte (benchmarks/README.md).
 
 Classes are written in parallel by worker processes, one class per task. Each class's tars
 are written under temporary names and renamed when complete, then a per-class manifest is
