@@ -19,7 +19,7 @@ import torch
 from .errors import DataError
 from .subset import Subset, epoch_order, steps_per_epoch
 
-EVAL_RESIZE = 256 / 224  # eval: resize the shorter side to res * 256/224, then center-crop res
+EVAL_RESIZE = 256 / 224  # default eval: shorter side to res * 256/224, then center-crop res
 
 
 class _Reader:
@@ -60,8 +60,8 @@ class _Reader:
         self.fds = []
 
 
-def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, batch_size: int,
-              threads: int, seed: int, prefetch: int):
+def _pipeline(reader: _Reader, *, train: bool, res: int, eval_resize: float, gpu: bool,
+              batch_size: int, threads: int, seed: int, prefetch: int):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, seed=seed,
@@ -83,7 +83,7 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, batch_size: 
                                roi_start=fn.stack(0.0, flip * 1.0), roi_end=fn.stack(1.0, 1.0 - flip))
         else:
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=round(res * EVAL_RESIZE))
+            images = fn.resize(images, resize_shorter=round(res * eval_resize))
             images = fn.crop(images, crop=(res, res))
         return images, labels.gpu() if gpu else labels
 
@@ -94,16 +94,19 @@ class Loader:
     """(images, labels) batches of a subset: uint8 NHWC images and int64 labels on `device`.
 
     `train=True`: random-resized-crop + flip at `res`, reshuffled each epoch (`set_epoch`);
-    `train=False`: resize + center crop. With `world_size` > 1 each rank reads its own equal,
-    disjoint part of every epoch. `len()` is batches per epoch, the same on every rank.
+    `train=False`: resize the shorter side to `res * eval_resize`, center-crop `res`. With
+    `world_size` > 1 each rank reads its own equal, disjoint part of every epoch. `len()` is
+    batches per epoch, the same on every rank.
     """
 
     def __init__(self, subset: Subset, *, batch_size: int, train: bool, res: int = 224,
-                 device: str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool | None = None, threads: int | None = None, prefetch: int = 2):
+                 eval_resize: float = EVAL_RESIZE, device: str = "cpu", seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
+                 threads: int | None = None, prefetch: int = 2):
         if len(subset) == 0:
             raise DataError("the subset is empty")
         self.subset, self.batch_size, self.train, self.res = subset, batch_size, train, res
+        self.eval_resize = eval_resize
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.drop_last = train if drop_last is None else drop_last
@@ -144,7 +147,8 @@ class Loader:
         self._reader.batches = self._plan()
         if self._iterator is None:
             pipe = _pipeline(self._reader, train=self.train, res=self.res,
-                             gpu=self.device.type == "cuda", batch_size=self.batch_size,
+                             eval_resize=self.eval_resize, gpu=self.device.type == "cuda",
+                             batch_size=self.batch_size,
                              threads=self.threads, seed=self.seed, prefetch=self.prefetch)
             self._iterator = DALIGenericIterator([pipe], ["images", "labels"], size=-1,
                                                  auto_reset=False, prepare_first_batch=False)

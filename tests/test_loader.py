@@ -85,16 +85,17 @@ def test_ranks_read_disjoint_equal_parts(index):
     assert sum(x.bytes_read for x in loaders) == s.nbytes
 
 
-def test_eval_transform_matches_pil(index):
+@pytest.mark.parametrize("ratio", [EVAL_RESIZE, 1.0])
+def test_eval_transform_matches_pil(index, ratio):
     res = 48
     s = select(index, 2, 4, seed=0)
-    loader = Loader(s, batch_size=8, train=False, res=res)
+    loader = Loader(s, batch_size=8, train=False, res=res, eval_resize=ratio)
     images, labels = next(iter(loader))
     tars = index.tar_paths
     for i, row in enumerate(index.samples[s.rows]):
         with open(tars[row["tar"]], "rb") as f:
             im = Image.open(io.BytesIO(f.read()[row["offset"] : row["offset"] + row["size"]]))
-        short = round(res * EVAL_RESIZE)
+        short = round(res * ratio)
         w, h = im.size
         size = (short, round(h * short / w)) if w < h else (round(w * short / h), short)
         im = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
