@@ -99,6 +99,81 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
                f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
 
 
+@main.command(context_settings={"show_default": True})
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard set to pre-train on (from dptrain shard).")
+@click.option("--classes", type=click.IntRange(min=1), help="K: number of classes [all].")
+@click.option("--per-class", type=click.IntRange(min=1), help="n: images per class [all].")
+@click.option("--class-list", type=click.Path(exists=True, dir_okay=False),
+              help="File of class names, one per line, instead of a seeded choice of K.")
+@click.option("--allow-fewer", is_flag=True, default=None,
+              help="Keep classes smaller than n whole instead of refusing.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder [runs/<data>-K<K>-n<n>-s<seed>].")
+@click.option("--recipe", default="fast", type=click.Choice(["fast", "paper"]),
+              help="fast: FFCV-style (16 epochs, batch 512, lr 1.0, label smoothing 0.1, "
+                   "160->192 px, linear warm-up/decay); paper: the paper's card (100 epochs, "
+                   "batch 64, lr 0.1, wd 1e-4, 224 px, cosine). Options below override it.")
+@click.option("--arch", help="Any torchvision classification model [resnet18].")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Total optimisation steps instead of --epochs (the lr schedule follows): "
+                   "the same compute for every (K, n) of a grid.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Images per step over all ranks; changing it scales the recipe's lr.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--momentum", type=click.FloatRange(0, 1))
+@click.option("--weight-decay", type=click.FloatRange(min=0))
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--res", type=click.IntRange(min=16), help="Training resolution in px (final, "
+              "if progressive; --res alone turns progressive resolution off).")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]),
+              help="Autocast dtype [bf16]; fp16 (GPU only) uses a gradient scaler.")
+@click.option("--channels-last/--no-channels-last", default=None)
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model [no].")
+@click.option("--seed", type=int, help="Subset choice, data order, init [0].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", type=click.IntRange(min=1), help="DALI threads [all cores].")
+@click.option("--val-data", type=click.Path(exists=True, file_okay=False),
+              help="Held-out images of the same classes (shards made with --classes-from).")
+@click.option("--log-every", type=click.IntRange(min=1), help="Steps between metrics lines [50].")
+@click.option("--gpus", type=click.IntRange(min=1),
+              help="Launch DDP on this many GPUs of this machine (runs torchrun).")
+@click.option("--overwrite", is_flag=True, help="Restart a run folder made with other options.")
+@click.option("--progress/--no-progress", default=True)
+def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
+    """Pre-train one model on a K-class x n-per-class subset of a shard set.
+
+    Writes config.json, metrics.jsonl, checkpoint.pt (every epoch) and summary.json to the run
+    folder. Run the same command again to resume an interrupted run; a finished run is not
+    retrained. Multi-GPU: --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
+    """
+    if gpus and "LOCAL_RANK" not in os.environ:
+        argv, skip = [], False
+        for a in sys.argv[2:]:  # the same command without --gpus, once per GPU
+            if skip or a == "--gpus" or a.startswith("--gpus="):
+                skip = a == "--gpus"
+                continue
+            argv.append(a)
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={gpus}", "-m", "dptrain", "pretrain", *argv])
+    from .train import NonFiniteLoss, make_config, train
+
+    cfg = make_config(recipe, res=res, **options)
+    out = out or Path("runs") / (f"{Path(cfg.data).name}-K{cfg.classes or 'all'}-"
+                                 f"n{cfg.per_class or 'all'}-s{cfg.seed}")
+    try:
+        s = train(cfg, out, overwrite=overwrite, progress=progress)
+    except NonFiniteLoss as e:
+        raise click.ClickException(str(e)) from None
+    if s.get("already_finished"):
+        click.echo(f"{out} is finished already ({s['steps']} steps); its summary:")
+    val = "-" if s["val_top1"] is None else f"{s['val_top1']:.4f}"
+    click.echo(f"{out}: {s['steps']} steps, {s['epochs']} epochs, train loss {s['train_loss']:.4f}, "
+               f"val top-1 {val}, {s['images_per_s'] or 0:,.0f} img/s, data wait "
+               f"{(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
+
+
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -148,8 +148,9 @@ class Loader:
         if self._iterator is None:
             pipe = _pipeline(self._reader, train=self.train, res=self.res,
                              eval_resize=self.eval_resize, gpu=self.device.type == "cuda",
-                             batch_size=self.batch_size,
-                             threads=self.threads, seed=self.seed, prefetch=self.prefetch)
+                             batch_size=self.batch_size, threads=self.threads,
+                             # the epoch order is shared by all ranks; augmentation is not
+                             seed=self.seed * 1009 + self.rank, prefetch=self.prefetch)
             self._iterator = DALIGenericIterator([pipe], ["images", "labels"], size=-1,
                                                  auto_reset=False, prepare_first_batch=False)
         else:

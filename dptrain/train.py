@@ -1,0 +1,363 @@
+"""Pre-train one model on one K x n subset: `dptrain pretrain --classes K --per-class n`.
+
+    dptrain pretrain --data shards/imagenet-train --classes 500 --per-class 256 --out runs/k500
+    torchrun --nproc_per_node=8 -m dptrain pretrain ...            # DDP, one process per GPU
+
+The loop reads top to bottom: fetch a uint8 batch, normalise it on the device, forward under
+autocast, backward, step, log. A run folder holds config.json, metrics.jsonl, checkpoint.pt
+(atomic, every epoch) and summary.json; rerunning the command resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import DataError
+from .index import ShardIndex
+from .loader import Loader
+from .subset import read_class_list, select
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""  # shard set to pre-train on
+    classes: int | None = None  # K (None: all classes)
+    per_class: int | None = None  # n (None: all images of each class)
+    class_list: str | None = None  # file of class names, instead of a seeded choice of K
+    allow_fewer: bool = False  # keep smaller classes whole instead of refusing n
+    val_data: str | None = None  # held-out images of the same classes (--classes-from shards)
+    arch: str = "resnet18"  # any torchvision classification model
+    epochs: int = 16
+    steps: int | None = None  # total optimisation steps; replaces epochs (schedule follows)
+    batch_size: int = 512  # images per step, all ranks together
+    lr: float = 1.0  # peak learning rate at batch_size
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    no_bn_wd: bool = True  # no weight decay on norm and bias parameters
+    label_smoothing: float = 0.1
+    schedule: str = "linear"  # "linear": warm-up then linear decay; "cosine": cosine decay
+    warmup_epochs: float = 2.0
+    res: int = 192  # px, training resolution (the last one, if progressive)
+    min_res: int | None = 160  # px, progressive resolution from here up to res; None: off
+    eval_res: int | None = None  # px for validation (default: res)
+    amp: str = "bf16"  # "bf16", "fp16" (GPU only, with a gradient scaler) or "off"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0  # subset choice, epoch order, init and augmentation
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    workers: int | None = None  # DALI threads (default: all cores)
+    log_every: int = 50  # steps between metrics lines (each one syncs host and device)
+    recipe: str = "fast"
+
+
+# Recipes are tables of values; any of them can be overridden on the command line.
+RECIPES: dict[str, dict] = {
+    # The paper's card: 100 epochs, batch 64, SGD 0.1, momentum 0.9, wd 1e-4, 224 px, cosine.
+    "paper": dict(epochs=100, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                  no_bn_wd=False, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
+                  res=224, min_res=None),
+    # FFCV-style: label smoothing, warm-up + linear decay, no wd on norms/biases, 160 -> 192 px,
+    # large batch with the lr scaled (0.5 per 256 images).
+    "fast": dict(epochs=16, batch_size=512, lr=1.0, momentum=0.9, weight_decay=5e-5,
+                 no_bn_wd=True, label_smoothing=0.1, schedule="linear", warmup_epochs=2.0,
+                 res=192, min_res=160),
+}
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]) * 255
+
+
+def make_config(recipe: str = "fast", **overrides) -> TrainConfig:
+    """The recipe's values with `overrides` (None means: keep the recipe's). A batch size
+    changed without an explicit lr scales the recipe's lr linearly; a res given without a
+    min_res turns progressive resolution off."""
+    if recipe not in RECIPES:
+        raise DataError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    values = {**RECIPES[recipe], "recipe": recipe}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
+    if "batch_size" in given and "lr" not in given:
+        values["lr"] = values["lr"] * given["batch_size"] / values["batch_size"]
+    if "res" in given and "min_res" not in given:
+        values["min_res"] = None
+    return TrainConfig(**{**values, **given})
+
+
+def check_config(cfg: TrainConfig, world_size: int) -> None:
+    """Refuse impossible options before any work, with what is allowed."""
+    from torchvision.models import list_models
+
+    import torchvision.models as tvm
+
+    archs = list_models(module=tvm)
+    if cfg.arch not in archs:
+        close = [a for a in archs if a.startswith(cfg.arch[:4])][:5] or archs[:5]
+        raise DataError(f"unknown --arch {cfg.arch!r}: any torchvision classification model, "
+                        f"e.g. {', '.join(close)}")
+    if cfg.amp not in ("bf16", "fp16", "off"):
+        raise DataError(f"--amp must be bf16, fp16 or off, not {cfg.amp!r}")
+    if cfg.schedule not in ("linear", "cosine"):
+        raise DataError(f"schedule must be linear or cosine, not {cfg.schedule!r}")
+    if cfg.batch_size % world_size:
+        raise DataError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
+    if cfg.min_res is not None and cfg.min_res > cfg.res:
+        raise DataError(f"min_res {cfg.min_res} is above --res {cfg.res}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise DataError(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    """Warm-up linearly to `peak` over `warmup` steps, then decay to 0 by step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (1 - t) if schedule == "linear" else peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def res_at(epoch: int, epochs: int, cfg: TrainConfig) -> int:
+    """Progressive resolution: min_res -> res over the epochs, in steps of 32 px (FFCV)."""
+    if cfg.min_res is None or epochs <= 1:
+        return cfg.res
+    r = cfg.min_res + (cfg.res - cfg.min_res) * min(1.0, epoch / (epochs - 1))
+    return int(round(r / 32) * 32) if cfg.res - cfg.min_res >= 32 else cfg.res
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_bn_wd: bool) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if no_bn_wd and p.ndim <= 1 else decay).append(p)  # norms and biases: 1-D
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC from the loader -> normalised float NCHW, on the device (never on the CPU
+    loader). NHWC permuted to NCHW already has channels-last strides."""
+    x = images.permute(0, 3, 1, 2).float()
+    x = (x - MEAN.to(x.device).view(1, 3, 1, 1)) / STD.to(x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else
+                        torch.contiguous_format)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _check_finite(finite: torch.Tensor, step: int, epoch: int) -> None:
+    if not finite.item():
+        raise NonFiniteLoss(f"the loss became non-finite by step {step}: stopped, keeping the "
+                            f"last good checkpoint ({epoch} epoch(s) done). Lower --lr, or try "
+                            "--amp off")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Loader, autocast, channels_last: bool) -> float:
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
+    seen = 0
+    for images, labels in loader:
+        with autocast:
+            logits = model(to_model_input(images, channels_last))
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    model.train()
+    return correct.item() / max(1, seen)
+
+
+def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int,
+                 world: int) -> Loader:
+    """This rank's training loader: the epoch order is shared, each rank reads its own part."""
+    return Loader(subset, batch_size=cfg.batch_size // world, train=True, res=res,
+                  device=device, seed=cfg.seed, rank=rank, world_size=world,
+                  threads=cfg.workers)
+
+
+def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train (or resume, or return the summary of a finished run in `out`)."""
+    # -- distributed: torchrun's environment, a few explicit lines
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_config(cfg, world)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    is_main = rank == 0
+
+    # -- data: the subset, from the index alone
+    index = ShardIndex.load(cfg.data)
+    names = read_class_list(cfg.class_list) if cfg.class_list else None
+    subset = select(index, cfg.classes, cfg.per_class, seed=cfg.seed, class_names=names,
+                    allow_fewer=cfg.allow_fewer)
+    per_rank_batch = cfg.batch_size // world
+    loaders: dict[int, Loader] = {}
+
+    def loader_at(res: int) -> Loader:
+        if res not in loaders:
+            loaders[res] = train_loader(subset, cfg, res, str(device), rank, world)
+        return loaders[res]
+
+    steps_per_epoch = len(loader_at(res_at(0, 1, cfg)))
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    # -- the run folder: resume, refuse other options, or report a finished run
+    out = Path(out)
+    record = {"config": asdict(cfg), "subset": subset.describe(), "world_size": world,
+              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+              "torch": torch.__version__, "device": str(device) if not cuda
+              else torch.cuda.get_device_name(device)}
+    if (out / "config.json").is_file():
+        old = json.loads((out / "config.json").read_text())
+        same = old["config"] == record["config"] and old["subset"] == record["subset"]
+        if not same and not overwrite:
+            what = [k for k in record["config"] if old["config"].get(k) != record["config"][k]]
+            raise DataError(f"{out} holds a run with other options ({', '.join(what) or 'data'}"
+                            " differ): use --overwrite to start it again, or another --out")
+        if not same:
+            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+        elif (out / "summary.json").is_file():
+            return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(record, indent=1))
+    if world > 1:
+        torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
+
+    # -- model, optimiser, precision: one step written once
+    from torchvision.models import get_model
+
+    torch.manual_seed(cfg.seed)
+    model = get_model(cfg.arch, weights=None, num_classes=subset.num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_bn_wd), lr=cfg.lr,
+                                momentum=cfg.momentum)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[cfg.amp]
+    if dtype is torch.float16 and not cuda:
+        raise DataError("--amp fp16 needs a GPU; on the CPU use bf16 or off")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg.amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    step, epoch = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    # -- the loop
+    log = open(out / "metrics.jsonl", "a") if is_main else None
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and is_main))
+    t_start, images_seen, wait_total = time.perf_counter(), 0, 0.0
+    loss_sum = torch.zeros((), device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # checked without a sync per step
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen_epoch, last_loss = 0, float("nan")
+    while step < total_steps:
+        loader = loader_at(res_at(epoch, epochs, cfg))
+        loader.set_epoch(epoch)
+        correct.zero_()
+        seen_epoch = 0
+        t_log, wait_log, n_log = time.perf_counter(), 0.0, 0
+        t_fetch = time.perf_counter()
+        for images, labels in loader:
+            wait = time.perf_counter() - t_fetch
+            wait_log += wait
+            lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                logits = net(to_model_input(images, cfg.channels_last))
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            finite &= torch.isfinite(loss.detach())
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen_epoch += len(labels)
+            step, n_log = step + 1, n_log + 1
+            images_seen += len(labels) * world
+            if step % cfg.log_every == 0 or step == total_steps:
+                last_loss = loss_sum.item() / n_log  # .item() syncs host and device: log steps only
+                _check_finite(finite, step, epoch)
+                dt = time.perf_counter() - t_log
+                metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
+                           "res": loader.res, "images_per_s": n_log * cfg.batch_size / dt,
+                           "data_wait": wait_log / dt}
+                if log:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                bar.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}",
+                                img_s=f"{metrics['images_per_s']:.0f}")
+                loss_sum.zero_()
+                t_log, wait_log, n_log = time.perf_counter(), 0.0, 0
+            bar.update(1)
+            wait_total += wait
+            if step >= total_steps:
+                break
+            t_fetch = time.perf_counter()
+        _check_finite(finite, step, epoch)  # never checkpoint a diverged model
+        epoch += 1
+        if is_main:  # the unwrapped module's state: no key surgery when loading
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                         "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
+                         "num_classes": subset.num_classes, "class_names": subset.class_names},
+                        ckpt_path)
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    # -- the end: validation on held-out images of the same classes, then the summary
+    val_top1 = None
+    if cfg.val_data and is_main:
+        val = select(ShardIndex.load(cfg.val_data), class_names=subset.class_names,
+                     allow_fewer=True)
+        val_loader = Loader(val, batch_size=per_rank_batch, train=False,
+                            res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers)
+        val_top1 = evaluate(model, val_loader, autocast, cfg.channels_last)
+    summary = {"steps": step, "epochs": epoch, "train_loss": last_loss,
+               "train_top1_last_epoch": correct.item() / max(1, seen_epoch),
+               "val_top1": val_top1, "wall_s": wall,
+               "images_per_s": images_seen / wall if wall > 0 else None,
+               "data_wait_fraction": wait_total / wall if wall > 0 else None,
+               "device": record["device"], "world_size": world,
+               "num_classes": subset.num_classes, "num_samples": len(subset)}
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.close()
+    for loader in loaders.values():
+        loader.close()
+    return summary

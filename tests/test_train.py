@@ -1,0 +1,152 @@
+"""`dptrain pretrain`: a run end to end, learning, resume after kill -9, DDP on gloo, bad options."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DPTRAIN, make_imagefolder, run_cli
+from dptrain.index import ShardIndex
+from dptrain.shards import shard_dataset
+from dptrain.subset import select
+from dptrain.train import lr_at, make_config, res_at, train_loader
+
+FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
+        "--no-progress", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, texture) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    src = make_imagefolder(root / "src", texture, classes=6, per_class=24, size=(48, 40),
+                           bad=False)
+    shard_dataset(src, root / "out", progress=False)
+    return root / "out"
+
+
+def test_run_end_to_end_writes_every_file(shards, tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 2,
+                "--out", out, *FAST)
+    assert "8 steps, 2 epochs" in p.stdout  # 64 images / 16 per step, twice
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["classes"] == 4 and config["subset"]["num_samples"] == 64
+    assert len(config["subset"]["class_names"]) == 4 and config["total_steps"] == 8
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8]
+    assert all(k in lines[0] for k in ("epoch", "loss", "lr", "images_per_s", "data_wait"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["num_classes"] == 4
+    assert ckpt["model"]["fc.weight"].shape[0] == 4  # the classifier has K outputs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["device"] == "cpu"
+    assert 0 <= summary["data_wait_fraction"] <= 1
+    # A finished run is not retrained; other options are refused; --overwrite restarts.
+    assert "finished already" in run_cli("pretrain", "--data", shards, "--classes", 4,
+                                         "--per-class", 16, "--epochs", 2, "--out", out,
+                                         *FAST).stdout
+    p = run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3,
+                "--out", out, *FAST, check=False)
+    assert p.returncode == 2 and "epochs" in p.stderr and "--overwrite" in p.stderr
+    run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3,
+            "--out", out, *FAST, "--overwrite")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+
+def test_loss_decreases_and_val_top1(shards, tmp_path, texture):
+    # Held-out images of the same classes, sharded with the train split's class ids.
+    val_src = make_imagefolder(tmp_path / "val", texture, classes=6, per_class=24,
+                               size=(48, 40), bad=False)
+    for p in val_src.rglob("*.JPEG"):  # other images of the same classes: indexes 100+
+        c, i = map(int, p.stem.split("_")[1:])
+        from dptrain.synthetic import imagenet_like_jpeg
+        p.write_bytes(imagenet_like_jpeg(texture, 0, c, 100 + i, width=48, height=40))
+    shard_dataset(val_src, tmp_path / "valshards", classes_from=shards, progress=False)
+    out = tmp_path / "run"
+    run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 24, "--epochs", 8,
+            "--recipe", "paper", "--lr", "0.05", "--val-data", tmp_path / "valshards",
+            "--out", out, *FAST)
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_top1"] > 0.5  # chance is 0.25
+
+
+def test_kill_9_and_resume_has_the_same_steps(shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(shards), "--classes", "6", "--per-class", "24",
+            "--epochs", "6", "--out", str(out), *FAST]
+    proc = subprocess.Popen([*DPTRAIN, *args])
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "finished before the kill"
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < done < 54
+    run_cli(*args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 * (144 // 16) == 54  # as many as an uninterrupted run
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 54
+
+
+def test_ddp_two_processes_gloo(shards, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "dptrain", "pretrain", "--data", str(shards),
+                        "--classes", "4", "--per-class", "16", "--epochs", "2", "--out", str(out),
+                        *FAST], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8  # 64 images, 16 per step
+
+
+def test_rank_loaders_read_disjoint_parts(shards):
+    cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cpu")
+    subset = select(ShardIndex.load(shards), 6, 24)
+    plans = [train_loader(subset, cfg, 32, "cpu", r, 2)._plan() for r in range(2)]
+    a, b = (set(np.concatenate(p).tolist()) for p in plans)
+    assert not a & b and len(a) == len(b) == 9 * 8  # 144 images, 8 per rank-step
+
+
+def test_schedule_and_progressive_resolution():
+    assert lr_at(0, 100, 10, 1.0, "linear") == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, "linear") == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, "linear") == pytest.approx(0.5)
+    assert lr_at(10, 100, 0, 1.0, "cosine") == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.1)))
+    cfg = make_config("fast")
+    # 160 -> 192 px interpolated over the epochs, rounded to 32 px as FFCV does: 177 -> 192
+    assert [res_at(e, 16, cfg) for e in (0, 7, 8, 15)] == [160, 160, 192, 192]
+    assert make_config("fast", res=128).min_res is None
+    assert make_config("fast", batch_size=256).lr == pytest.approx(0.5)
+
+
+def test_bad_options_are_one_line_errors(shards, tmp_path):
+    def err(*args):
+        p = run_cli("pretrain", "--data", shards, "--out", tmp_path / "r", *FAST, *args,
+                    check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        return p.stderr
+
+    assert "allowed: 1..6" in err("--classes", "7")
+    assert "allowed 1..24" in err("--classes", "3", "--per-class", "25")
+    assert "unknown --arch 'resnet19'" in err("--arch", "resnet19")
+    assert "does not exist" in err("--data", tmp_path / "nowhere")
+    assert "CUDA is not available" in err("--device", "cuda") or torch.cuda.is_available()
+
+
+def test_non_finite_loss_stops_the_run(shards, tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 2,
+                "--lr", "1e12", "--amp", "off", "--out", out, *FAST, check=False)
+    assert p.returncode == 1 and "non-finite" in p.stderr and "Traceback" not in p.stderr
+    assert not (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
