@@ -127,8 +127,9 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--res", type=click.IntRange(min=16), help="Training resolution in px (final, "
               "if progressive; --res alone turns progressive resolution off).")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]),
-              help="Autocast dtype [bf16]; fp16 (GPU only) uses a gradient scaler.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
+              help="Autocast dtype [auto: bf16 where the hardware has it, else fp16 on a GPU, "
+                   "fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler.")
 @click.option("--channels-last/--no-channels-last", default=None)
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model [no].")
 @click.option("--seed", type=int, help="Subset choice, data order, init [0].")
