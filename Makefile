@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/shard_write.py
 	$(PY) benchmarks/subset_io.py
 	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) benchmarks/.data

@@ -110,6 +110,15 @@ def test_ddp_two_processes_gloo(shards, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 8  # 64 images, 16 per step
 
 
+def test_gpus_shortcut_launches_torchrun(shards, tmp_path):
+    # The same launch path as on a GPU machine; --device cpu makes the ranks use gloo.
+    out = tmp_path / "run"
+    run_cli("pretrain", "--gpus", 2, "--data", shards, "--classes", 4, "--per-class", 16,
+            "--epochs", 1, "--out", out, *FAST, timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
 def test_rank_loaders_read_disjoint_parts(shards):
     cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cpu")
     subset = select(ShardIndex.load(shards), 6, 24)
