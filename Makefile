@@ -13,12 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Until the trainer lands: generate a small ImageNet-like JPEG folder, shard it, verify, show it.
+# Generate small ImageNet-like train and val JPEG folders, shard them, check them, then
+# pre-train briefly on a 10-class x 40-image subset and report val top-1 (~1 minute).
 demo: $(STAMP)
 	$(PY) tools/make_images.py $(DEMO)/images --classes 20 --per-class 40
+	$(PY) tools/make_images.py $(DEMO)/val-images --classes 20 --per-class 10 --start 1000
 	$(VENV)/bin/dptrain shard $(DEMO)/images $(DEMO)/train
+	$(VENV)/bin/dptrain shard $(DEMO)/val-images $(DEMO)/val --classes-from $(DEMO)/train
 	$(VENV)/bin/dptrain verify $(DEMO)/train
 	$(VENV)/bin/dptrain info $(DEMO)/train
+	$(VENV)/bin/dptrain pretrain --data $(DEMO)/train --val-data $(DEMO)/val --classes 10 \
+	    --per-class 40 --epochs 4 --batch-size 32 --res 64 --log-every 5 --out $(DEMO)/run
 
 test: $(STAMP)
 	$(PY) -m pytest -q

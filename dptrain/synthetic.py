@@ -56,15 +56,18 @@ def imagenet_like_jpeg(texture: np.ndarray, seed: int, label: int, index: int, *
 
 def write_image_folder(root: str | os.PathLike, num_classes: int, per_class: int, *,
                        width: int = 500, height: int = 375, quality: int = 90, seed: int = 0,
-                       workers: int | None = None) -> Path:
+                       start: int = 0, workers: int | None = None) -> Path:
     """Write `root/cNNNN/cNNNN_IIIII.JPEG` (ImageNet's train layout); reuses a finished root.
+
+    Images `start` .. `start + per_class - 1` of each class: another `start` gives other
+    images of the same classes (a held-out split).
 
     Written under a temporary name and renamed, so a folder that exists is complete; its
     `.params.json` says what it holds, and a folder made with other parameters is rebuilt.
     """
     root = Path(root)
     params = json.dumps({"num_classes": num_classes, "per_class": per_class, "width": width,
-                         "height": height, "quality": quality, "seed": seed})
+                         "height": height, "quality": quality, "seed": seed, "start": start})
     marker = root / ".params.json"
     if root.is_dir():
         if not marker.is_file():
@@ -79,7 +82,7 @@ def write_image_folder(root: str | os.PathLike, num_classes: int, per_class: int
     def write_class(label: int) -> None:
         folder = tmp / f"c{label:04d}"
         folder.mkdir(parents=True)
-        for i in range(per_class):
+        for i in range(start, start + per_class):
             data = imagenet_like_jpeg(texture, seed, label, i, width=width, height=height,
                                       quality=quality)
             (folder / f"c{label:04d}_{i:05d}.JPEG").write_bytes(data)
