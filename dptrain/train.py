@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .errors import DataError
 from .index import ShardIndex
 from .loader import Loader
-from .subset import read_class_list, select
+from .subset import read_class_list, select, steps_per_epoch as epoch_steps
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def make_config(recipe: str = "fast", **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **given})
 
 
-def check_config(cfg: TrainConfig, world_size: int) -> None:
+def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
     """Refuse impossible options before any work, with what is allowed."""
     from torchvision.models import list_models
 
@@ -117,6 +117,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise DataError(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
+    if cfg.amp == "fp16" and not cuda:
+        raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
 
 
 def resolve_amp(amp: str, cuda: bool) -> str:
@@ -210,8 +212,8 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     # -- distributed: torchrun's environment, a few explicit lines
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    check_config(cfg, world)
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    check_config(cfg, world, cuda)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -225,14 +227,10 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     subset = select(index, cfg.classes, cfg.per_class, seed=cfg.seed, class_names=names,
                     allow_fewer=cfg.allow_fewer)
     per_rank_batch = cfg.batch_size // world
-    loaders: dict[int, Loader] = {}
-
-    def loader_at(res: int) -> Loader:
-        if res not in loaders:
-            loaders[res] = train_loader(subset, cfg, res, str(device), rank, world)
-        return loaders[res]
-
-    steps_per_epoch = len(loader_at(res_at(0, 1, cfg)))
+    steps_per_epoch = epoch_steps(len(subset), per_rank_batch, world)
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(subset)} images make no full batch of {cfg.batch_size}: use a "
+                        "smaller --batch-size")
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -251,10 +249,10 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
             what = [k for k in record["config"] if old["config"].get(k) != record["config"][k]]
             raise DataError(f"{out} holds a run with other options ({', '.join(what) or 'data'}"
                             " differ): use --overwrite to start it again, or another --out")
-        if not same:
+        if not same and is_main:
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
-        elif (out / "summary.json").is_file():
+        elif same and (out / "summary.json").is_file():
             return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -272,8 +270,6 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_bn_wd), lr=cfg.lr,
                                 momentum=cfg.momentum)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
-    if dtype is torch.float16 and not cuda:
-        raise DataError("--amp fp16 needs a GPU; on the CPU use bf16 or off")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     step, epoch = 0, 0
@@ -292,6 +288,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         net = torch.compile(net)
 
     # -- the loop
+    loaders: dict[int, Loader] = {}  # one per resolution (progressive resizing)
     log = open(out / "metrics.jsonl", "a") if is_main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and is_main))
     t_start, images_seen, wait_total = time.perf_counter(), 0, 0.0
@@ -300,7 +297,9 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen_epoch, last_loss = 0, float("nan")
     while step < total_steps:
-        loader = loader_at(res_at(epoch, epochs, cfg))
+        res = res_at(epoch, epochs, cfg)
+        loader = loaders.get(res) or loaders.setdefault(
+            res, train_loader(subset, cfg, res, str(device), rank, world))
         loader.set_epoch(epoch)
         correct.zero_()
         seen_epoch = 0

@@ -150,7 +150,12 @@ def test_bad_options_are_one_line_errors(shards, tmp_path):
     assert "allowed 1..24" in err("--classes", "3", "--per-class", "25")
     assert "unknown --arch 'resnet19'" in err("--arch", "resnet19")
     assert "does not exist" in err("--data", tmp_path / "nowhere")
-    assert "CUDA is not available" in err("--device", "cuda") or torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in err("--device", "cuda")
+        assert "--amp fp16 needs a GPU" in err("--amp", "fp16")
+    assert "no full batch of 512" in err("--classes", "2", "--per-class", "10",
+                                         "--batch-size", "512")
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_non_finite_loss_stops_the_run(shards, tmp_path):
