@@ -6,8 +6,9 @@ Both runs call the real `dptrain.train.train` (ResNet-18, 128 px, batch 64, --am
 bf16 where the hardware has it, else fp32 on a CPU; channels_last, SGD) on 5,000 ImageNet-like
 JPEGs; the only difference is where the batches come from: (a) the DALI loader, decoding
 while the model trains (on the CPU both share the same two cores); (b) uint8 batches decoded
-beforehand by the same loader and replayed from memory: the model's own ceiling. Throughput is the steady state: the mean of the metrics
-lines after the first (which holds the pipeline start-up), and the whole run's mean.
+beforehand by the same loader and replayed from memory: the model's own ceiling. Throughput
+is the steady state (the mean of the metrics lines after the first, which holds the pipeline
+start-up) and the whole run's mean.
 """
 
 from __future__ import annotations
