@@ -11,6 +11,7 @@ normalisation belong to the training step, on its device.
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,15 +23,29 @@ from .subset import Subset, epoch_order, steps_per_epoch
 EVAL_RESIZE = 256 / 224  # default eval: shorter side to res * 256/224, then center-crop res
 
 
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit on open files (often 1,024) when a subset spans more tars."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if n + 256 > soft:
+        want = n + 1024 if hard == resource.RLIM_INFINITY else min(hard, n + 1024)
+        if n + 256 > want:
+            raise DataError(f"the subset spans {n} tars but only {hard} files may be open: "
+                            "re-shard with a larger --shard-size")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class _Reader:
     """DALI's batch source: reads the planned batches' JPEG bytes with one pread each."""
 
     def __init__(self, subset: Subset):
         self.subset = subset
-        self.paths = subset.index.tar_paths
-        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         table = subset.index.samples[subset.rows]
-        self.tar = np.asarray(table["tar"])
+        # Only the subset's tars are opened (ImageNet has 1,000+), numbered compactly.
+        used, self.tar = np.unique(np.asarray(table["tar"]), return_inverse=True)
+        all_paths = subset.index.tar_paths
+        self.paths = [all_paths[t] for t in used]
+        _allow_open_files(len(self.paths))
+        self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.offset = np.asarray(table["offset"])
         self.size = np.asarray(table["size"])
         self.batches: list[np.ndarray] = []

@@ -374,4 +374,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         log.close()
     for loader in loaders.values():
         loader.close()
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks wait for rank 0's validation
+        torch.distributed.destroy_process_group()
     return summary

@@ -57,6 +57,27 @@ def test_bytes_read_in_one_epoch_equal_subset_bytes(index):
     assert train.bytes_read == s.nbytes
 
 
+def test_opens_only_the_subsets_tars(index):
+    s = select(index, 3, 4, seed=0)
+    loader = Loader(s, batch_size=4, train=False, res=32)
+    assert len(loader._reader.fds) == 3 < len(index.tar_paths)  # one tar per class here
+    assert sum(len(b) for b in epoch_labels(loader)) == 12 and loader.bytes_read == s.nbytes
+    loader.close()
+
+
+def test_raises_a_low_open_files_limit(index):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))  # below what the check keeps free
+    try:
+        loader = Loader(select(index, 2, 2), batch_size=4, train=False, res=32)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 2 + 1024
+        loader.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_drop_last_and_len(index):
     s = select(index, 5, 7, seed=1)  # 35 samples
     assert len(Loader(s, batch_size=8, train=True, res=32)) == 4  # drops the last 3
