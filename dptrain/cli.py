@@ -175,6 +175,49 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
                f"{(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
 
 
+@main.command(context_settings={"show_default": True})
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", "train_data", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Downstream train shards; repeat with --test-data and --name per dataset.")
+@click.option("--test-data", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Its test shards (sharded with --classes-from the train shards).")
+@click.option("--name", "names", multiple=True, help="Its name [the train shards' folder name].")
+@click.option("--res", type=click.IntRange(min=16), help="Feature resolution [pre-training's].")
+@click.option("--repeats", default=5, type=click.IntRange(min=1),
+              help="Probes per dataset, each with another validation split.")
+@click.option("--val-fraction", default=0.2, type=click.FloatRange(0, 1, min_open=True,
+                                                                    max_open=True),
+              help="Part of train held out to choose the L2 strength.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Feature cache [RUN/features].")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, type=int, help="Seeds the validation splits.")
+def probe(run, train_data, test_data, names, res, repeats, val_fraction, cache, device, seed):
+    """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
+
+    Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
+    logistic regression with the L2 strength chosen on a validation split (45 values in
+    1e-6..1e5), refit on train+val, scored on test. Writes probe.json and adds the results
+    to the run's summary.json.
+    """
+    from .probe import probe_run
+
+    if len(train_data) != len(test_data) or (names and len(names) != len(train_data)):
+        raise UserError("give one --test-data (and one --name, if any) per --data")
+    names = names or [Path(d).name for d in train_data]
+    if len(set(names)) != len(names):
+        raise UserError(f"dataset names must differ: {', '.join(names)} (use --name)")
+    out = probe_run(run, list(zip(names, train_data, test_data)), res=res, cache=cache,
+                    repeats=repeats, val_fraction=val_fraction, seed=seed, device=device)
+    click.echo(f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}  l2 (per repeat)")
+    for name, r in out["datasets"].items():
+        l2s = " ".join(f"{x['l2']:.0e}" for x in r["repeats"])
+        click.echo(f"{name:24s} {r['top1_mean']:8.4f} {r['top1_std']:7.4f} {r['error_mean']:7.4f}"
+                   f"  {l2s}  ({r['cache_hits']}/2 cached)")
+
+
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -1,0 +1,233 @@
+"""Linear probes on cached features: `dptrain probe RUN --data TRAIN --test-data TEST`.
+
+One forward pass per (checkpoint, dataset, transform) computes the frozen backbone's
+penultimate features, cached on disk as fp16; every probe after that is seconds of solver
+time. The probe is the usual protocol (Kornblith et al. 2019): multinomial logistic regression
+on standardised features by full-batch L-BFGS, the L2 strength chosen over a log-spaced grid
+on a seeded validation split of train (warm-started along the grid, strongest first), then
+refit on train + val and scored on test; repeated with different validation splits.
+
+The L2 strength follows scikit-learn's convention, C = 1 / l2: the objective is the summed
+cross-entropy plus l2 / 2 * ||W||^2, with an unpenalised bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .index import ShardIndex, sha256_file
+from .loader import EVAL_RESIZE, Loader
+from .subset import select
+
+L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
+
+
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
+               init: tuple[torch.Tensor, torch.Tensor] | None = None,
+               max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS; returns (W, b)."""
+    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device)
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+    if init is not None:
+        w, b = init[0].clone(), init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    n = len(y)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-9,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        # The mean keeps the scale of the loss independent of n; l2 / (2n) matches sklearn's
+        # summed objective with C = 1 / l2.
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 / (2 * n) * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x @ w + b).argmax(1) == y).double().mean().item()
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, *, l2_grid: np.ndarray = L2_GRID, val_fraction: float = 0.2,
+                 repeats: int = 5, seed: int = 0, device: str = "cpu") -> dict:
+    """Choose l2 on a validation split, refit on train + val, score test; `repeats` times."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
+    if len(train_y) < 2 or len(test_y) == 0:
+        raise DataError(f"too few samples to probe ({len(train_y)} train, {len(test_y)} test)")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    xs = torch.as_tensor(train_x, dtype=torch.float32, device=device)
+    ys = torch.as_tensor(train_y, dtype=torch.int64, device=device)
+    xt = torch.as_tensor(test_x, dtype=torch.float32, device=device)
+    yt = torch.as_tensor(test_y, dtype=torch.int64, device=device)
+    grid = sorted(l2_grid, reverse=True)  # strongest first: each fit warm-starts the next
+    runs = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        perm = torch.as_tensor(np.random.default_rng((seed, r)).permutation(len(ys)), device=device)
+        n_val = max(1, int(round(val_fraction * len(ys))))
+        val, fit = perm[:n_val], perm[n_val:]
+        x_fit, x_val = _standardise(xs[fit], xs[val])
+        params, scores = None, []
+        for l2 in grid:
+            params = fit_logreg(x_fit, ys[fit], num_classes, float(l2), init=params)
+            scores.append(_accuracy(*params, x_val, ys[val]))
+        best = int(np.argmax(scores))  # ties: the strongest regularisation wins
+        x_all, x_test = _standardise(xs, xt)
+        w, b = fit_logreg(x_all, ys, num_classes, float(grid[best]))
+        top1 = _accuracy(w, b, x_test, yt)
+        runs.append({"seed": r, "l2": float(grid[best]), "val_top1": scores[best],
+                     "test_top1": top1, "seconds": time.perf_counter() - t0})
+    accs = np.array([x["test_top1"] for x in runs])
+    return {"top1_mean": float(accs.mean()), "top1_std": float(accs.std()),
+            "error_mean": float(1 - accs.mean()), "error_std": float(accs.std()),
+            "repeats": runs, "feature_dim": int(train_x.shape[1]),
+            "num_classes": num_classes, "train_samples": int(len(train_y)),
+            "test_samples": int(len(test_y)), "val_fraction": val_fraction,
+            "l2_grid": [float(x) for x in grid]}
+
+
+def _penultimate(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its last linear layer (the classifier): global-pooled features."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            last = name
+    if last is None:
+        raise DataError("the model has no linear classifier to remove")
+    parent = model.get_submodule(last.rsplit(".", 1)[0]) if "." in last else model
+    setattr(parent, last.rsplit(".", 1)[-1], torch.nn.Identity())
+    return model
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A dptrain checkpoint (weights_only), or a DataError saying the file is not one."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt["config"]["arch"], ckpt["model"], ckpt["num_classes"]
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
+    return ckpt
+
+
+def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
+    """A dptrain checkpoint's model, frozen, without its classifier."""
+    from torchvision.models import get_model
+
+    ckpt = load_checkpoint(path, device)
+    model = get_model(ckpt["config"]["arch"], weights=None, num_classes=ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    return _penultimate(model).to(device).eval().requires_grad_(False)
+
+
+def dataset_fingerprint(index: ShardIndex) -> str:
+    """Content of a shard set, from its index: the sample table and every tar's hash."""
+    h = hashlib.sha256(index.meta["samples_sha256"].encode())
+    for t in index.meta["tars"]:
+        h.update(t["sha256"].encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = None,
+             eval_resize: float = EVAL_RESIZE, cache: Path, device: str = "cpu",
+             batch_size: int = 256, threads: int | None = None,
+             class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Penultimate features (fp16) and labels of a shard set; (features, labels, cache hit).
+
+    Cached per (checkpoint content, dataset content, resolution, resize ratio, layer). Labels
+    follow `class_names` when given (a test split's classes in its train split's order).
+    `config` is the checkpoint's training config (its resolution is the default).
+    """
+    index = ShardIndex.load(shards)
+    subset = select(index, class_names=class_names)
+    ckpt_hash = sha256_file(checkpoint)
+    res = res or config.get("eval_res") or config["res"]
+    key = hashlib.sha256(json.dumps([ckpt_hash, dataset_fingerprint(index), res, eval_resize,
+                                     "penultimate", subset.class_names]).encode()).hexdigest()
+    path = cache / f"{key[:32]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["features"], z["labels"], True
+    model = load_backbone(checkpoint, torch.device(device))
+    loader = Loader(subset, batch_size=batch_size, train=False, res=res,
+                    eval_resize=eval_resize, device=device, threads=threads)
+    from .train import to_model_input  # the same normalisation as training
+
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(model(to_model_input(images, True)).float().cpu().half().numpy())
+        labels.append(y.cpu().numpy())
+    loader.close()
+    out_f, out_l = np.concatenate(feats), np.concatenate(labels)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez(tmp, features=out_f, labels=out_l)
+    os.replace(tmp, path)
+    return out_f, out_l, False
+
+
+def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
+              cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
+              seed: int = 0, device: str = "auto") -> dict:
+    """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards)."""
+    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
+    if not checkpoint.is_file():
+        raise DataError(f"{run} is not a dptrain run (no checkpoint.pt)")
+    config = load_checkpoint(checkpoint)["config"]
+    run_dir = checkpoint.parent
+    cache = cache or run_dir / "features"
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else (
+        "cpu" if device == "auto" else device)
+    results = {}
+    for name, train_shards, test_shards in datasets:
+        train_index, test_index = ShardIndex.load(train_shards), ShardIndex.load(test_shards)
+        names = [n for n, c in zip(train_index.class_names, train_index.counts) if c > 0]
+        test_names = [n for n, c in zip(test_index.class_names, test_index.counts) if c > 0]
+        if set(test_names) != set(names):
+            raise DataError(f"{name}: the test set's classes differ from its train set's "
+                            f"({len(test_names)} vs {len(names)}); shard the test split with "
+                            f"--classes-from {train_shards}")
+        t0 = time.perf_counter()
+        xtr, ytr, hit_tr = features(checkpoint, config, train_shards, res=res, cache=cache,
+                                    device=dev, class_names=names)
+        xte, yte, hit_te = features(checkpoint, config, test_shards, res=res, cache=cache,
+                                    device=dev, class_names=names)
+        t1 = time.perf_counter()
+        result = linear_probe(xtr, ytr, xte, yte, repeats=repeats, val_fraction=val_fraction,
+                              seed=seed, device=dev)
+        results[name] = {**result, "train_data": str(train_shards), "test_data": str(test_shards),
+                         "cache_hits": int(hit_tr) + int(hit_te), "feature_seconds": t1 - t0,
+                         "probe_seconds": time.perf_counter() - t1}
+    out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
+           "datasets": results}
+    old = json.loads((run_dir / "probe.json").read_text()) if (run_dir / "probe.json").is_file() else {}
+    merged = {**out, "datasets": {**old.get("datasets", {}), **results}}
+    (run_dir / "probe.json").write_text(json.dumps(merged, indent=1))
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        summary["probe"] = {k: {"top1_mean": v["top1_mean"], "top1_std": v["top1_std"],
+                                "error_mean": v["error_mean"]}
+                            for k, v in merged["datasets"].items()}
+        summary_path.write_text(json.dumps(summary, indent=1))
+    return out

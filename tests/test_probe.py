@@ -1,0 +1,109 @@
+"""Linear probes: the solver against known answers and scikit-learn, the cache, the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_imagefolder, run_cli
+from dptrain.probe import fit_logreg, linear_probe
+from dptrain.shards import shard_dataset
+
+
+def blobs(rng, n, k, d, spread):
+    centers = rng.normal(0, spread, (k, d))
+    y = rng.integers(0, k, n)
+    return centers[y] + rng.normal(0, 1, (n, d)), y
+
+
+def test_separable_features_reach_100_percent():
+    rng = np.random.default_rng(0)
+    x, y = blobs(rng, 900, 5, 32, 3.0)
+    r = linear_probe(x[:600], y[:600], x[600:], y[600:], repeats=2)
+    assert r["top1_mean"] >= 0.99 and r["num_classes"] == 5 and r["feature_dim"] == 32
+    assert len(r["repeats"]) == 2 and r["test_samples"] == 300
+
+
+def test_random_labels_give_chance():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(2000, 16)), rng.integers(0, 4, 2000)  # no relation at all
+    r = linear_probe(x[:1500], y[:1500], x[1500:], y[1500:], repeats=2)
+    assert abs(r["top1_mean"] - 0.25) < 0.06
+
+
+@pytest.mark.parametrize("l2", [1e-2, 1.0, 100.0])
+def test_matches_scikit_learn(l2):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(2)
+    x, y = blobs(rng, 900, 5, 32, 0.5)  # overlapping classes: accuracy well below 100%
+    scaler = StandardScaler().fit(x[:600])
+    xs, xt = scaler.transform(x[:600]), scaler.transform(x[600:])
+    ref = LogisticRegression(C=1 / l2, max_iter=10000, tol=1e-8).fit(xs, y[:600])
+    w, b = fit_logreg(torch.tensor(xs, dtype=torch.float32), torch.tensor(y[:600]), 5, l2)
+    ours = ((torch.tensor(xt, dtype=torch.float32) @ w + b).argmax(1).numpy() == y[600:]).mean()
+    assert abs(ours - ref.score(xt, y[600:])) <= 0.01
+    assert np.abs(ref.coef_.T - w.numpy()).max() < 0.1
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory, texture):
+    root = tmp_path_factory.mktemp("probe")
+    src = make_imagefolder(root / "src", texture, classes=4, per_class=12, size=(48, 40),
+                           bad=False)
+    shard_dataset(src, root / "train", progress=False)
+    test_src = make_imagefolder(root / "test_src", texture, classes=4, per_class=4,
+                                size=(48, 40), bad=False)
+    shard_dataset(test_src, root / "test", classes_from=root / "train", progress=False)
+    other = make_imagefolder(root / "other", texture, classes=3, per_class=4, size=(48, 40),
+                             bad=False)
+    shard_dataset(other, root / "other_shards", progress=False)
+    run = root / "run"
+    run_cli("pretrain", "--data", root / "train", "--epochs", 1, "--batch-size", 16,
+            "--res", 32, "--device", "cpu", "--no-progress", "--out", run)
+    return run, root
+
+
+def test_probe_command_writes_results_and_hits_the_cache(run_and_data):
+    run, root = run_and_data
+    args = ["probe", run, "--data", root / "train", "--test-data", root / "test",
+            "--name", "tiny", "--repeats", 2]
+    first = run_cli(*args)
+    assert "tiny" in first.stdout and "(0/2 cached)" in first.stdout
+    second = run_cli(*args)
+    assert "(2/2 cached)" in second.stdout  # no forward pass the second time
+    probe = json.loads((run / "probe.json").read_text())["datasets"]["tiny"]
+    assert probe["train_samples"] == 48 and probe["test_samples"] == 16
+    assert probe["feature_dim"] == 512 and len(probe["repeats"]) == 2
+    assert 0 <= probe["top1_mean"] <= 1 and probe["error_mean"] == pytest.approx(1 - probe["top1_mean"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["probe"]["tiny"]["top1_mean"] == probe["top1_mean"]
+    cached = list((run / "features").glob("*.npz"))
+    assert len(cached) == 2
+    with np.load(cached[0]) as z:
+        assert z["features"].dtype == np.float16 and z["features"].shape[1] == 512
+
+
+def test_probe_bad_inputs(run_and_data, tmp_path):
+    run, root = run_and_data
+    p = run_cli("probe", run, "--data", root / "train", "--test-data", root / "other_shards",
+                check=False)
+    assert p.returncode == 2 and "classes differ" in p.stderr and "Traceback" not in p.stderr
+    not_a_run = tmp_path / "x"
+    not_a_run.mkdir()
+    p = run_cli("probe", not_a_run, "--data", root / "train", "--test-data", root / "test",
+                check=False)
+    assert p.returncode == 2 and "not a dptrain run" in p.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    p = run_cli("probe", bad, "--data", root / "train", "--test-data", root / "test",
+                check=False)
+    assert p.returncode == 2 and "not a dptrain checkpoint" in p.stderr
+    p = run_cli("probe", run, "--data", root / "train", "--test-data", root / "test",
+                "--data", root / "train", check=False)
+    assert p.returncode == 2 and "one --test-data" in p.stderr
