@@ -43,9 +43,12 @@ def _mb(ctx, param, value: float) -> int:
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path), required=False)
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "imagefolder", "flat", "imagenet-tar", "wds"]),
+              type=click.Choice(["auto", "imagefolder", "flat", "imagenet-tar", "wds", "cifar",
+                                 "splits"]),
               help="Layout of SRC: class folders (ImageNet train/), a flat folder + --labels "
-                   "(ImageNet val), ILSVRC2012_img_train.tar, or WebDataset shards.")
+                   "(ImageNet val), ILSVRC2012_img_train.tar, WebDataset shards, CIFAR-10/100 "
+                   "python pickles, or train/ + test/ class folders (the last two write "
+                   "OUT/train and OUT/test).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV 'filename,class' for a flat folder (Kaggle's LOC_val_solution.csv works).")
 @click.option("--classes-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -75,28 +78,31 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
     images a decoder would choke on are converted, broken files skipped and recorded.
     Interrupted? Run the same command again: it resumes.
     """
-    from .shards import ShardOptions, shard_dataset
+    from .shards import ShardOptions, shard_source
 
     out = out or Path("shards") / src.name.split(".")[0]
     opts = ShardOptions(seed=seed, shard_size=shard_size, max_side=max_side, quality=quality,
                         check=check, max_pixels=max_pixels)
     try:
-        s = shard_dataset(src, out, fmt=fmt, labels=labels, classes_from=classes_from,
-                          options=opts, workers=workers, overwrite=overwrite, progress=progress)
+        results = shard_source(src, out, fmt=fmt, labels=labels, classes_from=classes_from,
+                               options=opts, workers=workers, overwrite=overwrite,
+                               progress=progress)
     except KeyboardInterrupt:
         click.echo(f"interrupted: run the same command again to resume {out}", err=True)
         sys.exit(130)
-    if s["up_to_date"]:
-        click.echo(f"{out} is up to date: {s['written']:,} images in {s['classes']:,} classes")
-        return
-    run = s["this_run"]
-    click.echo(f"{out}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, {s['written']:,} "
-               f"written, {s['converted']:,} converted, {s['skipped']:,} skipped, "
-               f"{s['bytes'] / 1e6:,.1f} MB")
-    for reason, n in sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
-        click.echo(f"  skipped {n:,}: {reason}")
-    click.echo(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "
-               f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
+    for where, s in results:
+        if s["up_to_date"]:
+            click.echo(f"{where} is up to date: {s['written']:,} images in {s['classes']:,} "
+                       "classes")
+            continue
+        run = s["this_run"]
+        click.echo(f"{where}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, "
+                   f"{s['written']:,} written, {s['converted']:,} converted, "
+                   f"{s['skipped']:,} skipped, {s['bytes'] / 1e6:,.1f} MB")
+        for reason, n in sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
+            click.echo(f"  skipped {n:,}: {reason}")
+        click.echo(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "
+                   f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
 
 
 @main.command(context_settings={"show_default": True})
@@ -177,13 +183,14 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
 
 @main.command(context_settings={"show_default": True})
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", "train_data", multiple=True, required=True,
+@click.option("--data", "train_data", multiple=True,
               type=click.Path(exists=True, file_okay=False),
               help="Downstream train shards; repeat with --test-data and --name per dataset.")
-@click.option("--test-data", multiple=True, required=True,
-              type=click.Path(exists=True, file_okay=False),
+@click.option("--test-data", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Its test shards (sharded with --classes-from the train shards).")
 @click.option("--name", "names", multiple=True, help="Its name [the train shards' folder name].")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML/JSON file of datasets: [[dataset]] name, data, test_data.")
 @click.option("--res", type=click.IntRange(min=16), help="Feature resolution [pre-training's].")
 @click.option("--repeats", default=5, type=click.IntRange(min=1),
               help="Probes per dataset, each with another validation split.")
@@ -194,7 +201,8 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
               help="Feature cache [RUN/features].")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", default=0, type=int, help="Seeds the validation splits.")
-def probe(run, train_data, test_data, names, res, repeats, val_fraction, cache, device, seed):
+def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache, device,
+          seed):
     """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
 
     Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
@@ -202,15 +210,19 @@ def probe(run, train_data, test_data, names, res, repeats, val_fraction, cache, 
     1e-6..1e5), refit on train+val, scored on test. Writes probe.json and adds the results
     to the run's summary.json.
     """
-    from .probe import probe_run
+    from .probe import probe_run, read_suite
 
     if len(train_data) != len(test_data) or (names and len(names) != len(train_data)):
         raise UserError("give one --test-data (and one --name, if any) per --data")
-    names = names or [Path(d).name for d in train_data]
+    datasets = list(zip(names or [Path(d).name for d in train_data], train_data, test_data))
+    datasets += read_suite(suite) if suite else []
+    if not datasets:
+        raise UserError("no downstream dataset: give --data and --test-data, or --suite FILE")
+    names = [d[0] for d in datasets]
     if len(set(names)) != len(names):
         raise UserError(f"dataset names must differ: {', '.join(names)} (use --name)")
-    out = probe_run(run, list(zip(names, train_data, test_data)), res=res, cache=cache,
-                    repeats=repeats, val_fraction=val_fraction, seed=seed, device=device)
+    out = probe_run(run, datasets, res=res, cache=cache, repeats=repeats,
+                    val_fraction=val_fraction, seed=seed, device=device)
     click.echo(f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}  l2 (per repeat)")
     for name, r in out["datasets"].items():
         l2s = " ".join(f"{x['l2']:.0e}" for x in r["repeats"])
@@ -229,8 +241,11 @@ def info(out, as_json):
     if as_json:
         click.echo(json.dumps(i))
         return
+    split = f", {i['split']} split" if i["split"] else ""
     click.echo(f"{i['path']}: format v{i['format_version']}, from {i['source']} "
-               f"({i['source_format']}), seed {i['seed']}")
+               f"({i['source_format']}{split}), seed {i['seed']}")
+    if i["source_encoding"]:
+        click.echo(f"  stored as {i['source_encoding']}")
     click.echo(f"  classes   {i['num_classes']:,} ({i['empty_classes']} empty)")
     click.echo(f"  samples   {i['num_samples']:,}  per class min/median/max "
                f"{i['per_class_min']}/{i['per_class_median']:g}/{i['per_class_max']}")

@@ -114,6 +114,8 @@ class ShardIndex:
             "format_version": self.meta["format_version"],
             "source": self.meta["source"],
             "source_format": self.meta["source_format"],
+            "split": self.meta.get("split"),
+            "source_encoding": self.meta.get("source_encoding"),
             "seed": self.meta["options"]["seed"],
             "num_classes": len(counts),
             "num_samples": int(counts.sum()),

@@ -41,8 +41,10 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     w.requires_grad_(True)
     b.requires_grad_(True)
     n = len(y)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9,
+    # Stop where scikit-learn's lbfgs stops (max |gradient| < 1e-4 on the same mean-form
+    # objective): a tighter tolerance cost 2.7x the evaluations for the same accuracy.
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10,
+                            tolerance_grad=1e-4, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
 
     def closure():
@@ -184,6 +186,29 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
     np.savez(tmp, features=out_f, labels=out_l)
     os.replace(tmp, path)
     return out_f, out_l, False
+
+
+def read_suite(path: Path) -> list[tuple[str, str, str]]:
+    """Downstream sets from a TOML or JSON file: `[[dataset]]` tables (TOML) or a list (JSON)
+    of {name, data, test_data}; relative paths are relative to the file."""
+    import tomllib
+
+    try:
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read suite {path}: {e}") from None
+    entries = doc if isinstance(doc, list) else doc.get("dataset", doc.get("datasets"))
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"suite {path} lists no dataset: expected [[dataset]] entries with "
+                        "name, data and test_data")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or not {"data", "test_data"} <= set(e):
+            raise DataError(f"suite {path}: each dataset needs data and test_data: {e!r}")
+        train, test = (str((path.parent / e[k]).resolve()) for k in ("data", "test_data"))
+        out.append((str(e.get("name") or Path(train).name), train, test))
+    return out
 
 
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,

@@ -37,7 +37,7 @@ from .errors import DataError
 from .images import BadImage, store_image
 from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMPLES_FILE,
                     ShardIndex, idx_name, sha256_file, tar_name)
-from .sources import Item, Source, open_source
+from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
 
 PARTIAL = ".partial"  # suffix of files being written
 
@@ -220,10 +220,11 @@ def write_class(out: Path, label: int, items: list[Item], opts: ShardOptions,
             "rows": rows, "skipped": skipped, "converted": converted}
 
 
-def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: ShardOptions) -> dict:
+def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: ShardOptions,
+         split: str | None) -> dict:
     """What must match for a rerun to continue, or be a no-op on, an existing OUT."""
     return {"format_version": FORMAT_VERSION, "source": str(source.path.resolve()),
-            "source_format": source.format,
+            "source_format": source.format, "split": split, "source_encoding": source.encoding,
             "labels_file": str(labels.resolve()) if labels else None,
             "classes_from": str(classes_from.resolve()) if classes_from else None,
             "options": asdict(opts)}
@@ -296,7 +297,8 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
         np.save(f, samples)
     os.replace(tmp, out / SAMPLES_FILE)
     meta = {"format_version": FORMAT_VERSION, "source": job["source"],
-            "source_format": job["source_format"], "options": job["options"], "job": job,
+            "source_format": job["source_format"], "split": job["split"],
+            "source_encoding": job["source_encoding"], "options": job["options"], "job": job,
             "num_classes": len(classes), "num_samples": int(len(samples)),
             "samples_file": SAMPLES_FILE, "samples_sha256": sha256_file(out / SAMPLES_FILE),
             "sample_dtype": SAMPLE_DTYPE.descr, "classes": classes, "tars": tars,
@@ -309,16 +311,19 @@ def shard_dataset(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = 
                   labels: str | os.PathLike | None = None,
                   classes_from: str | os.PathLike | None = None,
                   options: ShardOptions = ShardOptions(), workers: int | None = None,
-                  overwrite: bool = False, progress: bool = True) -> dict:
-    """Shard SRC into OUT (resuming a partial OUT); returns a summary of the run."""
+                  overwrite: bool = False, progress: bool = True,
+                  split: str | None = None) -> dict:
+    """Shard SRC (its `split`, for a SRC holding several) into OUT, resuming a partial OUT;
+    returns a summary of the run."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     labels = Path(labels) if labels else None
     classes_from = Path(classes_from) if classes_from else None
     if options.check not in ("header", "decode"):
         raise DataError(f"check must be 'header' or 'decode', not {options.check!r}")
-    source = open_source(src, fmt, labels)
-    if source.format in ("imagefolder", "flat") and out.resolve().is_relative_to(src.resolve()):
+    source = open_source(src, fmt, labels, split)
+    if (source.format in ("imagefolder", "flat", "splits")
+            and out.resolve().is_relative_to(src.resolve())):
         raise DataError(f"OUT {out} is inside SRC {src}: its files would be read as inputs")
     class_names = source.class_names
     if classes_from is not None:
@@ -328,7 +333,7 @@ def shard_dataset(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = 
             raise DataError(f"{len(unknown)} class(es) of {src} are not in {classes_from} "
                             f"(e.g. {unknown[:3]}): --classes-from allows only its classes")
         class_names = ref
-    job = _job(source, labels, classes_from, options)
+    job = _job(source, labels, classes_from, options, split)
     if _prepare_out(out, job, overwrite):
         meta = ShardIndex.load(out).meta
         return {**_totals(meta), "up_to_date": True, "seconds": time.perf_counter() - t0}
@@ -395,6 +400,27 @@ def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names
     return {**_totals(meta), "up_to_date": False, "seconds": seconds,
             "this_run": {**this_run, "images_per_s": this_run["images"] / seconds,
                          "mb_per_s": this_run["bytes"] / 1e6 / seconds}}
+
+
+def shard_source(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto",
+                 labels: str | os.PathLike | None = None,
+                 classes_from: str | os.PathLike | None = None,
+                 **kw) -> list[tuple[Path, dict]]:
+    """`dptrain shard`: one shard set in OUT, or OUT/train and OUT/test (with the train
+    split's class ids) for a SRC holding both splits (CIFAR, train/ + test/ folders)."""
+    src, out = Path(src), Path(out)
+    if fmt == "auto" and src.exists():
+        fmt = detect_format(src, Path(labels) if labels else None)
+    if fmt not in SPLIT_FORMATS:
+        return [(out, shard_dataset(src, out, fmt=fmt, labels=labels,
+                                    classes_from=classes_from, **kw))]
+    if classes_from is not None or labels is not None:
+        raise DataError(f"a {fmt} SRC holds its own train and test splits: --classes-from and "
+                        "--labels do not apply (the train split defines the classes)")
+    train = shard_dataset(src, out / "train", fmt=fmt, split="train", **kw)
+    test = shard_dataset(src, out / "test", fmt=fmt, split="test", classes_from=out / "train",
+                         **kw)
+    return [(out / "train", train), (out / "test", test)]
 
 
 def _totals(meta: dict) -> dict:

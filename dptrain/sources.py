@@ -20,7 +20,9 @@ from .errors import DataError
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder lists, so labels and files match it.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")
-FORMATS = ("imagefolder", "flat", "imagenet-tar", "wds")
+FORMATS = ("imagefolder", "flat", "imagenet-tar", "wds", "cifar", "splits")
+SPLIT_FORMATS = ("cifar", "splits")  # one SRC holding a train and a test split
+CIFAR_QUALITY = 95  # JPEG quality CIFAR's raw pixels are stored at (recorded in the index)
 NOT_IMAGE_NAME = "not an image file name (extension)"
 
 
@@ -57,6 +59,7 @@ class Source:
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason), no class
     num_inputs: int | None = None  # None where only a full pass can tell (a streamed tar)
+    encoding: str | None = None  # how raw pixels were turned into JPEGs, if they were
     _items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
     _class_skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
 
@@ -223,7 +226,60 @@ def _first_member(path: Path) -> str | None:
         ) from None
 
 
+def _cifar(root: Path, split: str) -> Source:
+    """CIFAR-10/100 python pickles (cifar-10-batches-py, cifar-100-python): class ids as in the
+    dataset's meta file; pixels stored as JPEG at CIFAR_QUALITY."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    def load(name: str) -> dict:
+        try:
+            with open(root / name, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            raise DataError(f"cannot read CIFAR file {root / name}: {e}") from None
+
+    if (root / "batches.meta").is_file():  # CIFAR-10
+        names = [n.decode() for n in load("batches.meta")[b"label_names"]]
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        files = [f for f in files if (root / f).is_file()]
+        key = b"labels"
+    else:  # CIFAR-100
+        names = [n.decode() for n in load("meta")[b"fine_label_names"]]
+        files, key = [split], b"fine_labels"
+    if not files:
+        raise DataError(f"{root} has no CIFAR {split} batch")
+    per_class: dict[str, list[Item]] = {n: [] for n in names}
+    for f in files:
+        batch = load(f)
+        pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        for i, (img, label) in enumerate(zip(pixels, batch[key])):
+            buf = io.BytesIO()
+            # 4:4:4 chroma: at 32x32 px, JPEG's default 4:2:0 halves the colour resolution.
+            Image.fromarray(img.transpose(1, 2, 0)).save(buf, "JPEG", quality=CIFAR_QUALITY,
+                                                         subsampling=0)
+            per_class[names[label]].append(Item(f"{f}_{i:05d}", data=buf.getvalue()))
+    src = Source("cifar", root, names,
+                 encoding=f"JPEG quality {CIFAR_QUALITY}, 4:4:4 chroma, from raw pixels")
+    src._items = per_class
+    src.num_inputs = sum(map(len, per_class.values()))
+    return src
+
+
+def _is_splits(src: Path) -> bool:
+    """A folder holding train/ and test/ ImageFolders (each made of class folders)."""
+    return all((src / s).is_dir() and any(e.is_dir() for e in os.scandir(src / s))
+               for s in ("train", "test"))
+
+
 def detect_format(src: Path, labels: Path | None) -> str:
+    if src.is_dir() and ((src / "batches.meta").is_file() or
+                         ((src / "meta").is_file() and (src / "train").is_file())):
+        return "cifar"
+    if src.is_dir() and labels is None and _is_splits(src):
+        return "splits"
     if src.is_file():
         first = _first_member(src)
         if first is None:
@@ -243,8 +299,10 @@ def detect_format(src: Path, labels: Path | None) -> str:
     )
 
 
-def open_source(src: Path, fmt: str = "auto", labels: Path | None = None) -> Source:
-    """Scan SRC (auto-detecting its layout unless `fmt` names one of FORMATS)."""
+def open_source(src: Path, fmt: str = "auto", labels: Path | None = None,
+                split: str | None = None) -> Source:
+    """Scan SRC (auto-detecting its layout unless `fmt` names one of FORMATS); for the
+    SPLIT_FORMATS, the `split` ("train" or "test") to read."""
     if not src.exists():
         raise DataError(f"source {src} does not exist")
     if fmt == "auto":
@@ -253,9 +311,17 @@ def open_source(src: Path, fmt: str = "auto", labels: Path | None = None) -> Sou
         raise DataError(f"unknown format {fmt!r}; expected one of: auto, {', '.join(FORMATS)}")
     if labels is not None and fmt != "flat":
         raise DataError(f"--labels goes with the flat format, not {fmt}")
+    if (fmt in SPLIT_FORMATS) != (split is not None):
+        raise DataError(f"format {fmt} " + ("holds train and test splits: shard it with "
+                        "dptrain shard SRC OUT" if split is None else "has no splits"))
     if fmt in ("imagefolder", "flat") and not src.is_dir():
         raise DataError(f"format {fmt} needs a folder, and {src} is a file")
-    if fmt == "imagefolder":
+    if fmt == "cifar":
+        source = _cifar(src, split)
+    elif fmt == "splits":
+        source = _imagefolder(src / split)
+        source.format, source.path = "splits", src
+    elif fmt == "imagefolder":
         source = _imagefolder(src)
     elif fmt == "flat":
         if labels is None:

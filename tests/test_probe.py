@@ -89,6 +89,21 @@ def test_probe_command_writes_results_and_hits_the_cache(run_and_data):
         assert z["features"].dtype == np.float16 and z["features"].shape[1] == 512
 
 
+def test_suite_file(run_and_data, tmp_path):
+    run, root = run_and_data
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'[[dataset]]\nname = "from-toml"\ndata = "{root / "train"}"\n'
+                     f'test_data = "{root / "test"}"\n')
+    p = run_cli("probe", run, "--suite", suite, "--repeats", 1)
+    assert "from-toml" in p.stdout and "(2/2 cached)" in p.stdout
+    listing = tmp_path / "suite.json"
+    listing.write_text(json.dumps([{"data": str(root / "train"), "test_data": str(root / "test")}]))
+    assert "train" in run_cli("probe", run, "--suite", listing, "--repeats", 1).stdout
+    assert "from-toml" in json.loads((run / "probe.json").read_text())["datasets"]
+    p = run_cli("probe", run, check=False)
+    assert p.returncode == 2 and "--suite" in p.stderr
+
+
 def test_probe_bad_inputs(run_and_data, tmp_path):
     run, root = run_and_data
     p = run_cli("probe", run, "--data", root / "train", "--test-data", root / "other_shards",
