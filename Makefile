@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/subset_io.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/probe.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) benchmarks/.data
