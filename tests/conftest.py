@@ -80,6 +80,17 @@ def make_imagefolder(root: Path, texture: np.ndarray, classes: int = 4, per_clas
     return root
 
 
+def make_shard_set(root: Path, texture: np.ndarray, classes: int, per_class: int,
+                   size: tuple[int, int], classes_from: Path | None = None) -> Path:
+    """Generated JPEGs in root/src, sharded into root/out (returned)."""
+    from dptrain.shards import shard_dataset
+
+    src = make_imagefolder(root / "src", texture, classes=classes, per_class=per_class,
+                           size=size, bad=False)
+    shard_dataset(src, root / "out", classes_from=classes_from, progress=False)
+    return root / "out"
+
+
 def run_cli(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run([*DPTRAIN, *map(str, args)], capture_output=True, text=True, **kw)
     if check and p.returncode != 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_imagefolder
+from conftest import make_imagefolder, make_shard_set
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex
 from dptrain.loader import EVAL_RESIZE, Loader
@@ -19,11 +19,8 @@ from dptrain.subset import select
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, texture) -> ShardIndex:
-    root = tmp_path_factory.mktemp("loader")
-    src = make_imagefolder(root / "src", texture, classes=8, per_class=12, size=(96, 72),
-                           bad=False)
-    shard_dataset(src, root / "out", progress=False)
-    return ShardIndex.load(root / "out")
+    return ShardIndex.load(make_shard_set(tmp_path_factory.mktemp("loader"), texture, 8, 12,
+                                          (96, 72)))
 
 
 def epoch_labels(loader: Loader) -> list[torch.Tensor]:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_imagefolder, run_cli
+from conftest import make_shard_set, run_cli
 from dptrain.probe import fit_logreg, linear_probe
-from dptrain.shards import shard_dataset
 
 
 def blobs(rng, n, k, d, spread):
@@ -54,24 +51,18 @@ def test_matches_scikit_learn(l2):
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory, texture):
     root = tmp_path_factory.mktemp("probe")
-    src = make_imagefolder(root / "src", texture, classes=4, per_class=12, size=(48, 40),
-                           bad=False)
-    shard_dataset(src, root / "train", progress=False)
-    test_src = make_imagefolder(root / "test_src", texture, classes=4, per_class=4,
-                                size=(48, 40), bad=False)
-    shard_dataset(test_src, root / "test", classes_from=root / "train", progress=False)
-    other = make_imagefolder(root / "other", texture, classes=3, per_class=4, size=(48, 40),
-                             bad=False)
-    shard_dataset(other, root / "other_shards", progress=False)
+    train = make_shard_set(root / "train", texture, 4, 12, (48, 40))
+    test = make_shard_set(root / "test", texture, 4, 4, (48, 40), classes_from=train)
+    other = make_shard_set(root / "other", texture, 3, 4, (48, 40))
     run = root / "run"
-    run_cli("pretrain", "--data", root / "train", "--epochs", 1, "--batch-size", 16,
+    run_cli("pretrain", "--data", train, "--epochs", 1, "--batch-size", 16,
             "--res", 32, "--device", "cpu", "--no-progress", "--out", run)
-    return run, root
+    return run, {"train": train, "test": test, "other": other}
 
 
 def test_probe_command_writes_results_and_hits_the_cache(run_and_data):
-    run, root = run_and_data
-    args = ["probe", run, "--data", root / "train", "--test-data", root / "test",
+    run, data = run_and_data
+    args = ["probe", run, "--data", data["train"], "--test-data", data["test"],
             "--name", "tiny", "--repeats", 2]
     first = run_cli(*args)
     assert "tiny" in first.stdout and "(0/2 cached)" in first.stdout
@@ -90,35 +81,36 @@ def test_probe_command_writes_results_and_hits_the_cache(run_and_data):
 
 
 def test_suite_file(run_and_data, tmp_path):
-    run, root = run_and_data
+    run, data = run_and_data
     suite = tmp_path / "suite.toml"
-    suite.write_text(f'[[dataset]]\nname = "from-toml"\ndata = "{root / "train"}"\n'
-                     f'test_data = "{root / "test"}"\n')
+    suite.write_text(f'[[dataset]]\nname = "from-toml"\ndata = "{data["train"]}"\n'
+                     f'test_data = "{data["test"]}"\n')
     p = run_cli("probe", run, "--suite", suite, "--repeats", 1)
     assert "from-toml" in p.stdout and "(2/2 cached)" in p.stdout
     listing = tmp_path / "suite.json"
-    listing.write_text(json.dumps([{"data": str(root / "train"), "test_data": str(root / "test")}]))
-    assert "train" in run_cli("probe", run, "--suite", listing, "--repeats", 1).stdout
+    listing.write_text(json.dumps([{"data": str(data["train"]), "test_data": str(data["test"])}]))
+    default_name = data["train"].name  # a dataset without a name is named by its folder
+    assert f"\n{default_name} " in run_cli("probe", run, "--suite", listing, "--repeats", 1).stdout
     assert "from-toml" in json.loads((run / "probe.json").read_text())["datasets"]
     p = run_cli("probe", run, check=False)
     assert p.returncode == 2 and "--suite" in p.stderr
 
 
 def test_probe_bad_inputs(run_and_data, tmp_path):
-    run, root = run_and_data
-    p = run_cli("probe", run, "--data", root / "train", "--test-data", root / "other_shards",
+    run, data = run_and_data
+    p = run_cli("probe", run, "--data", data["train"], "--test-data", data["other"],
                 check=False)
     assert p.returncode == 2 and "classes differ" in p.stderr and "Traceback" not in p.stderr
     not_a_run = tmp_path / "x"
     not_a_run.mkdir()
-    p = run_cli("probe", not_a_run, "--data", root / "train", "--test-data", root / "test",
+    p = run_cli("probe", not_a_run, "--data", data["train"], "--test-data", data["test"],
                 check=False)
     assert p.returncode == 2 and "not a dptrain run" in p.stderr
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    p = run_cli("probe", bad, "--data", root / "train", "--test-data", root / "test",
+    p = run_cli("probe", bad, "--data", data["train"], "--test-data", data["test"],
                 check=False)
     assert p.returncode == 2 and "not a dptrain checkpoint" in p.stderr
-    p = run_cli("probe", run, "--data", root / "train", "--test-data", root / "test",
-                "--data", root / "train", check=False)
+    p = run_cli("probe", run, "--data", data["train"], "--test-data", data["test"],
+                "--data", data["train"], check=False)
     assert p.returncode == 2 and "one --test-data" in p.stderr

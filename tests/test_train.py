@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DPTRAIN, make_imagefolder, run_cli
+from conftest import DPTRAIN, make_imagefolder, make_shard_set, run_cli
 from dptrain.index import ShardIndex
 from dptrain.shards import shard_dataset
 from dptrain.subset import select
@@ -25,11 +25,7 @@ FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, texture) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    src = make_imagefolder(root / "src", texture, classes=6, per_class=24, size=(48, 40),
-                           bad=False)
-    shard_dataset(src, root / "out", progress=False)
-    return root / "out"
+    return make_shard_set(tmp_path_factory.mktemp("train"), texture, 6, 24, (48, 40))
 
 
 def test_run_end_to_end_writes_every_file(shards, tmp_path):
