@@ -26,6 +26,7 @@ from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .subset import select
+from .train import to_model_input
 
 L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
 
@@ -176,10 +177,9 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
     model = load_backbone(checkpoint, torch.device(device))
     loader = Loader(subset, batch_size=batch_size, train=False, res=res,
                     eval_resize=eval_resize, device=device, threads=threads)
-    from .train import to_model_input  # the same normalisation as training
-
     feats, labels = [], []
     for images, y in loader:
+        # The same normalisation as training; fp16 on disk halves the cache.
         feats.append(model(to_model_input(images, True)).float().cpu().half().numpy())
         labels.append(y.cpu().numpy())
     loader.close()
@@ -224,6 +224,8 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
     config = load_checkpoint(checkpoint)["config"]
     run_dir = checkpoint.parent
     cache = cache or run_dir / "features"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else (
         "cpu" if device == "auto" else device)
     results = {}
