@@ -49,7 +49,7 @@ def commit() -> str:
                              capture_output=True, check=True).stdout.strip()
         # Results themselves do not make the code dirty.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ":/", f":!{RESULTS.relative_to(BENCH.parent)}"],
+                                ":/", f":(top,exclude){RESULTS.relative_to(BENCH.parent)}"],
                                cwd=BENCH, text=True, capture_output=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
