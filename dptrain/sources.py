@@ -58,10 +58,16 @@ class Source:
     path: Path
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason), no class
-    num_inputs: int | None = None  # None where only a full pass can tell (a streamed tar)
     encoding: str | None = None  # how raw pixels were turned into JPEGs, if they were
     _items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
     _class_skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_inputs(self) -> int | None:
+        """Inputs to store; None where only a full pass can tell (a streamed tar)."""
+        if self.format == "imagenet-tar":
+            return None
+        return sum(map(len, self._items.values()))
 
     def classes(self, wanted: set[str]) -> Iterator[tuple[str, list[Item], list[tuple[str, str]]]]:
         """Yield (class name, its inputs in sorted order, its skipped files) for wanted classes."""
@@ -93,7 +99,6 @@ def _imagefolder(root: Path) -> Source:
                 else:
                     skipped.append((path[prefix:], NOT_IMAGE_NAME))
         src._items[name], src._class_skipped[name] = items, skipped
-    src.num_inputs = sum(map(len, src._items.values()))
     return src
 
 
@@ -138,7 +143,6 @@ def _flat(root: Path, labels: Path) -> Source:
             skipped.append((fn, f"no label in {labels.name}"))
     src = Source("flat", root, sorted(per_class), skipped)
     src._items = {c: sorted(v, key=lambda it: it.name) for c, v in per_class.items()}
-    src.num_inputs = sum(map(len, src._items.values()))
     return src
 
 
@@ -181,7 +185,6 @@ def _wds(src: Path, tars: list[Path]) -> Source:
         labels.sort()
     source = Source("wds", src, labels, skipped)
     source._items = {c: sorted(v, key=lambda it: it.name) for c, v in per_label.items()}
-    source.num_inputs = sum(map(len, source._items.values()))
     return source
 
 
@@ -264,7 +267,6 @@ def _cifar(root: Path, split: str) -> Source:
     src = Source("cifar", root, names,
                  encoding=f"JPEG quality {CIFAR_QUALITY}, 4:4:4 chroma, from raw pixels")
     src._items = per_class
-    src.num_inputs = sum(map(len, per_class.values()))
     return src
 
 
