@@ -26,7 +26,7 @@ from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .subset import select
-from .train import to_model_input
+from .train import resolve_device, to_model_input
 
 L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
 
@@ -229,10 +229,7 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
     config = load_checkpoint(checkpoint)["config"]
     run_dir = checkpoint.parent
     cache = cache or run_dir / "features"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else (
-        "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     results = {}
     for name, train_shards, test_shards in datasets:
         train_index, test_index = ShardIndex.load(train_shards), ShardIndex.load(test_shards)

@@ -113,12 +113,18 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise DataError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
     if cfg.min_res is not None and cfg.min_res > cfg.res:
         raise DataError(f"min_res {cfg.min_res} is above --res {cfg.res}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise DataError(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
     if cfg.amp == "fp16" and not cuda:
         raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
+
+
+def resolve_device(name: str) -> str:
+    """"cuda" or "cpu" for --device: "auto" takes the GPU when there is one; "cuda" without
+    one is refused."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise DataError(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
+    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def resolve_amp(amp: str, cuda: bool) -> str:
@@ -212,7 +218,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     # -- distributed: torchrun's environment, a few explicit lines
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = resolve_device(cfg.device) == "cuda"
     check_config(cfg, world, cuda)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

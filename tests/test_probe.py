@@ -114,3 +114,7 @@ def test_probe_bad_inputs(run_and_data, tmp_path):
     p = run_cli("probe", run, "--data", data["train"], "--test-data", data["test"],
                 "--data", data["train"], check=False)
     assert p.returncode == 2 and "one --test-data" in p.stderr
+    if not torch.cuda.is_available():
+        p = run_cli("probe", run, "--data", data["train"], "--test-data", data["test"],
+                    "--device", "cuda", check=False)
+        assert p.returncode == 2 and "CUDA is not available" in p.stderr
