@@ -304,8 +304,9 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     seen_epoch, last_loss = 0, float("nan")
     while step < total_steps:
         res = res_at(epoch, epochs, cfg)
-        loader = loaders.get(res) or loaders.setdefault(
-            res, train_loader(subset, cfg, res, str(device), rank, world))
+        if res not in loaders:
+            loaders[res] = train_loader(subset, cfg, res, str(device), rank, world)
+        loader = loaders[res]
         loader.set_epoch(epoch)
         correct.zero_()
         seen_epoch = 0
@@ -368,6 +369,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         val_loader = Loader(val, batch_size=per_rank_batch, train=False,
                             res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers)
         val_top1 = evaluate(model, val_loader, autocast, cfg.channels_last)
+        val_loader.close()
     summary = {"steps": step, "epochs": epoch, "train_loss": last_loss,
                "train_top1_last_epoch": correct.item() / max(1, seen_epoch),
                "val_top1": val_top1, "wall_s": wall,
