@@ -3,7 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-DEMO := shards/demo
+DEMO := runs/demo
+DEMO_EPOCHS := 8
 
 .PHONY: demo test bench clean
 
@@ -13,17 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Generate small ImageNet-like train and val JPEG folders, shard them, check them, then
-# pre-train briefly on a 10-class x 40-image subset and report val top-1 (~1 minute).
+# The whole experiment in miniature on the built-in synthetic data (~4 minutes on 2 CPU cores,
+# with installs): build the pool and the downstream tasks, pre-train a small CNN on a
+# 100-class x 100-image subset, probe it and a randomly initialised copy on the unseen tasks.
 demo: $(STAMP)
-	$(PY) tools/make_images.py $(DEMO)/images --classes 20 --per-class 40
-	$(PY) tools/make_images.py $(DEMO)/val-images --classes 20 --per-class 10 --start 1000
-	$(VENV)/bin/dptrain shard $(DEMO)/images $(DEMO)/train
-	$(VENV)/bin/dptrain shard $(DEMO)/val-images $(DEMO)/val --classes-from $(DEMO)/train
-	$(VENV)/bin/dptrain verify $(DEMO)/train
-	$(VENV)/bin/dptrain info $(DEMO)/train
-	$(VENV)/bin/dptrain pretrain --data $(DEMO)/train --val-data $(DEMO)/val --classes 10 \
-	    --per-class 40 --epochs 4 --batch-size 32 --res 64 --log-every 5 --out $(DEMO)/run
+	$(PY) tools/make_shards.py --classes 100 --per-class 100
+	$(VENV)/bin/dptrain pretrain --classes 100 --per-class 100 --epochs $(DEMO_EPOCHS) --out $(DEMO)
+	$(VENV)/bin/dptrain probe $(DEMO) --suite shards/synthetic/suite.toml --random-init
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -34,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/probe.py
+	$(PY) benchmarks/synthetic.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) benchmarks/.data
+	rm -rf $(VENV) $(DEMO) shards/synthetic benchmarks/.data

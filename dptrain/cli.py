@@ -105,9 +105,69 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
                    f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
 
 
+# The pre-training options, shared by `pretrain` and `sweep` (which passes them through).
+TRAIN_OPTIONS = [
+    click.option("--recipe", type=click.Choice(["fast", "paper", "synthetic"]),
+                  help="fast: FFCV-style (16 epochs, batch 512, lr 1.0, label smoothing 0.1, "
+                       "160->192 px, linear warm-up/decay); paper: the paper's card (100 epochs, "
+                       "batch 64, lr 0.1, wd 1e-4, 224 px, cosine); synthetic: smallcnn, 32 px, "
+                       "15 epochs, batch 128 [fast; synthetic without --data]. Options below "
+                       "override it."),
+    click.option("--arch", help="smallcnn or any torchvision classification model [resnet18]."),
+    click.option("--epochs", type=click.IntRange(min=1)),
+    click.option("--steps", type=click.IntRange(min=1),
+                  help="Total optimisation steps instead of --epochs (the lr schedule follows): "
+                       "the same compute for every (K, n) of a grid."),
+    click.option("--batch-size", type=click.IntRange(min=1),
+                  help="Images per step over all ranks; changing it scales the recipe's lr."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
+    click.option("--momentum", type=click.FloatRange(0, 1)),
+    click.option("--weight-decay", type=click.FloatRange(min=0)),
+    click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True)),
+    click.option("--res", type=click.IntRange(min=16), help="Training resolution in px (final, "
+                  "if progressive; --res alone turns progressive resolution off)."),
+    click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
+                  help="Autocast dtype [auto: bf16 where the hardware has it, else fp16 on a GPU, "
+                       "fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler."),
+    click.option("--channels-last/--no-channels-last", default=None),
+    click.option("--compile/--no-compile", default=None, help="torch.compile the model [no]."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+    click.option("--workers", type=click.IntRange(min=1), help="DALI threads [all cores]."),
+    click.option("--val-data", type=click.Path(exists=True, file_okay=False),
+                  help="Held-out images of the same classes (shards made with --classes-from)."),
+    click.option("--log-every", type=click.IntRange(min=1), help="Steps between metrics lines [50]."),
+    click.option("--gpus", type=click.IntRange(min=1),
+                  help="Launch DDP on this many GPUs of this machine (runs torchrun)."),
+]
+
+
+def train_options(f):
+    for option in reversed(TRAIN_OPTIONS):
+        f = option(f)
+    return f
+
+
+def passthrough(options: dict) -> list[str]:
+    """The command-line form of given TRAIN_OPTIONS values (None: not given)."""
+    argv = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if name in ("channels_last", "compile"):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif name == "allow_fewer":
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 @main.command(context_settings={"show_default": True})
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Shard set to pre-train on (from dptrain shard).")
+@click.option("--data", type=click.Path(exists=True, file_okay=False),
+              help="Shard set to pre-train on (from dptrain shard) [the built-in synthetic "
+                   "pool shards/synthetic/pretrain, built or extended to the run's K x n on "
+                   "first use, with --recipe synthetic].")
 @click.option("--classes", type=click.IntRange(min=1), help="K: number of classes [all].")
 @click.option("--per-class", type=click.IntRange(min=1), help="n: images per class [all].")
 @click.option("--class-list", type=click.Path(exists=True, dir_okay=False),
@@ -116,36 +176,8 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
               help="Keep classes smaller than n whole instead of refusing.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder [runs/<data>-K<K>-n<n>-s<seed>].")
-@click.option("--recipe", default="fast", type=click.Choice(["fast", "paper"]),
-              help="fast: FFCV-style (16 epochs, batch 512, lr 1.0, label smoothing 0.1, "
-                   "160->192 px, linear warm-up/decay); paper: the paper's card (100 epochs, "
-                   "batch 64, lr 0.1, wd 1e-4, 224 px, cosine). Options below override it.")
-@click.option("--arch", help="Any torchvision classification model [resnet18].")
-@click.option("--epochs", type=click.IntRange(min=1))
-@click.option("--steps", type=click.IntRange(min=1),
-              help="Total optimisation steps instead of --epochs (the lr schedule follows): "
-                   "the same compute for every (K, n) of a grid.")
-@click.option("--batch-size", type=click.IntRange(min=1),
-              help="Images per step over all ranks; changing it scales the recipe's lr.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
-@click.option("--momentum", type=click.FloatRange(0, 1))
-@click.option("--weight-decay", type=click.FloatRange(min=0))
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True))
-@click.option("--res", type=click.IntRange(min=16), help="Training resolution in px (final, "
-              "if progressive; --res alone turns progressive resolution off).")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
-              help="Autocast dtype [auto: bf16 where the hardware has it, else fp16 on a GPU, "
-                   "fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler.")
-@click.option("--channels-last/--no-channels-last", default=None)
-@click.option("--compile/--no-compile", default=None, help="torch.compile the model [no].")
 @click.option("--seed", type=int, help="Subset choice, data order, init [0].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--workers", type=click.IntRange(min=1), help="DALI threads [all cores].")
-@click.option("--val-data", type=click.Path(exists=True, file_okay=False),
-              help="Held-out images of the same classes (shards made with --classes-from).")
-@click.option("--log-every", type=click.IntRange(min=1), help="Steps between metrics lines [50].")
-@click.option("--gpus", type=click.IntRange(min=1),
-              help="Launch DDP on this many GPUs of this machine (runs torchrun).")
+@train_options
 @click.option("--overwrite", is_flag=True, help="Restart a run folder made with other options.")
 @click.option("--progress/--no-progress", default=True)
 def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
@@ -155,6 +187,14 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
     folder. Run the same command again to resume an interrupted run; a finished run is not
     retrained. Multi-GPU: --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
     """
+    if options["data"] is None:
+        if "RANK" in os.environ and not gpus:
+            raise UserError("under torchrun, give --data (build the synthetic pool first: "
+                            "python tools/make_shards.py)")
+        options["data"] = str(_synthetic_pool(options["classes"], options["per_class"], progress))
+        sys.argv += ["--data", options["data"]]  # what --gpus re-runs, once per GPU
+        recipe = recipe or "synthetic"
+    recipe = recipe or "fast"
     if gpus and "LOCAL_RANK" not in os.environ:
         argv, skip = [], False
         for a in sys.argv[2:]:  # the same command without --gpus, once per GPU
@@ -181,6 +221,23 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
                f"{(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
 
 
+def _synthetic_pool(classes: int | None, per_class: int | None, progress: bool) -> Path:
+    """The built-in pool, built or extended to hold a classes x per_class subset."""
+    from .synthetic import DEFAULT_DIR, POOL_CLASSES, POOL_PER_CLASS, write_pool
+
+    path = DEFAULT_DIR / "pretrain"
+    k, n = classes or POOL_CLASSES, per_class or POOL_PER_CLASS
+    r = write_pool(path, k, n, progress=progress)
+    if r["up_to_date"]:
+        click.echo(f"no --data: using the built-in synthetic pool {path} ({r['classes']} classes "
+                   f"x {r['per_class']} images)", err=True)
+    else:
+        click.echo(f"no --data: built the synthetic pool {path} ({r['classes']} classes x "
+                   f"{r['per_class']} images, {r['seconds']:.0f} s); it is what K x n subsets "
+                   "are drawn from, so keep it fixed within an experiment", err=True)
+    return path
+
+
 @main.command(context_settings={"show_default": True})
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
 @click.option("--data", "train_data", multiple=True,
@@ -201,8 +258,11 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
               help="Feature cache [RUN/features].")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", default=0, type=int, help="Seeds the validation splits.")
+@click.option("--random-init", is_flag=True,
+              help="Also probe the same architecture as initialised (the reference any "
+                   "pre-training must beat) and print both.")
 def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache, device,
-          seed):
+          seed, random_init):
     """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
 
     Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
@@ -222,12 +282,19 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
     if len(set(names)) != len(names):
         raise UserError(f"dataset names must differ: {', '.join(names)} (use --name)")
     out = probe_run(run, datasets, res=res, cache=cache, repeats=repeats,
-                    val_fraction=val_fraction, seed=seed, device=device)
-    click.echo(f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}  l2 (per repeat)")
+                    val_fraction=val_fraction, seed=seed, device=device, random_init=random_init)
+    ref = out.get("random_init", {})
+    click.echo(f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}"
+               + (f" {'random-init top-1':>18s} {'gain':>7s}" if ref else "")
+               + "  l2 (per repeat)")
     for name, r in out["datasets"].items():
         l2s = " ".join(f"{x['l2']:.0e}" for x in r["repeats"])
+        vs = ""
+        if ref:
+            base = ref[name]["top1_mean"]
+            vs = f" {base:11.4f} +-{ref[name]['top1_std']:.3f} {r['top1_mean'] - base:+7.4f}"
         click.echo(f"{name:24s} {r['top1_mean']:8.4f} {r['top1_std']:7.4f} {r['error_mean']:7.4f}"
-                   f"  {l2s}  ({r['cache_hits']}/2 cached)")
+                   f"{vs}  {l2s}  ({r['cache_hits']}/2 cached)")
 
 
 @main.command()
@@ -277,3 +344,146 @@ def verify(out, workers):
 
 if __name__ == "__main__":
     main()
+
+
+def _numbers(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return []
+        try:
+            out = [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
+                                     f"{kind.__name__}s") from None
+        if any(v <= 0 for v in out):
+            raise click.BadParameter("values must be positive")
+        return out
+    return parse
+
+
+def _pairs(ctx, param, value):
+    if value is None:
+        return []
+    try:
+        out = [tuple(int(x) for x in v.split(":")) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = [()]
+    if any(len(p) != 2 or min(p) < 1 for p in out):
+        raise click.BadParameter(f"{value!r}: expected K:n pairs of positive integers, e.g. "
+                                 "100:64,400:16")
+    return out
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard set to pre-train on.")
+@click.option("--suite", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Downstream sets to probe every run on (TOML/JSON, as probe --suite).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Sweep folder: runs/, results.csv, sweep.json, failures.json.")
+@click.option("--sizes", callback=_numbers(int), help="Budgets N, e.g. 64000,256000.")
+@click.option("--classes", "classes_grid", callback=_numbers(int),
+              help="K values per size (n = N / K, rounded).")
+@click.option("--ratios", callback=_numbers(float), help="K / n values per size.")
+@click.option("--points", callback=_pairs, help="Explicit K:n points, e.g. 100:64,400:16.")
+@click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..S-1 per point.")
+@click.option("--repeats", default=5, type=click.IntRange(min=1), help="Probe repeats.")
+@click.option("--allow-fewer", is_flag=True, default=None,
+              help="Keep classes smaller than n whole instead of skipping the point.")
+@train_options
+@click.option("--launcher", default="local", type=click.Choice(["local", "slurm",
+                                                                 "submitit-local"]),
+              help="local: one run per visible GPU (one at a time on a CPU); slurm: one job per "
+                   "point through submitit (submitit-local: the same path, run here).")
+@click.option("--slurm-partition", help="Slurm partition.")
+@click.option("--slurm-time", default=240, type=click.IntRange(min=1),
+              help="Slurm time limit per point, minutes.")
+@click.option("--slurm-cpus", default=16, type=click.IntRange(min=1), help="CPUs per job.")
+def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats, launcher,
+          slurm_partition, slurm_time, slurm_cpus, **options):
+    """Pre-train and probe every (K, n, seed) of a grid: the paper's experiment.
+
+    Each point is `dptrain pretrain` + `dptrain probe --suite`, in OUT/runs/K{K}-n{n}-s{seed}.
+    Run the same command again to finish an interrupted or partly failed sweep.
+    """
+    import torch
+
+    from .index import ShardIndex
+    from .probe import read_suite
+    from .sweep import device_slots, feasible, grid, sweep as run_sweep
+    from .train import check_config, make_config
+
+    pairs = grid(sizes=sizes, classes=classes_grid, ratios=ratios, points=points)
+    recipe = options.pop("recipe") or "fast"
+    cfg = make_config(recipe, data=data, **options)
+    check_config(cfg, 1, torch.cuda.is_available())
+    datasets = [d[0] for d in read_suite(Path(suite))]
+    todo, skipped = feasible(ShardIndex.load(data), pairs, list(range(seeds)),
+                             bool(options["allow_fewer"]))
+    for reason in skipped:
+        click.echo(f"skipped (infeasible) {reason}", err=True)
+    if not todo:
+        raise UserError("no feasible point in the grid")
+    budget = (f"fixed steps: {cfg.steps} per run" if cfg.steps else
+              f"fixed epochs: {cfg.epochs} per run (steps grow with N)")
+    spec = {"data": str(Path(data).resolve()), "suite": str(Path(suite).resolve()),
+            "out": str(out.resolve()), "repeats": repeats, "recipe": recipe, "budget": budget,
+            "pretrain_args": ["--recipe", recipe, *passthrough(options)],
+            "probe_args": ["--device", options["device"]] if options["device"] else [],
+            "skipped": skipped}
+    slots = device_slots(options["gpus"] or 1) if launcher == "local" else None
+    slurm = {"timeout_min": slurm_time, "cpus_per_task": slurm_cpus,
+             "gpus_per_node": options["gpus"] or 1}
+    if slurm_partition:
+        slurm["slurm_partition"] = slurm_partition
+    r = run_sweep(spec, todo, datasets, launcher=launcher, slots=slots, slurm=slurm,
+                  log=lambda m: click.echo(m, err=True))
+    click.echo(f"{out}: {r['points']} points, {r['ran']} run now, {len(r['failed'])} failed; "
+               f"results in {out / 'results.csv'}")
+    if r["failed"]:
+        for f in r["failed"]:
+            click.echo(f"  failed {f['run']}: {f['error']}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("sweep_dir", metavar="SWEEP", type=click.Path(exists=True, file_okay=False,
+                                                             path_type=Path))
+def report(sweep_dir):
+    """Figures (error over log K, log n; error against K/n) and tables of a sweep, in
+    SWEEP/report/report.md."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(sweep_dir)}")
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("sweep_dir", metavar="SWEEP", type=click.Path(exists=True, file_okay=False,
+                                                             path_type=Path))
+@click.option("--size", required=True, type=click.IntRange(min=1),
+              help="The budget N to predict the best split for.")
+@click.option("--fit-sizes", callback=_numbers(int),
+              help="Fit only the points of these budgets [all], e.g. the small ones, to check "
+                   "the prediction against the sweep's own runs at --size.")
+@click.option("--max-classes", type=click.IntRange(min=1),
+              help="Classes available [the sweep's shard set].")
+@click.option("--max-per-class", type=click.IntRange(min=1),
+              help="Images per class available [the smallest class of the shard set].")
+@click.option("--bootstrap", "samples", default=200, type=click.IntRange(min=0),
+              help="Bootstrap fits over seeds for the uncertainty (0: none).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def predict(sweep_dir, size, fit_sizes, max_classes, max_per_class, samples, as_json):
+    """Fit err(K, n) = c0 + a K^-alpha + b n^-beta to a sweep and predict the best K, n for N.
+
+    Per downstream set and their average: the free fit and the alpha = beta fit (the paper's
+    invariant-ratio case) with bootstrap intervals over seeds, r* at each measured N, and for
+    --size the predicted K*, n* and error against using all classes; plus the paper's rule
+    K* = sqrt(r* N) with r* measured at the fitted budgets. Exits 1 when a fit is impossible.
+    """
+    from .theory import predict_sweep, render
+
+    out = predict_sweep(sweep_dir, size, fit_sizes=fit_sizes, max_classes=max_classes,
+                        max_per_class=max_per_class, samples=samples)
+    click.echo(json.dumps(out, indent=1) if as_json else render(out))
+    if out["failures"]:
+        sys.exit(1)

@@ -25,6 +25,7 @@ import torch
 from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
+from .models import build_model
 from .subset import select
 from .train import resolve_device, to_model_input
 
@@ -142,12 +143,28 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
 
 def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
     """A dptrain checkpoint's model, frozen, without its classifier."""
-    from torchvision.models import get_model
-
     ckpt = load_checkpoint(path, device)
-    model = get_model(ckpt["config"]["arch"], weights=None, num_classes=ckpt["num_classes"])
+    model = build_model(ckpt["config"]["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
     return _penultimate(model).to(device).eval().requires_grad_(False)
+
+
+def random_init_checkpoint(checkpoint: Path, cache: Path) -> Path:
+    """The reference any pre-training must beat: the run's architecture as initialised (seeded
+    with the run's seed, so it is the run's own starting point), saved as a checkpoint so its
+    features are computed and cached like any other."""
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt["config"]
+    path = cache / f"random-init-{config['arch']}-{ckpt['num_classes']}-s{config['seed']}.pt"
+    if not path.is_file():
+        torch.manual_seed(config["seed"])
+        model = build_model(config["arch"], ckpt["num_classes"])
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        torch.save({"model": model.state_dict(), "config": config,
+                    "num_classes": ckpt["num_classes"], "step": 0}, tmp)
+        os.replace(tmp, path)
+    return path
 
 
 def dataset_fingerprint(index: ShardIndex) -> str:
@@ -219,17 +236,9 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
-              cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
-              seed: int = 0, device: str = "auto") -> dict:
-    """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards)."""
-    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
-    if not checkpoint.is_file():
-        raise DataError(f"{run} is not a dptrain run (no checkpoint.pt)")
-    config = load_checkpoint(checkpoint)["config"]
-    run_dir = checkpoint.parent
-    cache = cache or run_dir / "features"
-    dev = resolve_device(device)
+def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]], *,
+           res: int | None, cache: Path, repeats: int, val_fraction: float, seed: int,
+           device: str) -> dict:
     results = {}
     for name, train_shards, test_shards in datasets:
         train_index, test_index = ShardIndex.load(train_shards), ShardIndex.load(test_shards)
@@ -241,25 +250,57 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
                             f"--classes-from {train_shards}")
         t0 = time.perf_counter()
         xtr, ytr, hit_tr = features(checkpoint, config, train_shards, res=res, cache=cache,
-                                    device=dev, class_names=names)
+                                    device=device, class_names=names)
         xte, yte, hit_te = features(checkpoint, config, test_shards, res=res, cache=cache,
-                                    device=dev, class_names=names)
+                                    device=device, class_names=names)
         t1 = time.perf_counter()
         result = linear_probe(xtr, ytr, xte, yte, repeats=repeats, val_fraction=val_fraction,
-                              seed=seed, device=dev)
+                              seed=seed, device=device)
         results[name] = {**result, "train_data": str(train_shards), "test_data": str(test_shards),
                          "cache_hits": int(hit_tr) + int(hit_te), "feature_seconds": t1 - t0,
                          "probe_seconds": time.perf_counter() - t1}
+    return results
+
+
+def _brief(results: dict) -> dict:
+    return {k: {"top1_mean": v["top1_mean"], "top1_std": v["top1_std"],
+                "error_mean": v["error_mean"]} for k, v in results.items()}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
+              cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
+              seed: int = 0, device: str = "auto", random_init: bool = False) -> dict:
+    """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
+    with `random_init`, also the run's architecture as initialised, the reference."""
+    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
+    if not checkpoint.is_file():
+        raise DataError(f"{run} is not a dptrain run (no checkpoint.pt)")
+    config = load_checkpoint(checkpoint)["config"]
+    run_dir = checkpoint.parent
+    cache = cache or run_dir / "features"
+    kw = dict(res=res, cache=cache, repeats=repeats, val_fraction=val_fraction, seed=seed,
+              device=resolve_device(device))
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
-           "datasets": results}
-    old = json.loads((run_dir / "probe.json").read_text()) if (run_dir / "probe.json").is_file() else {}
-    merged = {**out, "datasets": {**old.get("datasets", {}), **results}}
-    (run_dir / "probe.json").write_text(json.dumps(merged, indent=1))
+           "datasets": _probe(checkpoint, config, datasets, **kw)}
+    old_path = run_dir / "probe.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    merged = {**old, **out, "datasets": {**old.get("datasets", {}), **out["datasets"]}}
+    if random_init:
+        out["random_init"] = _probe(random_init_checkpoint(checkpoint, cache), config, datasets,
+                                    **kw)
+        merged["random_init"] = {**old.get("random_init", {}), **out["random_init"]}
+    _write_json(run_dir / "probe.json", merged)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        summary["probe"] = {k: {"top1_mean": v["top1_mean"], "top1_std": v["top1_std"],
-                                "error_mean": v["error_mean"]}
-                            for k, v in merged["datasets"].items()}
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary["probe"] = _brief(merged["datasets"])
+        if "random_init" in merged:
+            summary["probe_random_init"] = _brief(merged["random_init"])
+        _write_json(summary_path, summary)
     return out

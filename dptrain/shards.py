@@ -223,7 +223,7 @@ def write_class(out: Path, label: int, items: list[Item], opts: ShardOptions,
 def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: ShardOptions,
          split: str | None) -> dict:
     """What must match for a rerun to continue, or be a no-op on, an existing OUT."""
-    return {"format_version": FORMAT_VERSION, "source": str(source.path.resolve()),
+    return {"format_version": FORMAT_VERSION, "source": source.identity,
             "source_format": source.format, "split": split, "source_encoding": source.encoding,
             "labels_file": str(labels.resolve()) if labels else None,
             "classes_from": str(classes_from.resolve()) if classes_from else None,
@@ -310,28 +310,38 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
 def shard_dataset(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "auto",
                   labels: str | os.PathLike | None = None,
                   classes_from: str | os.PathLike | None = None,
-                  options: ShardOptions = ShardOptions(), workers: int | None = None,
-                  overwrite: bool = False, progress: bool = True,
-                  split: str | None = None) -> dict:
+                  split: str | None = None, **kw) -> dict:
     """Shard SRC (its `split`, for a SRC holding several) into OUT, resuming a partial OUT;
-    returns a summary of the run."""
-    t0 = time.perf_counter()
+    returns a summary of the run. `kw`: the options of `write_source`."""
     src, out = Path(src), Path(out)
     labels = Path(labels) if labels else None
-    classes_from = Path(classes_from) if classes_from else None
-    if options.check not in ("header", "decode"):
-        raise DataError(f"check must be 'header' or 'decode', not {options.check!r}")
     source = open_source(src, fmt, labels, split)
     if (source.format in ("imagefolder", "flat", "splits")
             and out.resolve().is_relative_to(src.resolve())):
         raise DataError(f"OUT {out} is inside SRC {src}: its files would be read as inputs")
+    return write_source(source, out, labels=labels, classes_from=classes_from, split=split, **kw)
+
+
+def write_source(source: Source, out: str | os.PathLike, *,
+                 classes_from: str | os.PathLike | None = None,
+                 options: ShardOptions = ShardOptions(), workers: int | None = None,
+                 overwrite: bool = False, progress: bool = True, labels: Path | None = None,
+                 split: str | None = None) -> dict:
+    """Write an opened source as a shard set in OUT: the one writer of files and generated
+    images alike."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    classes_from = Path(classes_from) if classes_from else None
+    if options.check not in ("header", "decode"):
+        raise DataError(f"check must be 'header' or 'decode', not {options.check!r}")
     class_names = source.class_names
     if classes_from is not None:
         ref = ShardIndex.load(classes_from).class_names
         unknown = sorted(set(class_names) - set(ref))
         if unknown:
-            raise DataError(f"{len(unknown)} class(es) of {src} are not in {classes_from} "
-                            f"(e.g. {unknown[:3]}): --classes-from allows only its classes")
+            raise DataError(f"{len(unknown)} class(es) of {source.path} are not in "
+                            f"{classes_from} (e.g. {unknown[:3]}): --classes-from allows only "
+                            "its classes")
         class_names = ref
     job = _job(source, labels, classes_from, options, split)
     if _prepare_out(out, job, overwrite):

@@ -11,7 +11,7 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,19 +28,23 @@ NOT_IMAGE_NAME = "not an image file name (extension)"
 
 @dataclass(frozen=True)
 class Item:
-    """One input: a file, a byte range of a tar, or bytes already read from a stream."""
+    """One input: a file, a byte range of a tar, bytes already read from a stream, or bytes
+    made on demand in the writer's worker (generated images)."""
 
     name: str  # relative name in the source; keys and skip records use it
     path: str | None = None
     offset: int = 0
     size: int = -1  # -1: the whole file
     data: bytes | None = None
+    make: Callable[[], bytes] | None = None  # picklable (a functools.partial)
 
     def read_into(self, buf: bytearray) -> memoryview | bytes:
         """The input's bytes, in `buf` when they fit: reusing one buffer saves an allocation
         per image (~10% of sharding's CPU). The view is valid until `buf` is reused."""
         if self.data is not None:
             return self.data
+        if self.make is not None:
+            return self.make()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size if self.size < 0 else self.size
@@ -61,6 +65,12 @@ class Source:
     encoding: str | None = None  # how raw pixels were turned into JPEGs, if they were
     _items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
     _class_skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+    origin: str | None = None  # what the data is, where no path says it (generated data)
+
+    @property
+    def identity(self) -> str:
+        """What a rerun must match to resume or reuse a shard set of this source."""
+        return self.origin or str(self.path.resolve())
 
     @property
     def num_inputs(self) -> int | None:

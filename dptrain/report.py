@@ -1,0 +1,142 @@
+"""`dptrain report SWEEP`: the paper's Figure 1 and a table, from a sweep's results.csv.
+
+Per downstream set (and their average): a contour map of mean error over (log K, log n) with
+dashed anti-diagonals at each budget N and the best point of each N marked; error against
+log(K / n), one curve per N with +-1 std over seeds as a band; and a Markdown table of
+mean +- std per point. SWEEP/report/report.md links them. matplotlib, no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from .sweep import AVERAGE, best_per_size, errors_by_point, read_results
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.tri as mtri
+
+    ks = np.array([p[0] for p in points], float)
+    ns = np.array([p[1] for p in points], float)
+    err = np.array([statistics.mean(v) for v in points.values()])
+    x, y = np.log10(ks), np.log10(ns)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    try:  # a map needs points off one line: one budget alone gives only a line
+        tri = mtri.Triangulation(x, y)
+        filled = ax.tricontourf(tri, err, levels=12, cmap="viridis")
+        fig.colorbar(filled, ax=ax, label="downstream error")
+    except (RuntimeError, ValueError):
+        pass
+    sc = ax.scatter(x, y, c=err, cmap="viridis", edgecolors="white", s=60, zorder=3)
+    if not ax.collections[:-1]:
+        fig.colorbar(sc, ax=ax, label="downstream error")
+    for xi, yi, e in zip(x, y, err):
+        ax.annotate(f"{e:.3f}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    lo, hi = min(x.min(), y.min()) - 0.2, max(x.max(), y.max()) + 0.2
+    for size, (k, n, _) in sorted(best_per_size(points).items()):
+        ax.plot([lo, hi], [math.log10(size) - lo, math.log10(size) - hi], "k--", lw=0.8)
+        ax.plot(math.log10(k), math.log10(n), "r*", ms=15, zorder=4)
+        edge = min(x.max() + 0.2, math.log10(size) - y.min() + 0.2)  # where the line leaves
+        ax.annotate(f"N={size:,}", (edge, math.log10(size) - edge), fontsize=7, ha="right",
+                    va="bottom")
+    ax.set(xlim=(x.min() - 0.2, x.max() + 0.2), ylim=(y.min() - 0.2, y.max() + 0.2),
+           xlabel="log10 K (classes)", ylabel="log10 n (images per class)",
+           title=f"{name}: error over (K, n); dashed: fixed N, star: best per N")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for size in sorted({p[2] for p in points}):
+        pts = sorted((k / n, *_stats(v)) for (k, n, s), v in points.items() if s == size)
+        r, mean, std = (np.array(c) for c in zip(*pts))
+        ax.plot(r, mean, "o-", label=f"N={size:,}")
+        ax.fill_between(r, mean - std, mean + std, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set(xlabel="K / n (classes per image-per-class)", ylabel="downstream error",
+           title=f"{name}: error against K/n (band: +-1 std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
+    names = sorted(n for n in by_set if n != AVERAGE) + ([AVERAGE] if AVERAGE in by_set else [])
+    pts = sorted({p for v in by_set.values() for p in v}, key=lambda p: (p[2], p[0]))
+    lines = ["| N | K | n | K/n | seeds | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for k, n, size in pts:
+        cells = []
+        for name in names:
+            v = by_set[name].get((k, n, size))
+            cells.append("-" if not v else "{:.4f} +- {:.4f}".format(*_stats(v)))
+        seeds = max(len(by_set[name].get((k, n, size), [])) for name in names)
+        lines.append(f"| {size:,} | {k} | {n} | {k / n:.3g} | {seeds} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(sweep_dir: str | os.PathLike) -> Path:
+    """Figures, table and report.md in SWEEP/report/; returns report.md's path."""
+    sweep_dir = Path(sweep_dir)
+    rows = read_results(sweep_dir)
+    by_set = errors_by_point(rows)
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    spec = {}
+    if (sweep_dir / "sweep.json").is_file():
+        spec = json.loads((sweep_dir / "sweep.json").read_text())
+    md = [f"# Sweep report: {sweep_dir.name}", "",
+          f"- data: `{spec.get('data', '?')}`; downstream suite: `{spec.get('suite', '?')}`",
+          f"- recipe: {spec.get('recipe', '?')}, options: "
+          f"`{' '.join(spec.get('pretrain_args', []))}`",
+          f"- budget: {spec.get('budget', '?')}",
+          f"- {len({r['run'] for r in rows})} runs, {len(by_set)} sets "
+          f"(error = 1 - top-1 of the linear probe, mean over probe repeats; +- is the std "
+          "over pre-training seeds)", "", "## Mean error per point", "", table(by_set),
+          "## Best split per budget", ""]
+    for name, points in by_set.items():
+        best = best_per_size(points)
+        md.append(f"- {name}: " + "; ".join(
+            f"N={s:,}: K={k}, n={n} (K/n={k / n:.3g}, "
+            f"error {statistics.mean(points[(k, n, s)]):.4f})"
+            for s, (k, n, _) in sorted(best.items())))
+    md += ["", "## Figures", ""]
+    for name, points in by_set.items():
+        c, r = f"contour-{_slug(name)}.png", f"ratio-{_slug(name)}.png"
+        contour_figure(name, points, out / c)
+        ratio_figure(name, points, out / r)
+        md += [f"### {name}", "", f"![error over (log K, log n)]({c})", "",
+               f"![error against K/n]({r})", ""]
+    (out / "table.md").write_text(table(by_set))
+    path = out / "report.md"
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("\n".join(md))
+    os.replace(tmp, path)
+    return path

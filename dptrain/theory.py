@@ -1,0 +1,301 @@
+"""The error model of the paper's two-step theory, err(K, n) = c0 + a K^-alpha + b n^-beta:
+fit it to a sweep, find the best split of a budget N = K n, and predict it for a larger N.
+
+Minimising over K with n = N / K gives
+    K* = (alpha a / (beta b))^(1 / (alpha + beta)) * N^(beta / (alpha + beta))
+and the ratio r* = K* / n* is independent of N exactly when alpha = beta (then
+K* = sqrt(r* N)). `fit(..., tied=True)` fits that special case. (../shared/notes/mission.md)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+PARAMS = ("c0", "a", "alpha", "b", "beta")
+# Bounds keep the fit physical: errors and amplitudes >= 0, exponents in a range that a few
+# octaves of K and n can tell apart.
+_LOWER = {"c0": 0.0, "a": 0.0, "alpha": 0.01, "b": 0.0, "beta": 0.01}
+_UPPER = {"c0": 1.0, "a": 1e3, "alpha": 4.0, "b": 1e3, "beta": 4.0}
+
+
+class FitError(DataError):
+    """Too few points, or a fit that did not converge: no number is made up."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    c0: float
+    a: float
+    alpha: float
+    b: float
+    beta: float
+    tied: bool  # alpha = beta was imposed
+    rmse: float
+    points: int
+    at_bounds: tuple[str, ...] = ()  # parameters that ended on a bound: treat with suspicion
+
+    def err(self, k, n):
+        return self.c0 + self.a * np.power(k, -self.alpha) + self.b * np.power(n, -self.beta)
+
+    def best_classes(self, size: float) -> float:
+        """K* for a budget N (unconstrained, real-valued)."""
+        s = self.alpha + self.beta
+        if self.a == 0 or self.b == 0:
+            return math.inf if self.b == 0 else 0.0
+        return (self.alpha * self.a / (self.beta * self.b)) ** (1 / s) * size ** (self.beta / s)
+
+    def best_ratio(self, size: float) -> float:
+        """r* = K* / n* at a budget N."""
+        k = self.best_classes(size)
+        return k * k / size
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit(k, n, err, *, tied: bool = False) -> Fit:
+    """Least-squares fit of the model to mean errors at points (k, n); several starts, the
+    best kept. Raises FitError with the reason when it cannot be trusted."""
+    from scipy.optimize import least_squares
+
+    k, n, err = (np.asarray(v, dtype=float) for v in (k, n, err))
+    free = 4 if tied else 5
+    distinct = len({(a, b) for a, b in zip(k, n)})
+    if distinct < free + 1 or len(set(k)) < 2 or len(set(n)) < 2:
+        raise FitError(f"too few points to fit {free} parameters: {distinct} distinct (K, n) "
+                       f"points with {len(set(k))} K values and {len(set(n))} n values; need "
+                       f"at least {free + 1} points, 2 values of each")
+    lk, ln = np.log(k), np.log(n)
+
+    def unpack(p):
+        return (p[0], p[1], p[2], p[3], p[2]) if tied else tuple(p)
+
+    def residual(p):
+        c0, a, alpha, b, beta = unpack(p)
+        return c0 + a * np.exp(-alpha * lk) + b * np.exp(-beta * ln) - err
+
+    names = ("c0", "a", "alpha", "b") if tied else PARAMS
+    lower, upper = [_LOWER[x] for x in names], [_UPPER[x] for x in names]
+    best = None
+    spread = max(float(err.max() - err.min()), 1e-3)
+    for e0 in (0.25, 0.5, 1.0, 2.0):
+        for share in (0.25, 0.75):
+            start = {"c0": max(0.0, float(err.min()) - spread), "alpha": e0, "beta": e0,
+                     "a": share * 2 * spread * float(np.median(k)) ** e0,
+                     "b": (1 - share) * 2 * spread * float(np.median(n)) ** e0}
+            x0 = np.clip([start[x] for x in names], lower, upper)
+            try:
+                r = least_squares(residual, x0, bounds=(lower, upper), x_scale="jac",
+                                  max_nfev=5000)
+            except ValueError:
+                continue
+            if r.status > 0 and (best is None or r.cost < best.cost):
+                best = r
+    if best is None or not np.all(np.isfinite(best.x)):
+        raise FitError("the fit did not converge from any start")
+    c0, a, alpha, b, beta = unpack(best.x)
+    values = dict(zip(names, best.x))
+    at_bounds = tuple(x for x in names
+                      if np.isclose(values[x], _LOWER[x], rtol=0, atol=1e-6)
+                      or np.isclose(values[x], _UPPER[x], rtol=1e-4))
+    rmse = float(np.sqrt(np.mean(best.fun ** 2)))
+    return Fit(float(c0), float(a), float(alpha), float(b), float(beta), tied, rmse,
+               len(err), at_bounds)
+
+
+def bootstrap(points: dict[tuple, list[float]], *, tied: bool = False,
+              samples: int = 200, seed: int = 0) -> list[Fit]:
+    """Fits to resampled data: at each point the per-seed errors are drawn with replacement
+    and averaged. The spread of the fits is the parameter uncertainty the seeds allow.
+    `points`: {(K, n, ...): [error of each seed]}."""
+    rng = np.random.default_rng(seed)
+    keys = sorted(points)
+    k = [key[0] for key in keys]
+    n = [key[1] for key in keys]
+    fits = []
+    for _ in range(samples):
+        err = [float(np.mean(rng.choice(points[key], len(points[key])))) for key in keys]
+        try:
+            fits.append(fit(k, n, err, tied=tied))
+        except FitError:
+            continue
+    return fits
+
+
+def best_split(f: Fit, size: int, *, max_classes: int | None = None,
+               max_per_class: int | None = None) -> dict:
+    """The predicted best (K, n) for a budget N within the dataset's limits, as integers.
+
+    The error along n = N / K is convex in log K, so the constrained optimum is the
+    unconstrained one moved to the nearest limit; K is then rounded to the better neighbour.
+    """
+    lo = max(1.0, size / max_per_class if max_per_class else 1.0)
+    hi = min(float(size), float(max_classes) if max_classes else float(size))
+    if lo > hi:
+        raise FitError(f"no split of N={size} fits the limits ({max_classes} classes of at most "
+                       f"{max_per_class} images)")
+    k_free = f.best_classes(size)
+    k = min(max(k_free, lo), hi)
+    cands = {c for c in (math.floor(k), math.ceil(k)) if lo - 1e-9 <= c <= hi + 1e-9} or {round(k)}
+    k_int = min(cands, key=lambda c: float(f.err(c, size / c)))
+    return {"size": size, "classes": int(k_int), "per_class": int(round(size / k_int)),
+            "classes_unconstrained": k_free, "clipped": not lo <= k_free <= hi,
+            "error": float(f.err(k_int, size / k_int))}
+
+
+def best_ratio_measured(points: dict[tuple[int, int, int], list[float]], size: int) -> dict:
+    """r* at one budget from the runs alone: a parabola through mean error against log(K/n)
+    at the best measured point and its neighbours; its vertex if it lies between them, else
+    the best measured ratio (flagged: the optimum may lie outside the grid)."""
+    pts = sorted((math.log(k / n), float(np.mean(v))) for (k, n, s), v in points.items()
+                 if s == size)
+    if len(pts) < 3:
+        raise FitError(f"N={size}: {len(pts)} ratio(s) measured; the best ratio needs 3 or more")
+    x, y = np.array(pts).T
+    i = int(np.argmin(y))
+    if 0 < i < len(x) - 1:
+        c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+        if c2 > 0:
+            return {"size": size, "ratio": float(math.exp(-c1 / (2 * c2))), "edge": False,
+                    "best_measured_ratio": float(math.exp(x[i]))}
+    return {"size": size, "ratio": float(math.exp(x[i])), "edge": True,
+            "best_measured_ratio": float(math.exp(x[i]))}
+
+
+def split_for_ratio(ratio: float, size: int, *, max_classes: int | None = None,
+                    max_per_class: int | None = None) -> dict:
+    """K = sqrt(r N), n = N / K (the paper's rule when r* is invariant), within the limits."""
+    k = math.sqrt(ratio * size)
+    lo = max(1.0, size / max_per_class if max_per_class else 1.0)
+    hi = min(float(size), float(max_classes) if max_classes else float(size))
+    kc = int(round(min(max(k, lo), hi)))
+    return {"size": size, "classes": kc, "per_class": int(round(size / kc)),
+            "classes_unconstrained": k, "clipped": not lo <= k <= hi}
+
+
+def _interval(values: list[float]) -> list[float] | None:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] \
+        if values else None
+
+
+def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
+                  max_classes: int | None = None, max_per_class: int | None = None,
+                  samples: int = 200) -> dict:
+    """`dptrain predict`: fits and predictions for every downstream set of a sweep and their
+    average. Fits that cannot be made are listed in "failures", with no numbers."""
+    import json
+    from pathlib import Path
+
+    from .index import ShardIndex
+    from .sweep import best_per_size, errors_by_point, read_results
+
+    sweep_dir = Path(sweep_dir)
+    spec_path = sweep_dir / "sweep.json"
+    if (max_classes is None or max_per_class is None) and spec_path.is_file():
+        index = ShardIndex.load(json.loads(spec_path.read_text())["data"])
+        counts = index.counts[index.counts > 0]
+        max_classes = max_classes or len(counts)
+        max_per_class = max_per_class or int(counts.min())
+    limits = {"max_classes": max_classes, "max_per_class": max_per_class}
+    out = {"size": size, "fit_sizes": sorted(fit_sizes) or "all", "limits": limits, "sets": {},
+           "failures": []}
+    for name, points in errors_by_point(read_results(sweep_dir)).items():
+        fitted = {p: v for p, v in points.items() if not fit_sizes or p[2] in fit_sizes}
+        sizes = sorted({p[2] for p in fitted})
+        entry: dict = {"points": len(fitted), "sizes": sizes}
+        measured = best_per_size(points).get(size)
+        if measured:
+            entry["measured_best_at_size"] = {"classes": measured[0], "per_class": measured[1],
+                                              "error": float(np.mean(points[measured]))}
+        keys = sorted(fitted)
+        for tied in (False, True):
+            label = "tied" if tied else "free"
+            try:
+                f = fit([p[0] for p in keys], [p[1] for p in keys],
+                        [float(np.mean(fitted[p])) for p in keys], tied=tied)
+                pred = best_split(f, size, **limits)
+            except FitError as e:
+                entry[label] = {"error": str(e)}
+                out["failures"].append(f"{name}, {label} fit: {e}")
+                continue
+            boots = bootstrap(fitted, tied=tied, samples=samples) if samples else []
+            r = {"params": f.as_dict(), "ratio_at": {str(s): f.best_ratio(s) for s in sizes},
+                 "prediction": pred, "bootstrap_fits": len(boots),
+                 "intervals": {p: _interval([getattr(b, p) for b in boots]) for p in PARAMS}}
+            r["intervals"]["classes"] = _interval(
+                [best_split(b, size, **limits)["classes"] for b in boots])
+            if max_classes:
+                k = min(max_classes, size)
+                r["all_classes"] = {"classes": k, "per_class": round(size / k),
+                                    "error": float(f.err(k, size / k)),
+                                    "feasible": not max_per_class or size / k <= max_per_class}
+            entry[label] = r
+        ratios = []
+        for s in sizes:
+            try:
+                ratios.append(best_ratio_measured(fitted, s))
+            except FitError:
+                pass
+        if ratios:
+            r_star = float(np.exp(np.mean([math.log(x["ratio"]) for x in ratios])))
+            entry["ratio_rule"] = {"measured": ratios, "ratio": r_star,
+                                   "prediction": split_for_ratio(r_star, size, **limits)}
+        out["sets"][name] = entry
+    return out
+
+
+def render(out: dict) -> str:
+    """The predict result as text."""
+    lines = [f"prediction for N={out['size']:,} from the points of N in {out['fit_sizes']}; "
+             f"limits: {out['limits']['max_classes']} classes, "
+             f"{out['limits']['max_per_class']} images per class"]
+    for name, e in out["sets"].items():
+        lines.append(f"\n{name}: {e['points']} points at N = {e['sizes']}")
+        for label in ("free", "tied"):
+            r = e.get(label)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"  {label} fit: not possible: {r['error']}")
+                continue
+            p, iv = r["params"], r["intervals"]
+
+            def pm(k: str) -> str:
+                return (f"{p[k]:.3g} [{iv[k][0]:.3g}, {iv[k][1]:.3g}]" if iv.get(k)
+                        else f"{p[k]:.3g}")
+            pred = r["prediction"]
+            lines.append(f"  {label} fit{' (alpha = beta)' if label == 'tied' else ''}: "
+                         f"c0={pm('c0')} a={pm('a')} alpha={pm('alpha')} b={pm('b')} "
+                         f"beta={pm('beta')}, rmse {p['rmse']:.4f}"
+                         + (f", at bounds: {', '.join(p['at_bounds'])}" if p["at_bounds"] else ""))
+            lines.append("    r* = K*/n* at measured N: " + ", ".join(
+                f"N={int(s):,}: {v:.3g}" for s, v in r["ratio_at"].items()))
+            ci = r["intervals"].get("classes")
+            lines.append(f"    predicted best: K*={pred['classes']} n*={pred['per_class']} "
+                         f"error {pred['error']:.4f}"
+                         + (f" (K* 95% interval {ci[0]:.0f}..{ci[1]:.0f})" if ci else "")
+                         + (" [clipped to the limits]" if pred["clipped"] else ""))
+            if "all_classes" in r:
+                a = r["all_classes"]
+                lines.append(f"    all classes: K={a['classes']} n={a['per_class']} predicted "
+                             f"error {a['error']:.4f}" + ("" if a["feasible"] else
+                                                         " (not feasible: too few images)"))
+        if "ratio_rule" in e:
+            rr = e["ratio_rule"]
+            pr = rr["prediction"]
+            lines.append("  ratio rule: r* measured " + ", ".join(
+                f"N={m['size']:,}: {m['ratio']:.3g}" + (" (grid edge)" if m["edge"] else "")
+                for m in rr["measured"]) + f" -> K = sqrt(r* N) = {pr['classes']}, "
+                f"n = {pr['per_class']}" + (" [clipped]" if pr["clipped"] else ""))
+        if "measured_best_at_size" in e:
+            m = e["measured_best_at_size"]
+            lines.append(f"  measured best at N={out['size']:,}: K={m['classes']} "
+                         f"n={m['per_class']} error {m['error']:.4f}")
+    if out["failures"]:
+        lines.append("\nnot fitted: " + "; ".join(out["failures"]))
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""`dptrain sweep`: the grid, the scheduler, a tiny real sweep with an interruption, and the
+submitit path."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import DPTRAIN, run_cli
+from dptrain.errors import DataError
+from dptrain.sweep import Point, device_slots, grid, schedule, sweep
+from dptrain.synthetic import Generator, write_pool, write_tasks
+
+
+def test_grid_sizes_ratios_and_points():
+    assert grid(sizes=[1000], classes=[10, 30]) == [(10, 100, 1000), (30, 33, 1000)]
+    assert grid(sizes=[400], ratios=[1, 4]) == [(20, 20, 400), (40, 10, 400)]
+    assert grid(points=[(5, 7), (5, 7)]) == [(5, 7, 35)]
+    for bad in (dict(sizes=[10]), dict(classes=[3]), {}):
+        with pytest.raises(DataError):
+            grid(**bad)
+
+
+def test_scheduler_gives_each_concurrent_run_its_own_device():
+    busy, seen, lock = set(), [], threading.Lock()
+
+    def run(point, slot):
+        with lock:
+            assert slot not in busy  # no device runs two points at once
+            busy.add(slot)
+            seen.append(slot)
+        time.sleep(0.05)
+        with lock:
+            busy.remove(slot)
+        return point.name
+
+    points = [Point(k, 1, 0, k) for k in range(1, 9)]
+    assert schedule(points, ["0", "1", "2"], run) == [p.name for p in points]
+    assert set(seen) == {"0", "1", "2"}  # every device was used
+
+
+def test_device_slots_follow_visible_devices(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    assert device_slots() == ["2", "3", "5", "7"]
+    assert device_slots(2) == ["2,3", "5,7"]
+    with pytest.raises(DataError, match="5 per run"):
+        device_slots(5)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert device_slots() == [None]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    gen = Generator(res=16)
+    write_pool(root / "pretrain", 6, 12, gen, progress=False)
+    return root / "pretrain", write_tasks(root, (3,), train=6, test=3, gen=gen, progress=False)
+
+
+TINY = ["--recipe", "synthetic", "--epochs", "1", "--batch-size", "8", "--seeds", "1",
+        "--repeats", "1", "--log-every", "1"]
+
+
+def rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    cmd = [*DPTRAIN, "sweep", "--data", data, "--suite", suite, "--out", out,
+           "--points", "2:8,4:4,9:20", *TINY]
+    p = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    second = out / "runs" / "K4-n4-s0" / "sweep.log"
+    deadline = time.time() + 300
+    while not second.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the whole sweep, mid-way through the second point
+    p.wait()
+    first = out / "runs" / "K2-n8-s0"
+    assert (first / "summary.json").is_file()
+    mtime = (first / "checkpoint.pt").stat().st_mtime_ns
+    r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out,
+                "--points", "2:8,4:4,9:20", *TINY)
+    assert "skipped (infeasible) K=9 n=20" in r.stderr  # 6 classes of 12 images
+    assert "2 points, 1 finished already, 1 to run" in r.stderr
+    assert (first / "checkpoint.pt").stat().st_mtime_ns == mtime  # not retrained
+    got = rows(out)
+    assert sorted((x["K"], x["n"], x["dataset"]) for x in got) == \
+        [("2", "8", "synthetic-t1"), ("4", "4", "synthetic-t1")]
+    assert all(0 <= float(x["error_mean"]) <= 1 for x in got)
+    r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out,
+                "--points", "2:8,4:4", *TINY)
+    assert "2 finished already, 0 to run" in r.stderr
+    r = run_cli("report", out)
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "table.md").is_file()
+
+
+def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, synthetic):
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    # batch 16 > 2 x 4 images: the K=2, n=4 run fails, the K=4, n=4 one still runs
+    r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:4,4:4",
+                *TINY[:4], "--batch-size", "16", *TINY[6:], check=False)
+    assert r.returncode == 1 and "failed K2-n4-s0" in r.stderr and "no full batch" in r.stderr
+    assert [x["run"] for x in rows(out)] == ["K4-n4-s0"]
+    assert "K2-n4-s0" in (out / "failures.json").read_text()
+
+
+def test_bad_sweep_options(tmp_path, synthetic):
+    data, suite = synthetic
+    for args, msg in ((["--sizes", "100"], "needs --classes or --ratios"),
+                      (["--points", "3x4"], "K:n pairs"),
+                      (["--points", "2:4", "--arch", "nope"], "unknown --arch"),
+                      (["--points", "100:100"], "no feasible point")):
+        r = run_cli("sweep", "--data", data, "--suite", suite, "--out", tmp_path / "x", *args,
+                    check=False)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_submitit_local_executor_path(tmp_path, synthetic):
+    data, suite = synthetic
+    spec = {"data": str(data), "suite": str(suite), "out": str(tmp_path / "sw"), "repeats": 1,
+            "recipe": "synthetic", "budget": "fixed epochs", "probe_args": [],
+            "pretrain_args": ["--recipe", "synthetic", "--epochs", "1", "--batch-size", "8"]}
+    r = sweep(spec, [Point(3, 4, 0, 12)], ["synthetic-t1"], launcher="submitit-local",
+              log=lambda m: None)
+    assert r["failed"] == [] and r["ran"] == 1, r
+    assert [x["run"] for x in rows(tmp_path / "sw")] == ["K3-n4-s0"]
+    assert list((tmp_path / "sw" / "submitit").iterdir())  # the job went through submitit
