@@ -431,7 +431,9 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
             "pretrain_args": ["--recipe", recipe, *passthrough(options)],
             "probe_args": ["--device", options["device"]] if options["device"] else [],
             "skipped": skipped}
-    slots = device_slots(options["gpus"] or 1) if launcher == "local" else None
+    slots = None
+    if launcher == "local" and options["device"] != "cpu":
+        slots = device_slots(options["gpus"] or 1)
     slurm = {"timeout_min": slurm_time, "cpus_per_task": slurm_cpus,
              "gpus_per_node": options["gpus"] or 1}
     if slurm_partition:

@@ -117,7 +117,8 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
           f"- recipe: {spec.get('recipe', '?')}, options: "
           f"`{' '.join(spec.get('pretrain_args', []))}`",
           f"- budget: {spec.get('budget', '?')}",
-          f"- {len({r['run'] for r in rows})} runs, {len(by_set)} sets "
+          f"- {len({r['run'] for r in rows})} runs, {len(by_set) - (AVERAGE in by_set)} "
+          "downstream set(s) and their average "
           f"(error = 1 - top-1 of the linear probe, mean over probe repeats; +- is the std "
           "over pre-training seeds)", "", "## Mean error per point", "", table(by_set),
           "## Best split per budget", ""]

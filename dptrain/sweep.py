@@ -22,6 +22,7 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,13 +249,15 @@ def sweep(spec: dict, points: list[Point], datasets: list[str], *, launcher: str
     log(f"{len(points)} points, {len(points) - len(todo)} finished already, {len(todo)} to run")
     if launcher == "local":
         slots = slots or [None]
+        lock = threading.Lock()
 
         def run(point: Point, slot) -> dict:
             r = run_point(point, spec, slot)
             where = f" on GPU {slot}" if slot is not None else ""
-            log(f"{point.name}: {r['status']}{where} in {r['seconds']:.0f} s"
-                + (f": {r['error']}" if r["error"] else ""))
-            write_results(out)  # after every point: a partial sweep is readable
+            with lock:
+                log(f"{point.name}: {r['status']}{where} in {r['seconds']:.0f} s"
+                    + (f": {r['error']}" if r["error"] else ""))
+                write_results(out)  # after every point: a partial sweep is readable
             return r
 
         results = schedule(todo, slots, run)

@@ -297,5 +297,6 @@ def render(out: dict) -> str:
             lines.append(f"  measured best at N={out['size']:,}: K={m['classes']} "
                          f"n={m['per_class']} error {m['error']:.4f}")
     if out["failures"]:
-        lines.append("\nnot fitted: " + "; ".join(out["failures"]))
+        lines.append("\nnot fitted (reasons above): "
+                     + "; ".join(f.split(":")[0] for f in out["failures"]))
     return "\n".join(lines)
