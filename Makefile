@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The whole experiment in miniature on the built-in synthetic data (~4 minutes on 2 CPU cores,
+# The whole experiment in miniature on the built-in synthetic data (~5 minutes on 2 CPU cores,
 # with installs): build the pool and the downstream tasks, pre-train a small CNN on a
 # 100-class x 100-image subset, probe it and a randomly initialised copy on the unseen tasks.
 demo: $(STAMP)

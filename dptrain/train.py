@@ -297,6 +297,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     finite = torch.ones((), dtype=torch.bool, device=device)  # checked without a sync per step
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen_epoch, last_loss = 0, float("nan")
+    t_log, wait_log, n_log = time.perf_counter(), 0.0, 0  # a log window spans epoch ends
     while step < total_steps:
         res = res_at(epoch, epochs, cfg)
         if res not in loaders:
@@ -305,7 +306,6 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         loader.set_epoch(epoch)
         correct.zero_()
         seen_epoch = 0
-        t_log, wait_log, n_log = time.perf_counter(), 0.0, 0
         t_fetch = time.perf_counter()
         for images, labels in loader:
             wait = time.perf_counter() - t_fetch

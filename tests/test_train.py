@@ -160,3 +160,18 @@ def test_non_finite_loss_stops_the_run(shards, tmp_path):
                 "--lr", "1e12", "--amp", "off", "--out", out, *FAST, check=False)
     assert p.returncode == 1 and "non-finite" in p.stderr and "Traceback" not in p.stderr
     assert not (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
+
+
+def test_logged_loss_is_the_mean_over_its_window(shards, tmp_path):
+    """A log window that spans an epoch end averages exactly its own steps."""
+    per_step, windowed = tmp_path / "a", tmp_path / "b"
+    common = ["--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3, *FAST]
+    run_cli("pretrain", *common, "--out", per_step, "--log-every", 1)
+    run_cli("pretrain", *common, "--out", windowed, "--log-every", 3)  # 4 steps per epoch
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    losses = {m["step"]: m["loss"] for m in read(per_step)}
+    lines = read(windowed)
+    assert [m["step"] for m in lines] == [3, 6, 9, 12]
+    for m in lines:
+        window = [losses[s] for s in range(m["step"] - 2, m["step"] + 1)]
+        assert m["loss"] == pytest.approx(sum(window) / 3, rel=1e-4)
