@@ -227,6 +227,8 @@ def read_results(out: Path) -> list[dict]:
         raise DataError(f"{out} has no {RESULTS}: is it a dptrain sweep folder?")
     with open(path) as f:
         rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataError(f"{path} lists no finished run yet: run or finish the sweep first")
     for r in rows:
         for key in ("K", "n", "N", "seed", "steps", "epochs"):
             r[key] = int(r[key])

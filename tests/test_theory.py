@@ -145,3 +145,10 @@ def test_predict_command(tmp_path):
     assert p.returncode == 1 and "too few points" in p.stdout and "Traceback" not in p.stderr
     p = run_cli("predict", tmp_path, "--size", "10", check=False)
     assert p.returncode == 2 and "no results.csv" in p.stderr
+
+
+def test_empty_sweep_is_a_clear_error(tmp_path):
+    (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
+    for cmd in (["report", tmp_path], ["predict", tmp_path, "--size", "100"]):
+        p = run_cli(*cmd, check=False)
+        assert p.returncode == 2 and "no finished run" in p.stderr and "Traceback" not in p.stderr
