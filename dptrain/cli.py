@@ -135,7 +135,8 @@ TRAIN_OPTIONS = [
     click.option("--workers", type=click.IntRange(min=1), help="DALI threads [all cores]."),
     click.option("--val-data", type=click.Path(exists=True, file_okay=False),
                   help="Held-out images of the same classes (shards made with --classes-from)."),
-    click.option("--log-every", type=click.IntRange(min=1), help="Steps between metrics lines [50]."),
+    click.option("--log-every", type=click.IntRange(min=1),
+                 help="Steps between metrics lines [50]."),
     click.option("--gpus", type=click.IntRange(min=1),
                   help="Launch DDP on this many GPUs of this machine (runs torchrun)."),
 ]

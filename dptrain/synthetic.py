@@ -11,8 +11,8 @@ and a larger pool holds every image of a smaller one. Images go straight into sh
 `dptrain shard`'s writer (`shards.write_source`), with no temporary files.
 
 ImageNet-like folders: natural images have a ~1/f spectrum; crops of a 1/f noise texture with
-per-class colour and per-image gain give JPEGs that compress like ImageNet's (500x375 at quality 90: ~110 KB) and
-so cost what ImageNet costs to read and decode. Image i of class c depends only on (seed, c, i).
+per-class colour and per-image gain give JPEGs that compress like ImageNet's (500x375 at
+quality 90: ~110 KB) and so cost what ImageNet costs to read and decode. Image i of class c depends only on (seed, c, i).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Build the built-in synthetic dataset as shards: the pre-training pool and the downstream tasks.
 
-    python tools/make_shards.py                         # 1000 x 300 pool + 3 tasks, ~3 min on 2 cores
+    python tools/make_shards.py                  # 1000 x 300 pool + 3 tasks, ~2 min on 2 cores
     python tools/make_shards.py --classes 100 --per-class 100   # what `make demo` needs, ~10 s
 
 Writes OUT/pretrain (classes drawn from the shared distribution), OUT/tasks/tT/{train,test}
