@@ -26,6 +26,7 @@ from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .models import build_model
+from .shards import write_atomic
 from .subset import select
 from .train import resolve_device, to_model_input
 
@@ -268,9 +269,7 @@ def _brief(results: dict) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .shards import write_atomic
 from .sweep import AVERAGE, best_per_size, errors_by_point, read_results
 
 
@@ -137,7 +138,5 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
                f"![error against K/n]({r})", ""]
     (out / "table.md").write_text(table(by_set))
     path = out / "report.md"
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(md).encode())
     return path

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .index import ShardIndex
+from .shards import write_atomic
 from .subset import select
 
 RESULTS = "results.csv"
@@ -215,9 +216,7 @@ def write_results(out: Path) -> Path:
     writer.writeheader()
     writer.writerows(collect(out))
     path = out / RESULTS
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue().encode())
     return path
 
 
@@ -242,11 +241,8 @@ def sweep(spec: dict, points: list[Point], datasets: list[str], *, launcher: str
     """Run the points not finished yet; write sweep.json, failures.json and results.csv."""
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    record = out / "sweep.json"
-    tmp = record.with_name(record.name + ".partial")
-    tmp.write_text(json.dumps({**spec, "points": [{"run": p.name, "N": p.size} for p in points]},
-                              indent=1))
-    os.replace(tmp, record)
+    write_atomic(out / "sweep.json", json.dumps(
+        {**spec, "points": [{"run": p.name, "N": p.size} for p in points]}, indent=1).encode())
     todo = [p for p in points if not finished(out / "runs" / p.name, datasets)]
     log(f"{len(points)} points, {len(points) - len(todo)} finished already, {len(todo)} to run")
     if launcher == "local":
@@ -267,9 +263,7 @@ def sweep(spec: dict, points: list[Point], datasets: list[str], *, launcher: str
         results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
                                else "slurm", slurm=slurm)
     failures = [r for r in results if r["status"] != "done"]
-    tmp = out / "failures.json.partial"
-    tmp.write_text(json.dumps(failures, indent=1))
-    os.replace(tmp, out / "failures.json")
+    write_atomic(out / "failures.json", json.dumps(failures, indent=1).encode())
     write_results(out)
     return {"points": len(points), "ran": len(todo), "failed": failures}
 

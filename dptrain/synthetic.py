@@ -12,7 +12,8 @@ and a larger pool holds every image of a smaller one. Images go straight into sh
 
 ImageNet-like folders: natural images have a ~1/f spectrum; crops of a 1/f noise texture with
 per-class colour and per-image gain give JPEGs that compress like ImageNet's (500x375 at
-quality 90: ~110 KB) and so cost what ImageNet costs to read and decode. Image i of class c depends only on (seed, c, i).
+quality 90: ~110 KB) and so cost what ImageNet costs to read and decode. Image i of class c
+depends only on (seed, c, i).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from PIL import Image
 
 from .errors import DataError
 from .index import INDEX_FILE, ShardIndex
-from .shards import write_source
+from .shards import write_atomic, write_source
 from .sources import Item, Source
 
 # -- two-step synthetic data -------------------------------------------------------------------
@@ -113,10 +114,6 @@ class Generator:
         return buf.getvalue()
 
 
-def _make_jpeg(gen: Generator, group: int, label: int, split: int, index: int) -> bytes:
-    return gen.jpeg(group, label, split, index)
-
-
 def source(gen: Generator, group: int, class_names: list[str], per_class: int,
            split: int = TRAIN) -> Source:
     """Classes 0..len(class_names)-1 of `group`, images 0..per_class-1 of `split`, as a source
@@ -126,8 +123,8 @@ def source(gen: Generator, group: int, class_names: list[str], per_class: int,
                          "classes": len(class_names), "per_class": per_class})
     src = Source("synthetic", Path("synthetic"), list(class_names), origin=origin,
                  encoding=f"generated, JPEG quality {gen.quality}, 4:4:4 chroma")
-    src._items = {name: [Item(f"{name}/{i:06d}.jpg", make=partial(_make_jpeg, gen, group, label,
-                                                                    split, i))
+    src._items = {name: [Item(f"{name}/{i:06d}.jpg", make=partial(gen.jpeg, group, label, split,
+                                                                    i))
                          for i in range(per_class)]
                   for label, name in enumerate(class_names)}
     return src
@@ -194,10 +191,8 @@ def write_tasks(out: str | os.PathLike, sizes: tuple[int, ...] = (10, 20, 50), t
         lines += ["[[dataset]]", f'name = "synthetic-t{t}"', f'data = "tasks/t{t}/train"',
                   f'test_data = "tasks/t{t}/test"', ""]
     suite = out / "suite.toml"
-    tmp = suite.with_name(suite.name + ".partial")
-    tmp.write_text(f"# {len(sizes)} synthetic downstream tasks ({train} train + {test} test "
-                   "images per class)\n" + "\n".join(lines))
-    os.replace(tmp, suite)
+    write_atomic(suite, (f"# {len(sizes)} synthetic downstream tasks ({train} train + {test} "
+                         "test images per class)\n" + "\n".join(lines)).encode())
     return suite
 
 

@@ -9,12 +9,16 @@ K* = sqrt(r* N)). `fit(..., tied=True)` fits that special case. (../shared/notes
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
+from .index import ShardIndex
+from .sweep import best_per_size, errors_by_point, read_results
 
 PARAMS = ("c0", "a", "alpha", "b", "beta")
 # Bounds keep the fit physical: errors and amplitudes >= 0, exponents in a range that a few
@@ -188,12 +192,6 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
                   samples: int = 200) -> dict:
     """`dptrain predict`: fits and predictions for every downstream set of a sweep and their
     average. Fits that cannot be made are listed in "failures", with no numbers."""
-    import json
-    from pathlib import Path
-
-    from .index import ShardIndex
-    from .sweep import best_per_size, errors_by_point, read_results
-
     sweep_dir = Path(sweep_dir)
     spec_path = sweep_dir / "sweep.json"
     if (max_classes is None or max_per_class is None) and spec_path.is_file():
