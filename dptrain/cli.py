@@ -439,8 +439,12 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
              "gpus_per_node": options["gpus"] or 1}
     if slurm_partition:
         slurm["slurm_partition"] = slurm_partition
-    r = run_sweep(spec, todo, datasets, launcher=launcher, slots=slots, slurm=slurm,
-                  log=lambda m: click.echo(m, err=True))
+    try:
+        r = run_sweep(spec, todo, datasets, launcher=launcher, slots=slots, slurm=slurm,
+                      log=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: run the same command again to complete {out}", err=True)
+        sys.exit(130)
     click.echo(f"{out}: {r['points']} points, {r['ran']} run now, {len(r['failed'])} failed; "
                f"results in {out / 'results.csv'}")
     if r["failed"]:

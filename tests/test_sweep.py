@@ -139,3 +139,20 @@ def test_submitit_local_executor_path(tmp_path, synthetic):
     assert r["failed"] == [] and r["ran"] == 1, r
     assert [x["run"] for x in rows(tmp_path / "sw")] == ["K3-n4-s0"]
     assert list((tmp_path / "sw" / "submitit").iterdir())  # the job went through submitit
+
+
+def test_ctrl_c_stops_the_sweep_with_a_message(tmp_path, synthetic):
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    cmd = [*DPTRAIN, "sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8",
+           *TINY]
+    p = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    log = out / "runs" / "K2-n8-s0" / "sweep.log"
+    deadline = time.time() + 300
+    while not log.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "run the same command again" in err
+    assert "Traceback" not in err
