@@ -28,7 +28,7 @@ from .loader import EVAL_RESIZE, Loader
 from .models import build_model
 from .shards import write_atomic
 from .subset import select
-from .train import resolve_device, to_model_input
+from .train import resolve_device, save_atomic, to_model_input
 
 L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
 
@@ -161,10 +161,8 @@ def random_init_checkpoint(checkpoint: Path, cache: Path) -> Path:
         torch.manual_seed(config["seed"])
         model = build_model(config["arch"], ckpt["num_classes"])
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        torch.save({"model": model.state_dict(), "config": config,
-                    "num_classes": ckpt["num_classes"], "step": 0}, tmp)
-        os.replace(tmp, path)
+        save_atomic({"model": model.state_dict(), "config": config,
+                     "num_classes": ckpt["num_classes"], "step": 0}, path)
     return path
 
 

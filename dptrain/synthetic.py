@@ -130,14 +130,6 @@ def source(gen: Generator, group: int, class_names: list[str], per_class: int,
     return src
 
 
-def pool_generator(out: str | os.PathLike) -> Generator | None:
-    """The generator of the synthetic pool in `out`, if there is one."""
-    try:
-        return Generator(**json.loads(ShardIndex.load(out).meta["source"])["generator"])
-    except (DataError, ValueError, TypeError, KeyError):
-        return None
-
-
 def pool_names(classes: int) -> list[str]:
     return [f"p{c:05d}" for c in range(classes)]
 
@@ -157,14 +149,16 @@ def write_pool(out: str | os.PathLike, classes: int, per_class: int,
     refused, since subsets of it would silently change.
     """
     out = Path(out)
-    if gen is None:
-        gen = pool_generator(out) or Generator()
+    old = None
     if (out / INDEX_FILE).is_file():
         try:
             old = json.loads(ShardIndex.load(out).meta["source"])
         except (ValueError, TypeError):
             raise DataError(f"{out} is a shard set, but not a synthetic pool: choose another "
                             "folder") from None
+    if gen is None:
+        gen = Generator(**old["generator"]) if old else Generator()
+    if old is not None:
         if old.get("generator") != asdict(gen):
             raise DataError(f"{out} was generated with other parameters ({old.get('generator')}):"
                             " remove it or choose another folder")

@@ -131,6 +131,15 @@ def bootstrap(points: dict[tuple, list[float]], *, tied: bool = False,
     return fits
 
 
+def _class_limits(size: int, max_classes: int | None,
+                  max_per_class: int | None) -> tuple[float, float]:
+    """The range of K for a budget N: at most N and the classes available, at least 1 and
+    enough classes that n = N / K fits in the images per class."""
+    lo = max(1.0, size / max_per_class if max_per_class else 1.0)
+    hi = min(float(size), float(max_classes) if max_classes else float(size))
+    return lo, hi
+
+
 def best_split(f: Fit, size: int, *, max_classes: int | None = None,
                max_per_class: int | None = None) -> dict:
     """The predicted best (K, n) for a budget N within the dataset's limits, as integers.
@@ -138,8 +147,7 @@ def best_split(f: Fit, size: int, *, max_classes: int | None = None,
     The error along n = N / K is convex in log K, so the constrained optimum is the
     unconstrained one moved to the nearest limit; K is then rounded to the better neighbour.
     """
-    lo = max(1.0, size / max_per_class if max_per_class else 1.0)
-    hi = min(float(size), float(max_classes) if max_classes else float(size))
+    lo, hi = _class_limits(size, max_classes, max_per_class)
     if lo > hi:
         raise FitError(f"no split of N={size} fits the limits ({max_classes} classes of at most "
                        f"{max_per_class} images)")
@@ -175,8 +183,7 @@ def split_for_ratio(ratio: float, size: int, *, max_classes: int | None = None,
                     max_per_class: int | None = None) -> dict:
     """K = sqrt(r N), n = N / K (the paper's rule when r* is invariant), within the limits."""
     k = math.sqrt(ratio * size)
-    lo = max(1.0, size / max_per_class if max_per_class else 1.0)
-    hi = min(float(size), float(max_classes) if max_classes else float(size))
+    lo, hi = _class_limits(size, max_classes, max_per_class)
     kc = int(round(min(max(k, lo), hi)))
     return {"size": size, "classes": kc, "per_class": int(round(size / kc)),
             "classes_unconstrained": k, "clipped": not lo <= k <= hi}
