@@ -122,8 +122,31 @@ def test_eval_transform_matches_pil(index, ratio):
         left, top = int((size[0] - res) / 2 + 0.5), int((size[1] - res) / 2 + 0.5)
         ref = np.asarray(im.crop((left, top, left + res, top + res)), dtype=np.float32)
         diff = np.abs(images[i].numpy().astype(np.float32) - ref)
-        assert diff.mean() < 2.0, (i, diff.mean())  # ~0.7 of 255 seen: filters differ slightly
+        # On the CPU the resize is torch's antialiased bilinear, PIL's filter: ~0.001 of 255 seen
+        # (DALI's GPU resize differed by ~0.7).
+        assert diff.mean() < 0.5, (i, diff.mean())
         assert int(labels[i]) == int(s.labels[i])
+
+
+def test_train_transform_crops_resizes_and_flips_half(tmp_path):
+    """Images brighten left to right: a mirrored crop brightens right to left."""
+    src = tmp_path / "src"
+    ramp = np.repeat(np.linspace(0, 255, 120)[None, :, None], 90, 0).repeat(3, 2)
+    for c in range(2):
+        (src / f"c{c}").mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(ramp.astype(np.uint8)).save(src / f"c{c}" / f"{i}.jpg", quality=95)
+    shard_dataset(src, tmp_path / "out", progress=False)
+    loader = Loader(select(ShardIndex.load(tmp_path / "out")), batch_size=16, train=True,
+                    res=32, seed=3)
+    slopes = []
+    for _ in range(2):
+        for images, _labels in loader:
+            cols = images.float().mean(dim=(1, 3))  # mean brightness of each column
+            slopes += (cols[:, -1] - cols[:, 0]).tolist()
+    slopes = np.array(slopes)
+    assert len(slopes) == 96 and (np.abs(slopes) > 10).all()  # every crop keeps its ramp
+    assert 0.3 < (slopes < 0).mean() < 0.7  # about half mirrored
 
 
 def test_damaged_tar_names_file_and_sample(tmp_path, texture):

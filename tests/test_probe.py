@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_shard_set, run_cli
+import dptrain.probe as probe_module
 from dptrain.probe import fit_logreg, linear_probe
 
 
@@ -42,10 +43,29 @@ def test_matches_scikit_learn(l2):
     scaler = StandardScaler().fit(x[:600])
     xs, xt = scaler.transform(x[:600]), scaler.transform(x[600:])
     ref = LogisticRegression(C=1 / l2, max_iter=10000, tol=1e-8).fit(xs, y[:600])
-    w, b = fit_logreg(torch.tensor(xs, dtype=torch.float32), torch.tensor(y[:600]), 5, l2)
-    ours = ((torch.tensor(xt, dtype=torch.float32) @ w + b).argmax(1).numpy() == y[600:]).mean()
+    w, b = fit_logreg(torch.tensor(xs, dtype=torch.float32), torch.tensor(y[:600]), 5, l2)[:2]
+    ours = ((torch.tensor(xt, dtype=torch.float32) @ w.T + b).argmax(1).numpy() == y[600:]).mean()
     assert abs(ours - ref.score(xt, y[600:])) <= 0.01
-    assert np.abs(ref.coef_.T - w.numpy()).max() < 0.1
+    assert np.abs(ref.coef_ - w.numpy()).max() < 0.1
+
+
+def test_warm_start_from_a_fit_reuses_its_gradient(monkeypatch):
+    """A Fit's stored loss and gradient stand in for evaluations; they must be the real ones."""
+    rng = np.random.default_rng(3)
+    x, y = blobs(rng, 800, 4, 16, 0.5)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    first = fit_logreg(x, y, 4, 1.0)
+    calls = []
+    real = probe_module._cross_entropy
+    monkeypatch.setattr(probe_module, "_cross_entropy", lambda *a: calls.append(1) or real(*a))
+    assert fit_logreg(x, y, 4, 1.0, init=first) is first and not calls  # nothing to do
+    warm = fit_logreg(x, y, 4, 300.0, init=first)
+    cold = fit_logreg(x, y, 4, 300.0)
+    assert (warm.w - cold.w).abs().max() < 1e-2 and (warm.b - cold.b).abs().max() < 1e-2
+    flat = torch.arange(len(y)) * 4 + y
+    loss, grad_w, grad_b = real(x, flat, warm.w, warm.b)  # the stored evaluation is the final one
+    assert torch.allclose(loss, warm.loss) and torch.allclose(grad_w, warm.grad_w, atol=1e-7)
+    assert (warm.grad_w + 300.0 / len(y) * warm.w).abs().max() <= 1e-4  # converged
 
 
 @pytest.fixture(scope="module")
