@@ -10,11 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dptrain.synthetic import _texture, imagenet_like_jpeg
 
 DPTRAIN = [sys.executable, "-m", "dptrain"]
+
+# "cpu" always; "cuda" as a GPU test that skips cleanly without CUDA.
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_shard_set, run_cli
+from conftest import DEVICES, make_shard_set, run_cli
 import dptrain.probe as probe_module
 from dptrain.probe import fit_logreg, linear_probe
 
@@ -33,8 +33,9 @@ def test_random_labels_give_chance():
     assert abs(r["top1_mean"] - 0.25) < 0.06
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("l2", [1e-2, 1.0, 100.0])
-def test_matches_scikit_learn(l2):
+def test_matches_scikit_learn(l2, device):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -43,7 +44,9 @@ def test_matches_scikit_learn(l2):
     scaler = StandardScaler().fit(x[:600])
     xs, xt = scaler.transform(x[:600]), scaler.transform(x[600:])
     ref = LogisticRegression(C=1 / l2, max_iter=10000, tol=1e-8).fit(xs, y[:600])
-    w, b = fit_logreg(torch.tensor(xs, dtype=torch.float32), torch.tensor(y[:600]), 5, l2)[:2]
+    w, b = fit_logreg(torch.tensor(xs, dtype=torch.float32, device=device),
+                      torch.tensor(y[:600], device=device), 5, l2)[:2]
+    w, b = w.cpu(), b.cpu()
     ours = ((torch.tensor(xt, dtype=torch.float32) @ w.T + b).argmax(1).numpy() == y[600:]).mean()
     assert abs(ours - ref.score(xt, y[600:])) <= 0.01
     assert np.abs(ref.coef_ - w.numpy()).max() < 0.1

@@ -175,3 +175,21 @@ def test_logged_loss_is_the_mean_over_its_window(shards, tmp_path):
     for m in lines:
         window = [losses[s] for s in range(m["step"] - 2, m["step"] + 1)]
         assert m["loss"] == pytest.approx(sum(window) / 3, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_run_bf16_then_probe_on_gpu(shards, tmp_path):
+    """The GPU path end to end: mixed decode, bf16 autocast, channels_last, then a GPU probe."""
+    out = tmp_path / "run"
+    gpu = ["--res", "32", "--batch-size", "16", "--device", "cuda", "--log-every", "2",
+           "--no-progress"]
+    run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 2,
+            "--out", out, *gpu)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == torch.cuda.get_device_name(0) and summary["amp"] == "bf16"
+    assert summary["steps"] == 8 and np.isfinite(summary["train_loss"])
+    p = run_cli("probe", out, "--data", shards, "--test-data", shards, "--name", "self",
+                "--repeats", 2, "--device", "cuda")
+    assert "self" in p.stdout
+    assert json.loads((out / "probe.json").read_text())["datasets"]["self"]["top1_mean"] > 0.25
