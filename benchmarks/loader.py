@@ -108,7 +108,8 @@ def main() -> None:
     print(f"(1)/(2) = {r12:.2f} (target >= 1.5); (1)/(3) = {r13:.2f} (target >= 0.8)")
     if GPU:
         print(f"(1) on the GPU: {rates[names[0]]:,.0f} img/s (target >= 10,000 on one H100)")
-    path = save("loader", {"images": CLASSES * PER_CLASS, "batch_size": BATCH, "res": RES, "device": device,
+    path = save("loader", {"images": CLASSES * PER_CLASS, "batch_size": BATCH, "res": RES,
+                           "device": device,
                            "epochs": EPOCHS, "img_per_s": rates, "ratio_vs_torchvision": r12,
                            "ratio_vs_decode_only": r13, "targets": {"vs_torchvision": 1.5,
                                                                     "vs_decode_only": 0.8}})
