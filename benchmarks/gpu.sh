@@ -5,8 +5,8 @@
 #     benchmarks/gpu.sh [LOGDIR]      # PY=python3 by default; LOGDIR gets the logs and JSON
 #
 # Each step runs under its own time limit (together 9 min 20 s, to fit a 10-minute slot) and
-# a failing step does not stop the others; the
-# exit status is that of the first failure. Results go to benchmarks/results/ as usual.
+# a failing step does not stop the others; the exit status is that of the first failure.
+# Results go to benchmarks/results/ as usual.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
