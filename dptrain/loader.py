@@ -165,6 +165,9 @@ class Loader:
                  threads: int | None = None, prefetch: int = 2):
         if len(subset) == 0:
             raise DataError("the subset is empty")
+        if eval_resize < 1:
+            raise ValueError(f"eval_resize must be >= 1 (the centre crop must fit), "
+                             f"not {eval_resize}")
         self.subset, self.batch_size, self.train, self.res = subset, batch_size, train, res
         self.eval_resize = eval_resize
         self.device = torch.device(device)
