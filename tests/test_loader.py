@@ -154,6 +154,11 @@ def test_train_transform_crops_resizes_and_flips_half(tmp_path, device):
     assert 0.3 < (slopes < 0).mean() < 0.7  # about half mirrored
 
 
+def test_eval_resize_below_one_is_refused(index):
+    with pytest.raises(ValueError, match="eval_resize must be >= 1"):
+        Loader(select(index, 2, 4, seed=0), batch_size=8, train=False, res=48, eval_resize=0.9)
+
+
 def test_damaged_tar_names_file_and_sample(tmp_path, texture):
     src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=6, bad=False)
     shard_dataset(src, tmp_path / "out", progress=False)
