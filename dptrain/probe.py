@@ -101,8 +101,6 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     for ev in reversed(recent):
         if torch.equal(ev.w, w) and torch.equal(ev.b, b):
             return ev
-    if isinstance(init, Fit) and torch.equal(init.w, w) and torch.equal(init.b, b):
-        return init
     return Fit(w, b, *_cross_entropy(x, flat_target, w, b))
 
 
