@@ -53,7 +53,8 @@ def commit() -> str:
                                cwd=BENCH, text=True, capture_output=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (a remote GPU machine): the caller names the commit.
+        return os.environ.get("BENCH_COMMIT", "unknown")
 
 
 def save(name: str, figures: dict) -> Path:

@@ -1,24 +1,33 @@
 """Training throughput with the real loader against the same loop fed from memory, one run.
 
-    .venv/bin/python benchmarks/train_step.py   # target: loader run >= 0.9 of the memory run
-    python benchmarks/train_step.py --arch resnet50 --res 224 --batch-size 256  # on a GPU
+    .venv/bin/python benchmarks/train_step.py   # CPU: target loader run >= 0.9 of the memory run
+    python benchmarks/train_step.py --arch resnet18 --res 176 --batch-size 256 --steps 240 \\
+        --images 20000 --variant hw_decoder_load=1.0     # GPU: target >= 0.95
 
-Both runs call the real `dptrain.train.train` (ResNet-18, 128 px, batch 64, --amp auto:
-bf16 where the hardware has it, else fp32 on a CPU; channels_last, SGD) on 5,000 ImageNet-like
-JPEGs; the only difference is where the batches come from: (a) the DALI loader, decoding
-while the model trains (on the CPU both share the same two cores); (b) uint8 batches decoded
-beforehand by the same loader and replayed from memory: the model's own ceiling. Throughput
-is the steady state (the mean of the metrics lines after the first, which holds the pipeline
-start-up) and the whole run's mean.
+Every run calls the real `dptrain.train.train` (--amp auto: bf16 where the hardware has it,
+else fp32 on a CPU; channels_last, SGD) on generated ImageNet-like JPEGs (500x375, ~110 KB);
+the only difference is where the batches come from: (a) the DALI loader, decoding while the
+model trains; (b) uint8 batches decoded beforehand by the same loader and replayed from memory
+(on the device): the model's own ceiling. Throughput is the steady state (the mean of the
+metrics lines after the first, which holds the pipeline start-up) and the whole run's mean.
+
+`--variant` (repeatable) adds loader-fed runs with other settings, each against the same
+memory-fed run: `key=value[,key=value]` with keys decode, hw_decoder_load, workers, or
+stream=side (the whole run on a non-default CUDA stream). `--profile DIR` also writes a
+torch.profiler trace of a short loader-fed run and prints where the time went.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import json
 import os
+import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,6 +46,7 @@ class MemoryLoader:
 
     def __init__(self, real):
         self.res, self.device = real.res, real.device
+        self.pipeline = getattr(real, "pipeline", None)  # (a loader older than the feeder's)
         self.batches = [(x.clone(), y.clone()) for x, y in real]
         real.close()
 
@@ -49,16 +59,75 @@ class MemoryLoader:
     def __iter__(self):
         return iter(self.batches)
 
+    def stage_ms(self) -> dict:
+        return {}
+
     def close(self) -> None:
         pass
 
 
-def run(cfg, out: Path) -> dict:
-    summary = T.train(cfg, out, progress=False)
+def run(cfg, out: Path, name: str, stream: str = "default") -> dict:
+    side = stream == "side" and torch.cuda.is_available()
+    with torch.cuda.stream(torch.cuda.Stream()) if side else nullcontext():
+        summary = T.train(cfg, out, progress=False)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [x["images_per_s"] for x in lines[1:]]
-    return {"steady img/s": sum(steady) / len(steady), "run img/s": summary["images_per_s"],
-            "data wait": summary["data_wait_fraction"]}
+    r = {"steady img/s": sum(steady) / len(steady), "run img/s": summary["images_per_s"],
+         "data wait": summary["data_wait_fraction"],
+         "loader threads": summary.get("loader_threads"),
+         "loader ms/batch": summary.get("loader_ms_per_batch")}
+    print(f"{name}: {json.dumps(r)}", flush=True)  # kept even if a time limit stops the rest
+    return r
+
+
+def parse_variant(text: str) -> tuple[dict, str]:
+    """'hw_decoder_load=1.0,decode=gpu' -> (config overrides, stream)."""
+    overrides, stream = {}, "default"
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key == "stream":
+            stream = value
+        elif key in ("hw_decoder_load",):
+            overrides[key] = float(value)
+        elif key in ("workers",):
+            overrides[key] = int(value)
+        elif key in ("decode",):
+            overrides[key] = value
+        else:
+            raise SystemExit(f"--variant: unknown key {key!r} (decode, hw_decoder_load, "
+                             "workers, stream)")
+    return overrides, stream
+
+
+def profile(cfg, out: Path, trace_dir: Path) -> dict:
+    """A short loader-fed run under torch.profiler: the trace, and the GPU's busy share."""
+    from torch.profiler import ProfilerActivity
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                      else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        T.train(cfg, out, progress=False)
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    raw = trace_dir / "trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as f, gzip.open(str(raw) + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    raw.unlink()
+    events = json.loads(gzip.open(str(raw) + ".gz").read())["traceEvents"]
+    # Busy time per CUDA stream (kernels and copies), over the span of all of them.
+    spans: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            spans.setdefault(str(e.get("tid")), []).append((e["ts"], e["ts"] + e["dur"]))
+    summary = {}
+    if spans:
+        t0 = min(s for v in spans.values() for s, _ in v)
+        t1 = max(e for v in spans.values() for _, e in v)
+        for stream, v in spans.items():
+            summary[f"stream {stream} busy"] = sum(e - s for s, e in v) / (t1 - t0)
+        summary["GPU span ms"] = (t1 - t0) / 1e3
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return summary
 
 
 def main() -> None:
@@ -67,31 +136,55 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--images", type=int, default=5000, help="JPEGs, in 50 or 100 classes")
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--profile", type=Path, help="write a trace of a 40-step run here")
+    ap.add_argument("--label", default="", help="a note saved with the results")
     args = ap.parse_args()
     arch, res, batch, steps = args.arch, args.res, args.batch_size, args.steps
-    data = shards(imagenet_like(50, 100))
+    classes = 50 if args.images <= 5000 else 100
+    data = shards(imagenet_like(classes, args.images // classes))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = T.make_config("fast", data=str(data), arch=arch, res=res, batch_size=batch,
                         steps=steps, log_every=LOG, device=device)
     real_loader = T.train_loader
+    variants = {"default": ({}, "default")}
+    variants.update({v: parse_variant(v) for v in args.variant})
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=DATA) as tmp:
-        a = run(cfg, Path(tmp) / "loader")
-        T.train_loader = lambda *args, **kw: MemoryLoader(real_loader(*args, **kw))
+        for name, (overrides, stream) in variants.items():
+            c = dataclasses.replace(cfg, **overrides)
+            runs[name] = run(c, Path(tmp) / f"loader-{len(runs)}", name, stream)
+        T.train_loader = lambda *a, **kw: MemoryLoader(real_loader(*a, **kw))
         try:
-            b = run(cfg, Path(tmp) / "memory")
+            memory = run(cfg, Path(tmp) / "memory", "memory")
         finally:
             T.train_loader = real_loader
-    ratio = a["steady img/s"] / b["steady img/s"]
-    rows = [{"batches from": "dptrain Loader (DALI)", **a}, {"batches from": "memory", **b}]
+        prof = profile(dataclasses.replace(cfg, steps=40),
+                       Path(tmp) / "profile", args.profile) if args.profile else None
+    ratios = {name: r["steady img/s"] / memory["steady img/s"] for name, r in runs.items()}
+    plain = lambda r: {k: v for k, v in r.items() if k != "loader ms/batch"}  # noqa: E731
+    rows = [{"batches from": f"dptrain Loader ({name})", **plain(r), "ratio": ratios[name]}
+            for name, r in runs.items()]
+    rows.append({"batches from": "memory", **plain(memory), "ratio": 1.0})
+    stages = [{"loader": name, **r["loader ms/batch"]} for name, r in runs.items()]
     amp = T.resolve_amp("auto", device == "cuda")
-    print(f"{arch} at {res} px, batch {batch}, {steps} steps, amp {amp}, channels_last, "
-          f"{device} ({os.cpu_count()} cores)")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
+    print(f"{arch} at {res} px, batch {batch}, {steps} steps, {args.images:,} JPEGs, amp {amp}, "
+          f"channels_last, {device} ({gpu}, {os.cpu_count()} cores)")
     print(table(rows))
     target = 0.95 if device == "cuda" else 0.9
-    print(f"loader / memory = {ratio:.2f} (target >= {target} on {device})")
+    print(f"loader / memory = {ratios['default']:.2f} (target >= {target} on {device})")
+    print("the loader's feeder thread, ms per batch in each stage (queue full: time to spare):")
+    print(table(stages))
+    if prof:
+        print(table([{"profile (40 steps, loader-fed)": k, "value": v} for k, v in prof.items()]))
     path = save("train_step", {"arch": arch, "res": res, "batch_size": batch, "steps": steps,
-                               "device": device, "amp": amp, "loader": a, "memory": b,
-                               "ratio_vs_memory": ratio, "target_ratio": target})
+                               "images": args.images, "device": device, "amp": amp,
+                               "label": args.label, "loader": runs["default"], "memory": memory,
+                               "ratio_vs_memory": ratios["default"], "variants": runs,
+                               "variant_ratios": ratios, "profile": prof,
+                               "target_ratio": target})
     print(f"wrote {path}")
 
 

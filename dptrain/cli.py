@@ -132,7 +132,15 @@ TRAIN_OPTIONS = [
     click.option("--channels-last/--no-channels-last", default=None),
     click.option("--compile/--no-compile", default=None, help="torch.compile the model [no]."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
-    click.option("--workers", type=click.IntRange(min=1), help="DALI threads [all cores]."),
+    click.option("--workers", type=click.IntRange(min=1),
+                  help="DALI threads [this process's share of the cores: all of them, divided "
+                       "between torchrun's local ranks]."),
+    click.option("--decode", type=click.Choice(["auto", "gpu", "cpu"]),
+                  help="Where JPEGs are decoded [auto: on the GPU (hardware decoder + nvJPEG) "
+                       "in a GPU run; cpu: DALI's CPU threads, leaving the GPU to the model]."),
+    click.option("--hw-decoder-load", type=click.FloatRange(0, 1),
+                  help="Share of JPEGs the GPU's hardware JPEG decoder takes, the rest going to "
+                       "nvJPEG on the SMs [see benchmarks/README.md]."),
     click.option("--val-data", type=click.Path(exists=True, file_okay=False),
                   help="Held-out images of the same classes (shards made with --classes-from)."),
     click.option("--log-every", type=click.IntRange(min=1),
@@ -258,12 +266,14 @@ def _synthetic_pool(classes: int | None, per_class: int | None, progress: bool) 
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               help="Feature cache [RUN/features].")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", type=click.IntRange(min=1),
+              help="DALI threads for feature extraction [all cores].")
 @click.option("--seed", default=0, type=int, help="Seeds the validation splits.")
 @click.option("--random-init", is_flag=True,
               help="Also probe the same architecture as initialised (the reference any "
                    "pre-training must beat) and print both.")
 def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache, device,
-          seed, random_init):
+          workers, seed, random_init):
     """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
 
     Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
@@ -283,7 +293,8 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
     if len(set(names)) != len(names):
         raise UserError(f"dataset names must differ: {', '.join(names)} (use --name)")
     out = probe_run(run, datasets, res=res, cache=cache, repeats=repeats,
-                    val_fraction=val_fraction, seed=seed, device=device, random_init=random_init)
+                    val_fraction=val_fraction, seed=seed, device=device, threads=workers,
+                    random_init=random_init)
     ref = out.get("random_init", {})
     click.echo(f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}"
                + (f" {'random-init top-1':>18s} {'gain':>7s}" if ref else "")
@@ -411,7 +422,7 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
 
     from .index import ShardIndex
     from .probe import read_suite
-    from .sweep import device_slots, feasible, grid, sweep as run_sweep
+    from .sweep import device_slots, feasible, grid, share_of_cores, sweep as run_sweep
     from .train import check_config, make_config
 
     pairs = grid(sizes=sizes, classes=classes_grid, ratios=ratios, points=points)
@@ -427,14 +438,18 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
         raise UserError("no feasible point in the grid")
     budget = (f"fixed steps: {cfg.steps} per run" if cfg.steps else
               f"fixed epochs: {cfg.epochs} per run (steps grow with N)")
-    spec = {"data": str(Path(data).resolve()), "suite": str(Path(suite).resolve()),
-            "out": str(out.resolve()), "repeats": repeats, "recipe": recipe, "budget": budget,
-            "pretrain_args": ["--recipe", recipe, *passthrough(options)],
-            "probe_args": ["--device", options["device"]] if options["device"] else [],
-            "skipped": skipped}
     slots = None
     if launcher == "local" and options["device"] != "cpu":
         slots = device_slots(options["gpus"] or 1)
+    probe_args = ["--device", options["device"]] if options["device"] else []
+    if launcher == "local" and options["workers"] is None:  # runs share this machine's cores
+        threads = share_of_cores(len(slots or [None]), options["gpus"] or 1)
+        options["workers"] = threads
+        probe_args += ["--workers", str(threads * (options["gpus"] or 1))]
+    spec = {"data": str(Path(data).resolve()), "suite": str(Path(suite).resolve()),
+            "out": str(out.resolve()), "repeats": repeats, "recipe": recipe, "budget": budget,
+            "pretrain_args": ["--recipe", recipe, *passthrough(options)],
+            "probe_args": probe_args, "skipped": skipped}
     slurm = {"timeout_min": slurm_time, "cpus_per_task": slurm_cpus,
              "gpus_per_node": options["gpus"] or 1}
     if slurm_partition:

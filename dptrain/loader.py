@@ -1,23 +1,37 @@
 """Stream a subset through DALI: JPEG bytes by positioned reads, decoded to uint8 batches.
 
 One pipeline definition serves both devices: without a GPU it runs CPU-only
-(`device_id=None`, CPU decode); with one, decoding is "mixed" (nvJPEG and the hardware JPEG
-decoder) and the resize and flip run on the GPU. Our own sampler drives the reads through
-`fn.external_source` (a sequential tar reader's shuffle buffer gives near-single-class batches
-on class-sorted shards). Batches stay uint8, NHWC (channels-last); conversion to float and
-normalisation belong to the training step, on its device.
+(`device_id=None`, CPU decode); with one, decoding is "mixed" (the hardware JPEG decoder and
+nvJPEG) and the train transform's resize and flip run on the GPU. Our own sampler drives the
+reads through `fn.external_source` (a sequential tar reader's shuffle buffer gives
+near-single-class batches on class-sorted shards). Batches stay uint8, NHWC (channels-last);
+conversion to float and normalisation belong to the training step, on its device.
 
-Without a GPU the resize leaves the pipeline: DALI's CPU resize (antialiased, linear) measured
-1.37 ms per 224 px image on one core, more than decoding the crop (1.26 ms), while torch's
-uint8 antialiased bilinear kernel (the one torchvision's Resize uses) takes 0.26 ms. So on the
-CPU the pipeline stops at the decoded crops and `_resize` finishes each batch with torch.
+A feeder thread owns the pipeline: it reads the JPEG bytes, feeds DALI, waits for its outputs
+and finishes each batch, then queues it. The training thread's share of a batch is one queue
+hand-off and, on a GPU, one stream wait (an event recorded by the feeder): it never blocks on
+the decoder's GPU work, which the DALI iterators did (a host sync per batch). The feeder also
+plans across epoch ends: epoch e+1's first batches are read and decoded while epoch e's last
+ones train, so an epoch end does not drain the pipeline.
+
+Resizes that must match PIL (the eval transform on either device; every resize on the CPU)
+are torch's antialiased bilinear kernel, PIL's filter, applied per image by the feeder. On the
+CPU, DALI's own resize (antialiased, linear) measured 1.37 ms per 224 px image on one core,
+more than decoding the crop (1.26 ms), against torch's 0.26 ms.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import resource
+import threading
+import time
+import weakref
+from collections import deque
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -27,6 +41,16 @@ from .errors import DataError
 from .subset import Subset, epoch_order, steps_per_epoch
 
 EVAL_RESIZE = 256 / 224  # default eval: shorter side to res * 256/224, then center-crop res
+# Share of JPEGs the mixed decoder sends to the hardware JPEG decoder (the rest: nvJPEG on the
+# SMs with CPU Huffman decoding). DALI's default is 0.65; see benchmarks/README.md for ours.
+HW_DECODER_LOAD = 0.65
+
+
+def default_threads() -> int:
+    """DALI threads for this process: its share of the cores it may run on, split evenly
+    between the processes of one machine (torchrun's LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _allow_open_files(n: int) -> None:
@@ -41,7 +65,7 @@ def _allow_open_files(n: int) -> None:
 
 
 class _Reader:
-    """DALI's batch source: reads the planned batches' JPEG bytes with one pread each."""
+    """DALI's batch source: the next planned batch's JPEG bytes, one pread each."""
 
     def __init__(self, subset: Subset):
         self.subset = subset
@@ -54,15 +78,13 @@ class _Reader:
         self.fds = [os.open(p, os.O_RDONLY) for p in self.paths]
         self.offset = np.asarray(table["offset"])
         self.size = np.asarray(table["size"])
-        self.batches: list[np.ndarray] = []
-        self.bytes_read = 0
+        self.plans: Iterator[np.ndarray] = iter(())
+        self.pending: deque[np.ndarray] = deque()  # fed to DALI, output not yet taken
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
-        if info.iteration >= len(self.batches):
-            raise StopIteration
-        positions = self.batches[info.iteration]
+        positions = next(self.plans)
         jpegs = []
-        for p in positions:
+        for p in positions.tolist():
             size = int(self.size[p])
             data = os.pread(self.fds[self.tar[p]], size, int(self.offset[p]))
             if len(data) != size:
@@ -73,7 +95,7 @@ class _Reader:
                                 "is not a JPEG: the index does not match the tar; "
                                 "run dptrain verify")
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
-            self.bytes_read += size
+        self.pending.append(positions)
         return jpegs, self.subset.labels[positions]
 
     def close(self) -> None:
@@ -82,8 +104,10 @@ class _Reader:
         self.fds = []
 
 
-def _pipeline(reader: _Reader, *, train: bool, res: int, eval_resize: float, gpu: bool,
-              batch_size: int, threads: int, seed: int, prefetch: int):
+def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, decode: str,
+              hw_decoder_load: float, batch_size: int, threads: int, seed: int, prefetch: int):
+    """The DALI graph. Train: decoded random-resized crops (+ coin flips); on a GPU resized to
+    res x res and mirrored there too. Eval: whole decoded images (the feeder resizes them)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, seed=seed,
@@ -92,62 +116,175 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, eval_resize: float, gpu
     def pipe():
         jpegs, labels = fn.external_source(source=reader, num_outputs=2, batch=True,
                                            batch_info=True, dtype=[types.UINT8, types.INT64])
-        decode = "mixed" if gpu else "cpu"
+        on_gpu = gpu and decode == "gpu"
+        # affine=False: the decoder's threads are not pinned to the first cores, which the
+        # pipelines of two processes on one machine would otherwise share.
+        mixed = dict(device="mixed", hw_decoder_load=hw_decoder_load, affine=False) \
+            if on_gpu else dict(device="cpu")
         if train:
             # Fused decode + random-resized-crop: only the crop window is decoded.
             images = fn.decoders.image_random_crop(
-                jpegs, device=decode, output_type=types.RGB,
-                random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **mixed)
             flip = fn.random.coin_flip()
-            if not gpu:  # `_resize` resizes and flips the crops (see the module docstring)
+            if not gpu:  # the feeder resizes and flips the crops (see the module docstring)
                 return images, labels, flip
             # Resize with the flip folded in: a region whose start lies past its end is
             # mirrored, which saves the separate flip pass.
-            images = fn.resize(images, size=[res, res], roi_relative=True,
+            images = fn.resize(images.gpu(), size=[res, res], roi_relative=True,
                                roi_start=fn.stack(0.0, flip * 1.0),
                                roi_end=fn.stack(1.0, 1.0 - flip))
-        else:
-            images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
-            if not gpu:
-                return images, labels
-            images = fn.resize(images, resize_shorter=round(res * eval_resize))
-            images = fn.crop(images, crop=(res, res))
-        return images, labels.gpu()
+            return images, labels.gpu()
+        # Eval: libjpeg-turbo's chroma upsampling on the GPU too, so both devices decode alike.
+        if on_gpu:
+            mixed["jpeg_fancy_upsampling"] = True
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **mixed)
+        return (images.gpu(), labels.gpu()) if gpu else (images, labels)
 
     return pipe()
 
 
-def _resize(images: list[torch.Tensor], res: int, flips: torch.Tensor | None = None,
+def _resize(images: list[torch.Tensor], res: int, flips: np.ndarray | None = None,
             shorter: int | None = None) -> torch.Tensor:
-    """Finish a CPU batch: HWC uint8 images -> one (B, res, res, 3) uint8 batch.
+    """HWC uint8 images (CPU or GPU) -> one (B, res, res, 3) uint8 batch on their device.
 
     Train (`flips` given): each crop resized to res x res and mirrored where flagged. Eval
-    (`shorter` given): the shorter side resized to `shorter`, then the centre res x res, with
-    the rounding of DALI's GPU path (origin rounded half up).
+    (`shorter` given): the shorter side resized to `shorter`, then the centre res x res, the
+    origin rounded half up (as DALI does). torch's antialiased bilinear is PIL's filter; its
+    uint8 kernel exists only on the CPU, so a GPU image is resized in float and rounded.
     """
-    out = torch.empty((len(images), res, res, 3), dtype=torch.uint8)
-    # One image is too little work to split over threads, and torch's idle OpenMP workers spin
-    # on the cores DALI's threads decode on (645 against 1,020 img/s on 2 cores, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for i, im in enumerate(images):
-            h, w = im.shape[:2]
-            if shorter is None:
-                size = (res, res)
-            elif h <= w:
-                size = (shorter, round(w * shorter / h))
-            else:
-                size = (round(h * shorter / w), shorter)
-            x = im.permute(2, 0, 1).unsqueeze(0)  # NCHW view of HWC memory: channels-last kernel
-            y = F.interpolate(x, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0)
-            if shorter is not None:
-                top, left = int((size[0] - res) / 2 + 0.5), int((size[1] - res) / 2 + 0.5)
-                y = y[top : top + res, left : left + res]
-            out[i] = y.flip(1) if flips is not None and flips[i] else y
-    finally:
-        torch.set_num_threads(threads)
+    device = images[0].device
+    out = torch.empty((len(images), res, res, 3), dtype=torch.uint8, device=device)
+    for i, im in enumerate(images):
+        h, w = im.shape[:2]
+        if shorter is None:
+            size = (res, res)
+        elif h <= w:
+            size = (shorter, round(w * shorter / h))
+        else:
+            size = (round(h * shorter / w), shorter)
+        x = im.permute(2, 0, 1).unsqueeze(0)  # NCHW view of HWC memory: channels-last kernel
+        if device.type == "cuda":
+            x = x.float()
+        y = F.interpolate(x, size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0)
+        if shorter is not None:
+            top, left = int((size[0] - res) / 2 + 0.5), int((size[1] - res) / 2 + 0.5)
+            y = y[top : top + res, left : left + res]
+        if flips is not None and flips[i]:
+            y = y.flip(1)
+        out[i] = y.round_().clamp_(0, 255) if y.is_floating_point() else y
     return out
+
+
+class _Feeder:
+    """A thread that runs the pipeline over a stream of planned batches and queues them
+    finished: (images, labels, ready event or None, JPEG bytes), or the error that stopped it."""
+
+    def __init__(self, reader: _Reader, plans: Iterator[np.ndarray], pipeline: dict,
+                 device: torch.device, shorter: int | None):
+        self.queue: queue.Queue = queue.Queue(maxsize=pipeline["prefetch"])
+        self.stop = threading.Event()
+        # Seconds in each stage, summed over the batches queued: where a slow loader's time goes.
+        self.seconds = dict.fromkeys(("read + feed", "wait for DALI", "finish", "queue full"), 0.0)
+        self.queued = 0
+        reader.plans, reader.pending = plans, deque()
+        self.thread = threading.Thread(target=self._run, name="dptrain-loader", daemon=True,
+                                       args=(reader, pipeline, device, shorter))
+        self.thread.start()
+
+    def _tick(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - since
+        return now
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self, reader: _Reader, pipeline: dict, device: torch.device,
+             shorter: int | None) -> None:
+        # One image is too little work to split over threads, and torch's idle OpenMP workers
+        # spin on the cores DALI's threads decode on (645 against 1,020 img/s on 2 cores,
+        # measured). The setting is this thread's own.
+        torch.set_num_threads(1)
+        gpu, train, res = device.type == "cuda", pipeline["train"], pipeline["res"]
+        stream = None
+        if gpu:
+            torch.cuda.set_device(device)
+            stream = torch.cuda.Stream(device)
+        try:
+            pipe = _pipeline(reader, **pipeline)
+            pipe.build()
+            pipe.schedule_run()  # fills DALI's prefetch queue
+            clock = time.perf_counter()
+            while not self.stop.is_set():
+                # Bound to our stream, the outputs come back once their GPU work is queued;
+                # the training stream then waits for `ready`, the host never does.
+                outs = pipe.share_outputs(cuda_stream=stream)
+                clock = self._tick("wait for DALI", clock)
+                positions = reader.pending.popleft()
+                # On the GPU nothing here waits for the device: every copy and kernel is queued
+                # on our stream, behind DALI's work, and tensors are copied out of DALI's buffers.
+                with torch.cuda.stream(stream) if gpu else contextlib.nullcontext():
+                    labels = torch.from_dlpack(outs[1].as_tensor()).reshape(-1).clone()
+                    if gpu and train:  # resized by DALI
+                        images = torch.from_dlpack(outs[0].as_tensor()).clone()
+                    else:
+                        flips = np.asarray(outs[2].as_tensor()).reshape(-1) if train else None
+                        images = _resize([torch.from_dlpack(t) for t in outs[0]], res,
+                                         flips=flips, shorter=shorter)
+                    ready = None
+                    if gpu:
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                del outs
+                pipe.release_outputs()
+                clock = self._tick("finish", clock)
+                if not self._put((images, labels, ready, int(reader.size[positions].sum()))):
+                    break
+                self.queued += 1
+                clock = self._tick("queue full", clock)
+                pipe.schedule_run()  # reads the next planned batch and feeds it to DALI
+                clock = self._tick("read + feed", clock)
+        except BaseException as e:  # handed to the training thread, which raises it
+            self._put(e)
+        # DALI's threads shut down when `pipe` goes out of scope, here in this thread.
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _plans(first_epoch: int, first_step: int, epoch_batches) -> Iterator[np.ndarray]:
+    """Every batch from (epoch, step) on, epoch after epoch: the feeder reads ahead."""
+    epoch, step = first_epoch, first_step
+    while True:
+        yield from epoch_batches(epoch)[step:]
+        epoch, step = epoch + 1, 0
+
+
+def _shutdown(reader: _Reader, running: list[_Feeder], close_reader: bool) -> None:
+    while running:
+        running.pop().close()
+    if close_reader:
+        reader.close()
+
+
+def epoch_batches(num_samples: int, epoch: int, *, batch_size: int, train: bool, seed: int,
+                  rank: int, world_size: int, drop_last: bool) -> list[np.ndarray]:
+    """One epoch's batches (positions in the subset) for one rank."""
+    if train:
+        order = epoch_order(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    else:  # evaluation reads in stored order, each rank a contiguous part
+        per_rank = num_samples // world_size
+        order = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    steps = steps_per_epoch(num_samples, batch_size, world_size, drop_last)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
 class Loader:
@@ -156,79 +293,101 @@ class Loader:
     `train=True`: random-resized-crop + flip at `res`, reshuffled each epoch (`set_epoch`);
     `train=False`: resize the shorter side to `res * eval_resize`, center-crop `res`. With
     `world_size` > 1 each rank reads its own equal, disjoint part of every epoch. `len()` is
-    batches per epoch, the same on every rank.
+    batches per epoch, the same on every rank. `decode`: "auto" (the GPU's decoders on a GPU),
+    "gpu", or "cpu" (DALI's CPU threads; on a GPU the rest still runs there);
+    `hw_decoder_load`: the share of JPEGs the GPU's hardware decoder takes. `threads`: DALI's
+    (default: this process's share of the cores). Call `close()` when done.
     """
 
     def __init__(self, subset: Subset, *, batch_size: int, train: bool, res: int = 224,
                  eval_resize: float = EVAL_RESIZE, device: str = "cpu", seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
-                 threads: int | None = None, prefetch: int = 2):
+                 threads: int | None = None, prefetch: int = 2, decode: str = "auto",
+                 hw_decoder_load: float = HW_DECODER_LOAD):
         if len(subset) == 0:
             raise DataError("the subset is empty")
         if eval_resize < 1:
             raise ValueError(f"eval_resize must be >= 1 (the centre crop must fit), "
                              f"not {eval_resize}")
+        self.device = torch.device(device)
+        gpu = self.device.type == "cuda"
+        if gpu and self.device.index is None:  # the feeder thread sets this device as its own
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if decode not in ("auto", "gpu", "cpu") or (decode == "gpu" and not gpu):
+            raise ValueError(f"decode must be auto or cpu, or gpu on a GPU, not {decode!r}")
+        if not 0 <= hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in 0..1, not {hw_decoder_load}")
         self.subset, self.batch_size, self.train, self.res = subset, batch_size, train, res
         self.eval_resize = eval_resize
-        self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.drop_last = train if drop_last is None else drop_last
-        self.threads = threads or os.cpu_count() or 1
-        self.prefetch = prefetch
-        self.epoch, self.start_step = 0, 0
-        self._reader = _Reader(subset)
-        self._iterator = None
         if len(self) == 0:
             raise DataError(f"{len(subset)} samples over {world_size} rank(s) make no full batch "
                             f"of {batch_size}: use a smaller batch size")
+        self.pipeline = dict(train=train, res=res, gpu=gpu,
+                             decode=("gpu" if gpu else "cpu") if decode == "auto" else decode,
+                             hw_decoder_load=hw_decoder_load, batch_size=batch_size,
+                             threads=threads or default_threads(),
+                             # the epoch order is shared by all ranks; augmentation is not
+                             seed=seed * 1009 + rank, prefetch=prefetch)
+        # One epoch's batches (positions in the subset): plain values, no reference to the
+        # loader, so the feeder can plan from it.
+        self.plan = partial(epoch_batches, len(subset), batch_size=batch_size, train=train,
+                            seed=seed, rank=rank, world_size=world_size,
+                            drop_last=self.drop_last)
+        self.epoch, self.start_step = 0, 0
+        self.bytes_read = 0  # JPEG bytes of the batches handed out (benchmarks and tests)
+        self._reader = _Reader(subset)
+        self._running: list[_Feeder] = []  # the feeder, once started
+        self._next = (0, 0)  # the (epoch, step) it hands out next
+        # The feeder's thread holds no reference to the loader: a loader dropped without
+        # close() is collected, and this stops its thread.
+        self._finalizer = weakref.finalize(self, _shutdown, self._reader, self._running, True)
 
     def __len__(self) -> int:
         return steps_per_epoch(len(self.subset), self.batch_size, self.world_size, self.drop_last)
-
-    @property
-    def bytes_read(self) -> int:
-        """JPEG bytes read from the tars so far (benchmarks and tests check it)."""
-        return self._reader.bytes_read
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The next iteration yields this epoch's batches from `start_step` on (to resume)."""
         self.epoch, self.start_step = epoch, start_step
 
-    def _plan(self) -> list[np.ndarray]:
-        if self.train:
-            order = epoch_order(len(self.subset), seed=self.seed, epoch=self.epoch,
-                                rank=self.rank, world_size=self.world_size)
-        else:  # evaluation reads in stored order, each rank a contiguous part
-            per_rank = len(self.subset) // self.world_size
-            order = np.arange(self.rank * per_rank, (self.rank + 1) * per_rank)
-        bs = self.batch_size
-        return [order[i * bs : (i + 1) * bs] for i in range(self.start_step, len(self))]
+    def _feeder(self) -> _Feeder:
+        """The running feeder if it is where this iteration starts, else a new one there."""
+        if self._running and self._next == (self.epoch, self.start_step):
+            return self._running[0]
+        _shutdown(self._reader, self._running, False)
+        shorter = None if self.train else round(self.res * self.eval_resize)
+        self._running.append(_Feeder(self._reader, _plans(self.epoch, self.start_step, self.plan),
+                                     self.pipeline, self.device, shorter))
+        self._next = (self.epoch, self.start_step)
+        return self._running[0]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from nvidia.dali.plugin.pytorch import DALIRaggedIterator as Ragged
-
-        gpu = self.device.type == "cuda"
-        self._reader.batches = self._plan()
-        if self._iterator is None:
-            pipe = _pipeline(self._reader, train=self.train, res=self.res,
-                             eval_resize=self.eval_resize, gpu=gpu,
-                             batch_size=self.batch_size, threads=self.threads,
-                             # the epoch order is shared by all ranks; augmentation is not
-                             seed=self.seed * 1009 + self.rank, prefetch=self.prefetch)
-            outputs = ["images", "labels"] + (["flips"] if self.train and not gpu else [])
-            types = [Ragged.DENSE_TAG if gpu else Ragged.SPARSE_LIST_TAG] + [Ragged.DENSE_TAG] * 2
-            self._iterator = Ragged([pipe], outputs, output_types=types[: len(outputs)], size=-1,
-                                    auto_reset=False, prepare_first_batch=False)
-        else:
-            self._iterator.reset()
-        for out in self._iterator:
-            images, labels = out[0]["images"], out[0]["labels"].view(-1)
-            if not gpu and self.train:
-                images = _resize(images, self.res, flips=out[0]["flips"].view(-1))
-            elif not gpu:
-                images = _resize(images, self.res, shorter=round(self.res * self.eval_resize))
+        feeder = self._feeder()
+        for step in range(self.start_step, len(self)):
+            item = feeder.queue.get()
+            if isinstance(item, BaseException):
+                _shutdown(self._reader, self._running, False)
+                raise item
+            images, labels, ready, nbytes = item
+            if ready is not None:  # a wait on the GPU, not on the host
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(ready)
+                images.record_stream(stream)  # the allocator reuses them only after this
+                labels.record_stream(stream)
+            self.bytes_read += nbytes
+            self._next = (self.epoch, step + 1) if step + 1 < len(self) else (self.epoch + 1, 0)
             yield images, labels
         self.epoch, self.start_step = self.epoch + 1, 0
 
+    def stage_ms(self) -> dict[str, float]:
+        """The feeder's milliseconds per batch in each stage: where a slow loader's time goes
+        ("queue full": waiting for the consumer, time the loader had to spare)."""
+        if not self._running:
+            return {}
+        f = self._running[0]
+        return {k: 1e3 * v / max(1, f.queued) for k, v in f.seconds.items()}
+
     def close(self) -> None:
-        self._reader.close()
+        """Stop the feeder thread and close the tars."""
+        self._finalizer()

@@ -188,7 +188,9 @@ def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
     ckpt = load_checkpoint(path, device)
     model = build_model(ckpt["config"]["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
-    return _penultimate(model).to(device).eval().requires_grad_(False)
+    # channels_last, as the loader's batches arrive (to_model_input): no layout conversions
+    model = model.to(device, memory_format=torch.channels_last)
+    return _penultimate(model).eval().requires_grad_(False)
 
 
 def random_init_checkpoint(checkpoint: Path, cache: Path) -> Path:
@@ -218,7 +220,7 @@ def dataset_fingerprint(index: ShardIndex) -> str:
 @torch.no_grad()
 def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = None,
              eval_resize: float = EVAL_RESIZE, cache: Path, device: str = "cpu",
-             batch_size: int = 256, threads: int | None = None,
+             batch_size: int = 256, threads: int | None = None, decode: str = "auto",
              class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """Penultimate features (fp16) and labels of a shard set; (features, labels, cache hit).
 
@@ -238,7 +240,7 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
             return z["features"], z["labels"], True
     model = load_backbone(checkpoint, torch.device(device))
     loader = Loader(subset, batch_size=batch_size, train=False, res=res,
-                    eval_resize=eval_resize, device=device, threads=threads)
+                    eval_resize=eval_resize, device=device, threads=threads, decode=decode)
     feats, labels = [], []
     for images, y in loader:
         # The same normalisation as training; fp16 on disk halves the cache.
@@ -278,7 +280,7 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
 
 def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]], *,
            res: int | None, cache: Path, repeats: int, val_fraction: float, seed: int,
-           device: str) -> dict:
+           device: str, threads: int | None) -> dict:
     results = {}
     for name, train_shards, test_shards in datasets:
         train_index, test_index = ShardIndex.load(train_shards), ShardIndex.load(test_shards)
@@ -290,9 +292,9 @@ def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]],
                             f"--classes-from {train_shards}")
         t0 = time.perf_counter()
         xtr, ytr, hit_tr = features(checkpoint, config, train_shards, res=res, cache=cache,
-                                    device=device, class_names=names)
+                                    device=device, threads=threads, class_names=names)
         xte, yte, hit_te = features(checkpoint, config, test_shards, res=res, cache=cache,
-                                    device=device, class_names=names)
+                                    device=device, threads=threads, class_names=names)
         t1 = time.perf_counter()
         result = linear_probe(xtr, ytr, xte, yte, repeats=repeats, val_fraction=val_fraction,
                               seed=seed, device=device)
@@ -313,7 +315,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
               cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
-              seed: int = 0, device: str = "auto", random_init: bool = False) -> dict:
+              seed: int = 0, device: str = "auto", threads: int | None = None,
+              random_init: bool = False) -> dict:
     """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
     with `random_init`, also the run's architecture as initialised, the reference."""
     checkpoint = run / "checkpoint.pt" if run.is_dir() else run
@@ -323,7 +326,7 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
     run_dir = checkpoint.parent
     cache = cache or run_dir / "features"
     kw = dict(res=res, cache=cache, repeats=repeats, val_fraction=val_fraction, seed=seed,
-              device=resolve_device(device))
+              device=resolve_device(device), threads=threads)
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
            "datasets": _probe(checkpoint, config, datasets, **kw)}
     old_path = run_dir / "probe.json"

@@ -130,6 +130,12 @@ def run_point(point: Point, spec: dict, device: str | None = None) -> dict:
             "seconds": time.perf_counter() - t0, "device": device}
 
 
+def share_of_cores(runs: int, gpus_per_run: int = 1) -> int:
+    """DALI threads for each process when `runs` runs of `gpus_per_run` ranks share this
+    machine: its cores split evenly, so no pipeline starves another."""
+    return max(1, len(os.sched_getaffinity(0)) // (runs * gpus_per_run))
+
+
 def device_slots(gpus_per_run: int = 1) -> list[str | None]:
     """Visible GPUs, grouped per run ("0", "1", ... or "0,1" for 2-GPU runs); [None] on CPU."""
     import torch

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .errors import DataError
 from .index import ShardIndex
-from .loader import Loader
+from .loader import HW_DECODER_LOAD, Loader
 from .models import build_model, check_arch
 from .subset import read_class_list, select, steps_per_epoch as epoch_steps
 
@@ -55,7 +55,9 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0  # subset choice, epoch order, init and augmentation
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    workers: int | None = None  # DALI threads (default: all cores)
+    workers: int | None = None  # DALI threads (default: this process's share of the cores)
+    decode: str = "auto"  # JPEG decoding: "auto" (the GPU's decoders on a GPU run), "gpu", "cpu"
+    hw_decoder_load: float = HW_DECODER_LOAD  # share of JPEGs for the GPU's hardware decoder
     log_every: int = 50  # steps between metrics lines (each one syncs host and device)
     recipe: str = "fast"
 
@@ -112,6 +114,10 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise DataError(f"min_res {cfg.min_res} is above --res {cfg.res}")
     if cfg.amp == "fp16" and not cuda:
         raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
+    if cfg.decode not in ("auto", "gpu", "cpu") or (cfg.decode == "gpu" and not cuda):
+        raise DataError(f"--decode must be auto or cpu, or gpu on a GPU run, not {cfg.decode!r}")
+    if not 0 <= cfg.hw_decoder_load <= 1:
+        raise DataError(f"--hw-decoder-load must be in 0..1, not {cfg.hw_decoder_load}")
 
 
 def resolve_device(name: str) -> str:
@@ -207,7 +213,7 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int,
     """This rank's training loader: the epoch order is shared, each rank reads its own part."""
     return Loader(subset, batch_size=cfg.batch_size // world, train=True, res=res,
                   device=device, seed=cfg.seed, rank=rank, world_size=world,
-                  threads=cfg.workers)
+                  threads=cfg.workers, decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load)
 
 
 def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -289,7 +295,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         net = torch.compile(net)
 
     # -- the loop
-    loaders: dict[int, Loader] = {}  # one per resolution (progressive resizing)
+    loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
     log = open(out / "metrics.jsonl", "a") if is_main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and is_main))
     t_start, images_seen, wait_total = time.perf_counter(), 0, 0.0
@@ -300,9 +306,10 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     t_log, wait_log, n_log = time.perf_counter(), 0.0, 0  # a log window spans epoch ends
     while step < total_steps:
         res = res_at(epoch, epochs, cfg)
-        if res not in loaders:
-            loaders[res] = train_loader(subset, cfg, res, str(device), rank, world)
-        loader = loaders[res]
+        if loader is None or loader.res != res:  # resolutions only grow: the last is done
+            if loader is not None:
+                loader.close()
+            loader = train_loader(subset, cfg, res, str(device), rank, world)
         loader.set_epoch(epoch)
         correct.zero_()
         seen_epoch = 0
@@ -355,6 +362,10 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
                         ckpt_path)
     bar.close()
     wall = time.perf_counter() - t_start
+    loader_threads = loader.pipeline["threads"] if loader else None
+    loader_ms = loader.stage_ms() if loader else {}
+    if loader is not None:
+        loader.close()  # its feeder has read ahead into an epoch that will not run
 
     # -- the end: validation on held-out images of the same classes, then the summary
     val_top1 = None
@@ -362,7 +373,8 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         val = select(ShardIndex.load(cfg.val_data), class_names=subset.class_names,
                      allow_fewer=True)
         val_loader = Loader(val, batch_size=per_rank_batch, train=False,
-                            res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers)
+                            res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers,
+                            decode=cfg.decode)
         val_top1 = evaluate(model, val_loader, autocast, cfg.channels_last)
         val_loader.close()
     summary = {"steps": step, "epochs": epoch, "train_loss": last_loss,
@@ -371,12 +383,11 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
                "images_per_s": images_seen / wall if wall > 0 else None,
                "data_wait_fraction": wait_total / wall if wall > 0 else None,
                "device": record["device"], "world_size": world, "amp": amp,
+               "loader_threads": loader_threads, "loader_ms_per_batch": loader_ms,
                "num_classes": subset.num_classes, "num_samples": len(subset)}
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log.close()
-    for loader in loaders.values():
-        loader.close()
     if world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation
         torch.distributed.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -100,10 +101,12 @@ def test_ddp_two_processes_gloo(shards, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "-m", "dptrain", "pretrain", "--data", str(shards),
                         "--classes", "4", "--per-class", "16", "--epochs", "2", "--out", str(out),
-                        *FAST], capture_output=True, text=True, timeout=300)
+                        *FAST[:-2]], capture_output=True, text=True, timeout=300)  # no --workers
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8  # 64 images, 16 per step
+    # Two processes on one machine: each DALI pipeline gets half of the cores, not all of them.
+    assert summary["loader_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def test_gpus_shortcut_launches_torchrun(shards, tmp_path):
@@ -118,7 +121,10 @@ def test_gpus_shortcut_launches_torchrun(shards, tmp_path):
 def test_rank_loaders_read_disjoint_parts(shards):
     cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cpu")
     subset = select(ShardIndex.load(shards), 6, 24)
-    plans = [train_loader(subset, cfg, 32, "cpu", r, 2)._plan() for r in range(2)]
+    loaders = [train_loader(subset, cfg, 32, "cpu", r, 2) for r in range(2)]
+    plans = [x.plan(0) for x in loaders]
+    for x in loaders:
+        x.close()
     a, b = (set(np.concatenate(p).tolist()) for p in plans)
     assert not a & b and len(a) == len(b) == 9 * 8  # 144 images, 8 per rank-step
 
