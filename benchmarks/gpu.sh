@@ -3,6 +3,7 @@
 # the CUDA tests, then the training-step, loader and probe benchmarks on the GPU.
 #
 #     benchmarks/gpu.sh [LOGDIR]      # PY=python3 by default; LOGDIR gets the logs and JSON
+#     ONLY="data train-resnet18" benchmarks/gpu.sh     # some of the steps
 #
 # Most important first: if time runs out, what is left undone is least needed. Each step runs
 # under its own time limit (together 7 min 55 s) and a failing step does not stop the others;
@@ -17,9 +18,10 @@ mkdir -p "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 
-step() {  # step NAME SECONDS COMMAND...
+step() {  # step NAME SECONDS COMMAND... (only the steps named in $ONLY, if it is set)
     local name=$1 limit=$2
     shift 2
+    [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && return
     echo "== $name ($(date -u +%H:%M:%S))"
     timeout "$limit" "$@" 2>&1 | grep -v -i "warn" | tee "$LOG/gpu-$name.log"
     local rc=${PIPESTATUS[0]}
@@ -34,7 +36,7 @@ d.__version__, '| GPU', torch.cuda.get_device_name(0), '|', os.cpu_count(), 'cor
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
     --format=csv 2>/dev/null | tee "$LOG/gpu-smi.log"
 # The 20,000 JPEGs and their shards every benchmark below shares (~2.2 GB).
-step data 50 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks')
+step data 60 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks')
 from common import imagenet_like; from loader import shards; print(shards(imagenet_like(100, 200)))"
 step tests 60 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 step train-resnet18 130 "$PY" benchmarks/train_step.py --arch resnet18 --res 176 \

@@ -1,6 +1,7 @@
 """The linear-probe protocol: dptrain's L-BFGS in torch against scikit-learn, in one run.
 
     .venv/bin/python benchmarks/probe.py    # target: >= 5x faster on the CPU, top-1 within 0.5
+    python benchmarks/probe.py --extraction-only     # the feature extraction rate alone
 
 50,000 train + 10,000 test features of dimension 512, 10 classes (class centres plus noise, so
 accuracy is well below 100%), the full protocol for both: 45 L2 strengths in [1e-6, 1e5]
@@ -99,6 +100,9 @@ def main() -> None:
           + ", ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items() if k != "images")
           + (" (target >= 10,000 warm on a GPU)" if torch.cuda.is_available() else ""),
           flush=True)
+    if "--extraction-only" in sys.argv[1:]:
+        print(f"wrote {save('probe_extraction', {'extraction_img_per_s': rates})}")
+        return
     xs, ys, xt, yt = data()
     t = time.perf_counter()
     ours = linear_probe(xs, ys, xt, yt, repeats=REPEATS, val_fraction=VAL, seed=0)

@@ -57,10 +57,10 @@ def test_bytes_read_in_one_epoch_equal_subset_bytes(index):
     assert train.bytes_read == s.nbytes
 
 
-def test_opens_only_the_subsets_tars(index):
+def test_maps_only_the_subsets_tars(index):
     s = select(index, 3, 4, seed=0)
     loader = Loader(s, batch_size=4, train=False, res=32)
-    assert len(loader._reader.fds) == 3 < len(index.tar_paths)  # one tar per class here
+    assert len(loader._reader.maps) == 3 < len(index.tar_paths)  # one tar per class here
     assert sum(len(b) for b in epoch_labels(loader)) == 12 and loader.bytes_read == s.nbytes
     loader.close()
 
