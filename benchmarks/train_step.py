@@ -152,14 +152,14 @@ def main() -> None:
     variants.update({v: parse_variant(v) for v in args.variant})
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=DATA) as tmp:
-        for name, (overrides, stream) in variants.items():
-            c = dataclasses.replace(cfg, **overrides)
-            runs[name] = run(c, Path(tmp) / f"loader-{len(runs)}", name, stream)
         T.train_loader = lambda *a, **kw: MemoryLoader(real_loader(*a, **kw))
-        try:
+        try:  # the baseline first: the ratios need it
             memory = run(cfg, Path(tmp) / "memory", "memory")
         finally:
             T.train_loader = real_loader
+        for name, (overrides, stream) in variants.items():
+            c = dataclasses.replace(cfg, **overrides)
+            runs[name] = run(c, Path(tmp) / f"loader-{len(runs)}", name, stream)
         prof = profile(dataclasses.replace(cfg, steps=40),
                        Path(tmp) / "profile", args.profile) if args.profile else None
     ratios = {name: r["steady img/s"] / memory["steady img/s"] for name, r in runs.items()}
