@@ -12,9 +12,9 @@ model trains; (b) uint8 batches decoded beforehand by the same loader and replay
 metrics lines after the first, which holds the pipeline start-up) and the whole run's mean.
 
 `--variant` (repeatable) adds loader-fed runs with other settings, each against the same
-memory-fed run: `key=value[,key=value]` with keys decode, hw_decoder_load, workers, or
-stream=side (the whole run on a non-default CUDA stream). `--profile DIR` also writes a
-torch.profiler trace of a short loader-fed run and prints where the time went.
+memory-fed run: `key=value[,key=value]` with keys decode, hw_decoder_load, workers.
+`--profile DIR` also writes a torch.profiler trace of a short loader-fed run and prints the
+busy share of each CUDA stream.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -66,10 +65,8 @@ class MemoryLoader:
         pass
 
 
-def run(cfg, out: Path, name: str, stream: str = "default") -> dict:
-    side = stream == "side" and torch.cuda.is_available()
-    with torch.cuda.stream(torch.cuda.Stream()) if side else nullcontext():
-        summary = T.train(cfg, out, progress=False)
+def run(cfg, out: Path, name: str) -> dict:
+    summary = T.train(cfg, out, progress=False)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [x["images_per_s"] for x in lines[1:]]
     r = {"steady img/s": sum(steady) / len(steady), "run img/s": summary["images_per_s"],
@@ -80,23 +77,16 @@ def run(cfg, out: Path, name: str, stream: str = "default") -> dict:
     return r
 
 
-def parse_variant(text: str) -> tuple[dict, str]:
-    """'hw_decoder_load=1.0,decode=gpu' -> (config overrides, stream)."""
-    overrides, stream = {}, "default"
+def parse_variant(text: str) -> dict:
+    """'hw_decoder_load=0.65,decode=gpu' -> config overrides."""
+    types = {"decode": str, "hw_decoder_load": float, "workers": int}
+    overrides = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key == "stream":
-            stream = value
-        elif key in ("hw_decoder_load",):
-            overrides[key] = float(value)
-        elif key in ("workers",):
-            overrides[key] = int(value)
-        elif key in ("decode",):
-            overrides[key] = value
-        else:
-            raise SystemExit(f"--variant: unknown key {key!r} (decode, hw_decoder_load, "
-                             "workers, stream)")
-    return overrides, stream
+        if key not in types:
+            raise SystemExit(f"--variant: unknown key {key!r} ({', '.join(types)})")
+        overrides[key] = types[key](value)
+    return overrides
 
 
 def profile(cfg, out: Path, trace_dir: Path) -> dict:
@@ -148,8 +138,7 @@ def main() -> None:
     cfg = T.make_config("fast", data=str(data), arch=arch, res=res, batch_size=batch,
                         steps=steps, log_every=LOG, device=device)
     real_loader = T.train_loader
-    variants = {"default": ({}, "default")}
-    variants.update({v: parse_variant(v) for v in args.variant})
+    variants = {"default": {}, **{v: parse_variant(v) for v in args.variant}}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=DATA) as tmp:
         T.train_loader = lambda *a, **kw: MemoryLoader(real_loader(*a, **kw))
@@ -157,9 +146,9 @@ def main() -> None:
             memory = run(cfg, Path(tmp) / "memory", "memory")
         finally:
             T.train_loader = real_loader
-        for name, (overrides, stream) in variants.items():
-            c = dataclasses.replace(cfg, **overrides)
-            runs[name] = run(c, Path(tmp) / f"loader-{len(runs)}", name, stream)
+        for name, overrides in variants.items():
+            runs[name] = run(dataclasses.replace(cfg, **overrides),
+                             Path(tmp) / f"loader-{len(runs)}", name)
         prof = profile(dataclasses.replace(cfg, steps=40),
                        Path(tmp) / "profile", args.profile) if args.profile else None
     ratios = {name: r["steady img/s"] / memory["steady img/s"] for name, r in runs.items()}

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DPTRAIN, run_cli
 from dptrain.errors import DataError
-from dptrain.sweep import Point, device_slots, grid, schedule, sweep
+from dptrain.sweep import Point, device_slots, grid, schedule, share_of_cores, sweep
 from dptrain.synthetic import Generator, write_pool, write_tasks
 
 
@@ -56,6 +56,14 @@ def test_device_slots_follow_visible_devices(monkeypatch):
         device_slots(5)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert device_slots() == [None]
+
+
+def test_concurrent_runs_share_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert share_of_cores(1) == 16
+    assert share_of_cores(2) == 8  # two GPUs, one run each
+    assert share_of_cores(2, gpus_per_run=2) == 4  # two 2-GPU DDP runs: four processes
+    assert share_of_cores(32) == 1
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +108,11 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     assert sorted((x["K"], x["n"], x["dataset"]) for x in got) == \
         [("2", "8", "synthetic-t1"), ("4", "4", "synthetic-t1")]
     assert all(0 <= float(x["error_mean"]) <= 1 for x in got)
+    # One run at a time on a CPU: each child gets all of this process's cores for DALI.
+    cores = len(os.sched_getaffinity(0))
+    commands = [x for x in (first / "sweep.log").read_text().splitlines() if x.startswith("$ ")]
+    assert [c.split()[4] for c in commands] == ["pretrain", "probe"]  # "$ python -m dptrain"
+    assert all(f"--workers {cores}" in c for c in commands)
     r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out,
                 "--points", "2:8,4:4", *TINY)
     assert "2 finished already, 0 to run" in r.stderr
