@@ -44,6 +44,8 @@ def machine() -> dict:
 
 
 def commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree elsewhere names its commit itself
+        return os.environ["BENCH_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, text=True,
                              capture_output=True, check=True).stdout.strip()
@@ -53,8 +55,7 @@ def commit() -> str:
                                cwd=BENCH, text=True, capture_output=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (a remote GPU machine): the caller names the commit.
-        return os.environ.get("BENCH_COMMIT", "unknown")
+        return "unknown"
 
 
 def save(name: str, figures: dict) -> Path:
