@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/subset_io.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/loader_overhead.py
+	$(PY) benchmarks/eval_decode.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/probe.py
 	$(PY) benchmarks/synthetic.py

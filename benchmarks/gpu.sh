@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with one GPU (~6 minutes on an H200 with 16 cores):
-# the CUDA tests, then the training-step, loader and probe benchmarks on the GPU.
+# the CUDA tests, then the training-step, eval-decode, loader and probe benchmarks on the GPU.
 #
 #     benchmarks/gpu.sh [LOGDIR]      # PY=python3 by default; LOGDIR gets the logs and JSON
 #     ONLY="data train-resnet18" benchmarks/gpu.sh     # some of the steps
 #
 # Most important first: if time runs out, what is left undone is least needed. Each step runs
-# under its own time limit (together 7 min 35 s) and a failing step does not stop the others;
+# under its own time limit (together 7 min 30 s) and a failing step does not stop the others;
 # the exit status is that of the first failure. Results go to benchmarks/results/ as usual.
 # The training-step runs measure the loader's settings against one memory-fed run each:
-# DALI's default hw_decoder_load (0.65) and CPU decoding beside the defaults.
+# DALI's default hw_decoder_load (0.65), a deeper prefetch and CPU decoding beside the
+# defaults; eval_decode.py measures which decoder settings reproduce PIL's pixels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -39,14 +40,15 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu
 # The 20,000 JPEGs and their shards every benchmark below shares (~2.2 GB).
 step data 60 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks')
 from common import imagenet_like; from loader import shards; print(shards(imagenet_like(100, 200)))"
-step tests 80 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+step tests 70 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 step train-resnet18 80 "$PY" benchmarks/train_step.py --arch resnet18 --res 176 \
     --batch-size 256 --steps 240 --images 20000 --variant hw_decoder_load=0.65 \
-    --variant decode=cpu
-step train-resnet50 85 "$PY" benchmarks/train_step.py --arch resnet50 --res 224 \
+    --variant prefetch=4 --variant decode=cpu
+step train-resnet50 75 "$PY" benchmarks/train_step.py --arch resnet50 --res 224 \
     --batch-size 256 --steps 200 --images 20000 --variant decode=cpu
-step loader 75 "$PY" benchmarks/loader.py
-step probe 75 "$PY" benchmarks/probe.py
+step eval-decode 45 "$PY" benchmarks/eval_decode.py
+step loader 60 "$PY" benchmarks/loader.py
+step probe 60 "$PY" benchmarks/probe.py
 # This run's result files only (a transfer back may cap the number of files).
 [ "$LOG" != benchmarks/results ] && find benchmarks/results -name '*.json' -newer "$started" \
     -exec cp {} "$LOG"/ \;

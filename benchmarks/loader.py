@@ -85,7 +85,8 @@ def dptrain_loader(out: Path, device: str) -> tuple[float, dict]:
     rate = timed_epochs(epoch)
     loader.close()
     steady = sorted(waits[len(waits) // 3:])  # after the warm-up epoch
-    return rate, {"main-thread CPU ms/batch": 1e3 * sum(cpu[len(cpu) // 3:]) / len(cpu[len(cpu) // 3:]),
+    timed = cpu[len(cpu) // 3:]
+    return rate, {"main-thread CPU ms/batch": 1e3 * sum(timed) / len(timed),
                   "median wait ms": 1e3 * steady[len(steady) // 2],
                   "epoch-start wait ms": [1e3 * x for x in first[1:]]}
 
@@ -173,7 +174,8 @@ def main() -> None:
           f"(1)/(4) = {r14:.2f} (target >= 1.0 on a GPU)")
     epoch_starts = ", ".join(f"{x:.1f}" for x in costs["epoch-start wait ms"])
     print(f"(1) training-thread CPU per batch: {costs['main-thread CPU ms/batch']:.2f} ms; wait "
-          f"for a batch: median {costs['median wait ms']:.1f} ms, at epoch starts {epoch_starts} ms")
+          f"for a batch: median {costs['median wait ms']:.1f} ms, at epoch starts "
+          f"{epoch_starts} ms")
     path = save("loader", {"images": CLASSES * PER_CLASS, "batch_size": BATCH, "res": RES,
                            "device": device, "epochs": EPOCHS, "img_per_s": rates,
                            "ratio_vs_torchvision": r12, "ratio_vs_decode_only": r13,

@@ -12,7 +12,7 @@ model trains; (b) uint8 batches decoded beforehand by the same loader and replay
 metrics lines after the first, which holds the pipeline start-up) and the whole run's mean.
 
 `--variant` (repeatable) adds loader-fed runs with other settings, each against the same
-memory-fed run: `key=value[,key=value]` with keys decode, hw_decoder_load, workers.
+memory-fed run: `key=value[,key=value]` with keys decode, hw_decoder_load, workers, prefetch.
 `--profile DIR` also writes a torch.profiler trace of a short loader-fed run and prints the
 busy share of each CUDA stream.
 """
@@ -79,7 +79,7 @@ def run(cfg, out: Path, name: str) -> dict:
 
 def parse_variant(text: str) -> dict:
     """'hw_decoder_load=0.65,decode=gpu' -> config overrides."""
-    types = {"decode": str, "hw_decoder_load": float, "workers": int}
+    types = {"decode": str, "hw_decoder_load": float, "workers": int, "prefetch": int}
     overrides = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")

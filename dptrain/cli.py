@@ -142,6 +142,8 @@ TRAIN_OPTIONS = [
                   help="Share of JPEGs the GPU's hardware JPEG decoder takes, the rest going to "
                        "nvJPEG on the SMs [1.0 on H100/H200, measured faster; DALI's 0.65 on "
                        "other GPUs]."),
+    click.option("--prefetch", type=click.IntRange(min=1),
+                  help="Batches DALI prepares ahead, and as many finished ones queued [2]."),
     click.option("--val-data", type=click.Path(exists=True, file_okay=False),
                   help="Held-out images of the same classes (shards made with --classes-from)."),
     click.option("--log-every", type=click.IntRange(min=1),

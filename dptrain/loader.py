@@ -1,4 +1,4 @@
-"""Stream a subset through DALI: JPEG bytes by positioned reads, decoded to uint8 batches.
+"""Stream a subset through DALI: JPEGs straight from the memory-mapped tars, to uint8 batches.
 
 One pipeline definition serves both devices: without a GPU it runs CPU-only
 (`device_id=None`, CPU decode); with one, decoding is "mixed" (the hardware JPEG decoder and
@@ -7,15 +7,15 @@ reads through `fn.external_source` (a sequential tar reader's shuffle buffer giv
 near-single-class batches on class-sorted shards). Batches stay uint8, NHWC (channels-last);
 conversion to float and normalisation belong to the training step, on its device.
 
-A feeder thread owns the pipeline: it reads the JPEG bytes, feeds DALI, waits for its outputs
-and finishes each batch, then queues it. The training thread's share of a batch is one queue
+A feeder thread owns the pipeline: it hands DALI each batch's JPEGs (views of the mapped
+tars), waits for its outputs and finishes each batch, then queues it. The training thread's share of a batch is one queue
 hand-off and, on a GPU, one stream wait (an event recorded by the feeder): it never blocks on
 the decoder's GPU work, which the DALI iterators did (a host sync per batch). The feeder also
 plans across epoch ends: epoch e+1's first batches are read and decoded while epoch e's last
 ones train, so an epoch end does not drain the pipeline.
 
 Resizes that must match PIL (the eval transform on either device; every resize on the CPU)
-are torch's antialiased bilinear kernel, PIL's filter, applied per image by the feeder. On the
+are torch's antialiased bilinear kernel, PIL's filter, applied by the feeder. On the
 CPU, DALI's own resize (antialiased, linear) measured 1.37 ms per 224 px image on one core,
 more than decoding the crop (1.26 ms), against torch's 0.26 ms.
 """
@@ -47,8 +47,9 @@ EVAL_RESIZE = 256 / 224  # default eval: shorter side to res * 256/224, then cen
 def default_hw_decoder_load(device: torch.device) -> float:
     """Share of JPEGs the mixed decoder sends to the GPU's hardware JPEG decoder (the rest go
     to nvJPEG on the SMs, Huffman-decoded on the CPU). H100 and H200 have 7 hardware JPEG
-    engines: on an H200 training ResNet-18, 1.0 ran 29% faster than DALI's default 0.65
-    (benchmarks/README.md). Other GPUs keep DALI's 0.65 (an A100 has one engine; unmeasured)."""
+    engines: on an H200 training ResNet-18, 1.0 ran 7% faster than DALI's default 0.65 (29%
+    on the legacy default stream; benchmarks/README.md). Other GPUs keep DALI's 0.65 (an A100
+    has one engine; unmeasured)."""
     return 1.0 if torch.cuda.get_device_capability(device)[0] == 9 else 0.65
 
 
@@ -165,13 +166,13 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, decode: str,
         on_gpu = gpu and decode == "gpu"
         # affine=False: the decoder's threads are not pinned to the first cores, which the
         # pipelines of two processes on one machine would otherwise share.
-        mixed = dict(device="mixed", hw_decoder_load=hw_decoder_load, affine=False) \
+        decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, affine=False) \
             if on_gpu else dict(device="cpu")
         if train:
             # Fused decode + random-resized-crop: only the crop window is decoded.
             images = fn.decoders.image_random_crop(
                 jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **mixed)
+                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder)
             flip = fn.random.coin_flip()
             if not gpu:  # the feeder resizes and flips the crops (see the module docstring)
                 return images, labels, flip
@@ -183,8 +184,8 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, decode: str,
             return images, labels.gpu()
         # Eval: libjpeg-turbo's chroma upsampling on the GPU too, so both devices decode alike.
         if on_gpu:
-            mixed["jpeg_fancy_upsampling"] = True
-        images = fn.decoders.image(jpegs, output_type=types.RGB, **mixed)
+            decoder["jpeg_fancy_upsampling"] = True
+        images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
         return (images.gpu(), labels.gpu()) if gpu else (images, labels)
 
     return pipe()
@@ -369,6 +370,8 @@ class Loader:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if decode not in ("auto", "gpu", "cpu") or (decode == "gpu" and not gpu):
             raise ValueError(f"decode must be auto or cpu, or gpu on a GPU, not {decode!r}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, not {prefetch}")
         if hw_decoder_load is None:
             hw_decoder_load = default_hw_decoder_load(self.device) if gpu else 0.0
         if not 0 <= hw_decoder_load <= 1:

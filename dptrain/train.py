@@ -58,6 +58,7 @@ class TrainConfig:
     workers: int | None = None  # DALI threads (default: this process's share of the cores)
     decode: str = "auto"  # JPEG decoding: "auto" (the GPU's decoders on a GPU run), "gpu", "cpu"
     hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder (auto)
+    prefetch: int = 2  # batches DALI prepares ahead, and as many finished ones queued
     log_every: int = 50  # steps between metrics lines (each one syncs host and device)
     recipe: str = "fast"
 
@@ -116,6 +117,8 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
     if cfg.decode not in ("auto", "gpu", "cpu") or (cfg.decode == "gpu" and not cuda):
         raise DataError(f"--decode must be auto or cpu, or gpu on a GPU run, not {cfg.decode!r}")
+    if cfg.prefetch < 1:
+        raise DataError(f"--prefetch must be at least 1, not {cfg.prefetch}")
     if cfg.hw_decoder_load is not None and not 0 <= cfg.hw_decoder_load <= 1:
         raise DataError(f"--hw-decoder-load must be in 0..1, not {cfg.hw_decoder_load}")
 
@@ -213,7 +216,8 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int,
     """This rank's training loader: the epoch order is shared, each rank reads its own part."""
     return Loader(subset, batch_size=cfg.batch_size // world, train=True, res=res,
                   device=device, seed=cfg.seed, rank=rank, world_size=world,
-                  threads=cfg.workers, decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load)
+                  threads=cfg.workers, decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load,
+                  prefetch=cfg.prefetch)
 
 
 def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:

@@ -167,6 +167,14 @@ def test_eval_resize_below_one_is_refused(index):
         Loader(select(index, 2, 4, seed=0), batch_size=8, train=False, res=48, eval_resize=0.9)
 
 
+@pytest.mark.parametrize("bad, message", [(dict(prefetch=0), "prefetch must be at least 1"),
+                                          (dict(hw_decoder_load=1.5), "must be in 0..1"),
+                                          (dict(decode="gpu"), "or gpu on a GPU")])
+def test_bad_loader_options_are_refused(index, bad, message):
+    with pytest.raises(ValueError, match=message):
+        Loader(select(index, 2, 4, seed=0), batch_size=8, train=True, res=32, **bad)
+
+
 def test_damaged_tar_names_file_and_sample(tmp_path, texture):
     src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=6, bad=False)
     shard_dataset(src, tmp_path / "out", progress=False)

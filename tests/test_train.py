@@ -155,6 +155,9 @@ def test_bad_options_are_one_line_errors(shards, tmp_path):
     if not torch.cuda.is_available():
         assert "CUDA is not available" in err("--device", "cuda")
         assert "--amp fp16 needs a GPU" in err("--amp", "fp16")
+        assert "or gpu on a GPU run" in err("--decode", "gpu")
+    assert "0<=x<=1" in err("--hw-decoder-load", "1.5")
+    assert "x>=1" in err("--prefetch", "0")
     assert "no full batch of 512" in err("--classes", "2", "--per-class", "10",
                                          "--batch-size", "512")
     assert not (tmp_path / "r").exists()  # refused before anything was written
