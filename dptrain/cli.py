@@ -414,8 +414,16 @@ def _pairs(ctx, param, value):
 @click.option("--slurm-time", default=240, type=click.IntRange(min=1),
               help="Slurm time limit per point, minutes.")
 @click.option("--slurm-cpus", default=16, type=click.IntRange(min=1), help="CPUs per job.")
+@click.option("--dry-run", is_flag=True,
+              help="Run nothing: print every feasible point, the images its pre-training "
+                   "processes and its estimated wall time, and the sweep's total.")
+@click.option("--img-per-s", type=click.FloatRange(min=0, min_open=True),
+              help="With --dry-run: training throughput per GPU (or per CPU run) [the newest "
+                   "benchmarks/results/train_step-*.json of the same --arch and --res].")
+@click.option("--plan-gpus", type=click.IntRange(min=1),
+              help="With --dry-run: GPUs to plan for [the visible ones].")
 def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats, launcher,
-          slurm_partition, slurm_time, slurm_cpus, **options):
+          slurm_partition, slurm_time, slurm_cpus, dry_run, img_per_s, plan_gpus, **options):
     """Pre-train and probe every (K, n, seed) of a grid: the paper's experiment.
 
     Each point is `dptrain pretrain` + `dptrain probe --suite`, in OUT/runs/K{K}-n{n}-s{seed}.
@@ -439,6 +447,9 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
         click.echo(f"skipped (infeasible) {reason}", err=True)
     if not todo:
         raise UserError("no feasible point in the grid")
+    if dry_run:
+        _dry_run(todo, ShardIndex.load(data), cfg, options["gpus"] or 1, img_per_s, plan_gpus)
+        return
     budget = (f"fixed steps: {cfg.steps} per run" if cfg.steps else
               f"fixed epochs: {cfg.epochs} per run (steps grow with N)")
     slots = None
@@ -469,6 +480,38 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
         for f in r["failed"]:
             click.echo(f"  failed {f['run']}: {f['error']}", err=True)
         sys.exit(1)
+
+
+def _dry_run(points, index, cfg, gpus_per_run: int, img_per_s: float | None,
+             plan_gpus: int | None) -> None:
+    """`sweep --dry-run`: the plan's table and total, from `sweep.plan`."""
+    import torch
+
+    from .sweep import measured_throughput, plan
+
+    gpus = plan_gpus or torch.cuda.device_count()
+    device = "cuda" if gpus else "cpu"
+    source = "--img-per-s"
+    if img_per_s is None:
+        found = measured_throughput(cfg.arch, cfg.res, device)
+        img_per_s, source = found if found else (None, None)
+    slots = max(1, gpus // gpus_per_run) if gpus else 1
+    p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s)
+    click.echo(f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'est. time':>10s}")
+    for r in p["runs"]:
+        t = f"{r['seconds'] / 60:.1f} min" if r["seconds"] is not None else "-"
+        click.echo(f"{r['run']:>18s} {r['K']:6d} {r['n']:6d} {r['N']:9,d} {r['images']:12,d} "
+                   f"{t:>10s}")
+    where = (f"{gpus} GPU(s), {slots} run(s) at a time, {gpus_per_run} GPU(s) each" if gpus
+             else "this CPU, one run at a time")
+    click.echo(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training, on {where}")
+    if p["seconds"] is None:
+        click.echo(f"no throughput for --arch {cfg.arch} at --res {cfg.res} on {device} in "
+                   "benchmarks/results: give --img-per-s to estimate the time")
+    else:
+        click.echo(f"estimated wall time: {p['seconds'] / 3600:.2f} h at "
+                   f"{img_per_s:,.0f} img/s per {'GPU' if gpus else 'run'} ({source}); "
+                   "probing not counted")
 
 
 @main.command()

@@ -2,8 +2,9 @@
 
 Per downstream set (and their average): a contour map of mean error over (log K, log n) with
 dashed anti-diagonals at each budget N and the best point of each N marked; error against
-log(K / n), one curve per N with +-1 std over seeds as a band; and a Markdown table of
-mean +- std per point. SWEEP/report/report.md links them. matplotlib, no display needed.
+log(K / n), one curve per N with +-1 std over seeds as a band; a Markdown table of mean +- std
+per point; and the error model's fits with their residuals and any parameter on a bound.
+SWEEP/report/report.md links them. matplotlib, no display needed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from .shards import write_atomic
 from .sweep import AVERAGE, best_per_size, errors_by_point, read_results
+from .theory import FitError, fit_line, fit_points, residual_line
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -129,6 +131,21 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
             f"N={s:,}: K={k}, n={n} (K/n={k / n:.3g}, "
             f"error {statistics.mean(points[(k, n, s)]):.4f})"
             for s, (k, n, _) in sorted(best.items())))
+    md += ["", "## Model fit", "",
+           "err(K, n) = c0 + a K^-alpha + b n^-beta by bounded least squares on every point's "
+           "mean error, free and with alpha = beta (`dptrain predict` adds intervals over seeds "
+           "and the best split for a budget). A parameter ON A BOUND is where the fit stopped, "
+           "not an estimate.", ""]
+    for name, points in by_set.items():
+        for tied in (False, True):
+            label = f"{name}, {'alpha = beta' if tied else 'free'}"
+            try:
+                f, keys = fit_points(points, tied=tied)
+            except FitError as e:
+                md.append(f"- {label}: not fitted: {e}")
+                continue
+            md += [f"- {label}: {fit_line(f)}",
+                   f"  - residuals (measured - fit): {residual_line(keys, f.residuals)}"]
     md += ["", "## Figures", ""]
     for name, points in by_set.items():
         c, r = f"contour-{_slug(name)}.png", f"ratio-{_slug(name)}.png"

@@ -31,7 +31,7 @@ from pathlib import Path
 from .errors import DataError
 from .index import ShardIndex
 from .shards import write_atomic
-from .subset import select
+from .subset import select, steps_per_epoch
 
 RESULTS = "results.csv"
 COLUMNS = ("run", "K", "n", "N", "seed", "dataset", "top1_mean", "top1_std", "error_mean",
@@ -85,6 +85,52 @@ def feasible(index: ShardIndex, triples: list[tuple[int, int, int]], seeds: list
                 continue
             ok.append(Point(k, n, seed, size))
     return ok, skipped
+
+
+BENCH_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def measured_throughput(arch: str, res: int, device: str,
+                        results: Path = BENCH_RESULTS) -> tuple[float, str] | None:
+    """The loader-fed steady img/s of the newest train_step benchmark of this architecture,
+    resolution and device (benchmarks/results/train_step-*.json), and its file name."""
+    for path in sorted(results.glob("train_step-*.json"), reverse=True):
+        try:
+            r = json.loads(path.read_text())
+            if (r["arch"], r["res"], r["device"]) == (arch, res, device):
+                return float(r["loader"]["steady img/s"]), path.name
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_run: int = 1,
+         img_per_s: float | None = None) -> dict:
+    """What a sweep would cost, before running it: the images each run's pre-training
+    processes (as `train` counts its steps) and, from a throughput per GPU (or per CPU run),
+    each run's wall time and the sweep's, with the scheduler's order (each point to the
+    first free slot) on `slots` runs at a time. Probing is not counted."""
+    import heapq
+
+    runs = []
+    for p in points:
+        samples = len(select(index, p.classes, p.per_class, seed=p.seed,
+                             allow_fewer=cfg.allow_fewer))
+        per_epoch = steps_per_epoch(samples, cfg.batch_size // gpus_per_run, gpus_per_run)
+        steps = cfg.steps or cfg.epochs * per_epoch
+        images = steps * cfg.batch_size
+        seconds = images / (img_per_s * gpus_per_run) if img_per_s else None
+        runs.append({"run": p.name, "K": p.classes, "n": p.per_class, "N": p.size,
+                     "seed": p.seed, "samples": samples, "steps": steps, "images": images,
+                     "seconds": seconds})
+    total = None
+    if img_per_s:
+        free = [0.0] * slots
+        for r in runs:
+            heapq.heappush(free, heapq.heappop(free) + r["seconds"])
+        total = max(free)
+    return {"runs": runs, "images": sum(r["images"] for r in runs), "seconds": total,
+            "slots": slots, "gpus_per_run": gpus_per_run, "img_per_s": img_per_s}
 
 
 def finished(run: Path, datasets: list[str]) -> bool:

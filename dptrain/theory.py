@@ -42,6 +42,7 @@ class Fit:
     rmse: float
     points: int
     at_bounds: tuple[str, ...] = ()  # parameters that ended on a bound: treat with suspicion
+    residuals: tuple[float, ...] = ()  # measured - fitted error, in the order of the points
 
     def err(self, k, n):
         return self.c0 + self.a * np.power(k, -self.alpha) + self.b * np.power(n, -self.beta)
@@ -104,12 +105,48 @@ def fit(k, n, err, *, tied: bool = False) -> Fit:
         raise FitError("the fit did not converge from any start")
     c0, a, alpha, b, beta = unpack(best.x)
     values = dict(zip(names, best.x))
+    # A parameter the errors do not move at the solution (e.g. an exponent whose amplitude
+    # went to 0) could take any value: the fit is underdetermined, and so is K*.
+    sv = np.linalg.svd(best.jac, compute_uv=False)
+    rank = int((sv > sv[0] * 1e-8).sum()) if sv[0] > 0 else 0
+    if rank < len(names):
+        found = ", ".join(f"{x}={values[x]:.3g}" for x in names)
+        raise FitError(f"the fit is underdetermined: the points pin only {rank} of its "
+                       f"{len(names)} parameters ({found})")
     at_bounds = tuple(x for x in names
                       if np.isclose(values[x], _LOWER[x], rtol=0, atol=1e-6)
                       or np.isclose(values[x], _UPPER[x], rtol=1e-4))
     rmse = float(np.sqrt(np.mean(best.fun ** 2)))
     return Fit(float(c0), float(a), float(alpha), float(b), float(beta), tied, rmse,
-               len(err), at_bounds)
+               len(err), at_bounds, tuple(float(-r) for r in best.fun))
+
+
+def fit_points(points: dict[tuple, list[float]], *, tied: bool = False) -> tuple[Fit, list]:
+    """The fit to mean errors at {(K, n, N): [error of each seed]}, and the points in the
+    order of its residuals (by N, then K)."""
+    keys = sorted(points, key=lambda p: (p[2], p[0]))
+    f = fit([p[0] for p in keys], [p[1] for p in keys],
+            [float(np.mean(points[p])) for p in keys], tied=tied)
+    return f, keys
+
+
+def fit_line(f: Fit, intervals: dict | None = None) -> str:
+    """The fitted parameters in one line, with 95% intervals when given; a parameter that
+    ended on a bound is flagged: its value is a limit of the fit, not an estimate."""
+    p, iv = f.as_dict(), intervals or {}
+    values = " ".join(f"{k}={p[k]:.3g}" + (f" [{iv[k][0]:.3g}, {iv[k][1]:.3g}]" if iv.get(k)
+                                            else "") for k in PARAMS)
+    flag = (f"; ON A BOUND: {', '.join(f.at_bounds)} (a limit of the fit, not an estimate)"
+            if f.at_bounds else "")
+    return f"{values}, rmse {f.rmse:.4f}{flag}"
+
+
+def residual_line(keys: list[tuple], residuals) -> str:
+    """Measured - fitted error per point, grouped by budget: where the model misses."""
+    by_size: dict[int, list[str]] = {}
+    for (k, n, size), x in zip(keys, residuals):
+        by_size.setdefault(size, []).append(f"{k}x{n} {x:+.4f}")
+    return "; ".join(f"N={s:,}: " + ", ".join(v) for s, v in by_size.items())
 
 
 def bootstrap(points: dict[tuple, list[float]], *, tied: bool = False,
@@ -217,21 +254,26 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         if measured:
             entry["measured_best_at_size"] = {"classes": measured[0], "per_class": measured[1],
                                               "error": float(np.mean(points[measured]))}
-        keys = sorted(fitted)
+        single = sum(len(v) < 2 for v in fitted.values())
         for tied in (False, True):
             label = "tied" if tied else "free"
             try:
-                f = fit([p[0] for p in keys], [p[1] for p in keys],
-                        [float(np.mean(fitted[p])) for p in keys], tied=tied)
+                f, keys = fit_points(fitted, tied=tied)
                 pred = best_split(f, size, **limits)
             except FitError as e:
                 entry[label] = {"error": str(e)}
                 out["failures"].append(f"{name}, {label} fit: {e}")
                 continue
-            boots = bootstrap(fitted, tied=tied, samples=samples) if samples else []
+            # Resampling one seed per point gives the same fit every time: a zero-width
+            # interval that would claim certainty the runs do not have.
+            boots = bootstrap(fitted, tied=tied, samples=samples) if samples and not single \
+                else []
             r = {"params": f.as_dict(), "ratio_at": {str(s): f.best_ratio(s) for s in sizes},
                  "prediction": pred, "bootstrap_fits": len(boots),
-                 "intervals": {p: _interval([getattr(b, p) for b in boots]) for p in PARAMS}}
+                 "single_seed_points": single,
+                 "intervals": {p: _interval([getattr(b, p) for b in boots]) for p in PARAMS},
+                 "residuals": [{"classes": p[0], "per_class": p[1], "size": p[2],
+                                "residual": x} for p, x in zip(keys, f.residuals)]}
             r["intervals"]["classes"] = _interval(
                 [best_split(b, size, **limits)["classes"] for b in boots])
             if max_classes:
@@ -268,16 +310,17 @@ def render(out: dict) -> str:
             if "error" in r:
                 lines.append(f"  {label} fit: not possible: {r['error']}")
                 continue
-            p, iv = r["params"], r["intervals"]
-
-            def pm(k: str) -> str:
-                return (f"{p[k]:.3g} [{iv[k][0]:.3g}, {iv[k][1]:.3g}]" if iv.get(k)
-                        else f"{p[k]:.3g}")
             pred = r["prediction"]
+            f = Fit(**r["params"])
             lines.append(f"  {label} fit{' (alpha = beta)' if label == 'tied' else ''}: "
-                         f"c0={pm('c0')} a={pm('a')} alpha={pm('alpha')} b={pm('b')} "
-                         f"beta={pm('beta')}, rmse {p['rmse']:.4f}"
-                         + (f", at bounds: {', '.join(p['at_bounds'])}" if p["at_bounds"] else ""))
+                         + fit_line(f, r["intervals"]))
+            if not r["bootstrap_fits"]:
+                lines.append("    no 95% intervals: " + (
+                    f"a single seed at {r['single_seed_points']} of {e['points']} points "
+                    "(run --seeds 2 or more)" if r["single_seed_points"] else "--bootstrap 0"))
+            lines.append("    residuals (measured - fit): " + residual_line(
+                [(x["classes"], x["per_class"], x["size"]) for x in r["residuals"]],
+                [x["residual"] for x in r["residuals"]]))
             lines.append("    r* = K*/n* at measured N: " + ", ".join(
                 f"N={int(s):,}: {v:.3g}" for s, v in r["ratio_at"].items()))
             ci = r["intervals"].get("classes")

@@ -169,3 +169,50 @@ def test_ctrl_c_stops_the_sweep_with_a_message(tmp_path, synthetic):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "run the same command again" in err
     assert "Traceback" not in err
+
+
+def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8,4:4,9:20",
+            "--recipe", "synthetic", "--epochs", "3", "--batch-size", "8", "--seeds", "2",
+            "--dry-run", "--img-per-s", "16"]
+    p = run_cli(*args, "--plan-gpus", "1")
+    # By hand: K=2 x n=8 and K=4 x n=4 are 16 images each; 3 epochs of 16 // 8 = 2 steps of
+    # 8 images = 48 images, 3 s at 16 img/s; 2 points x 2 seeds = 4 runs, 12 s one at a time.
+    assert "skipped (infeasible) K=9 n=20" in p.stderr
+    lines = p.stdout.splitlines()
+    runs = [x.split() for x in lines if x.strip().startswith("K")]
+    assert [r[0] for r in runs] == ["K2-n8-s0", "K2-n8-s1", "K4-n4-s0", "K4-n4-s1"]
+    assert all(r[4] == "48" and r[5:] == ["0.1", "min"] for r in runs)
+    assert "4 runs, 192 images of pre-training, on 1 GPU(s), 1 run(s) at a time" in p.stdout
+    assert f"estimated wall time: {12 / 3600:.2f} h at 16 img/s per GPU (--img-per-s)" \
+        in p.stdout
+    p = run_cli(*args, "--plan-gpus", "2", "--steps", "10")  # fixed steps: 80 images a run
+    assert "4 runs, 320 images" in p.stdout and "2 run(s) at a time" in p.stdout
+    assert f"{2 * 80 / 16 / 3600:.2f} h" in p.stdout
+    assert not out.exists()  # nothing was run or written
+
+
+def test_plan_schedules_like_the_sweep_and_reads_benchmark_throughput(tmp_path, synthetic):
+    import json as js
+
+    from dptrain.index import ShardIndex
+    from dptrain.sweep import measured_throughput, plan
+    from dptrain.train import make_config
+
+    data, _ = synthetic
+    cfg = make_config("synthetic", data=str(data), epochs=1, batch_size=8)
+    pts = [Point(2, 8, s, 16) for s in range(3)] + [Point(6, 12, 0, 72)]
+    p = plan(pts, ShardIndex.load(data), cfg, slots=2, img_per_s=8)
+    assert [r["images"] for r in p["runs"]] == [16, 16, 16, 72]  # 2 and 9 steps of 8
+    # in order, each to the first free slot: 2 s | 2 s, then 2 s on the first (4 s), then the
+    # 9 s run on the second (2 + 9 = 11 s): the sweep ends at 11 s
+    assert p["seconds"] == pytest.approx(11.0)
+    for day, arch, rate in ((1, "resnet18", 900.0), (2, "resnet18", 1000.0),
+                            (3, "resnet50", 300.0)):
+        (tmp_path / f"train_step-2026010{day}-000000.json").write_text(js.dumps(
+            {"arch": arch, "res": 176, "device": "cuda", "loader": {"steady img/s": rate}}))
+    assert measured_throughput("resnet18", 176, "cuda", tmp_path) == \
+        (1000.0, "train_step-20260102-000000.json")  # the newest that matches
+    assert measured_throughput("resnet18", 176, "cpu", tmp_path) is None

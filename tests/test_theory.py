@@ -90,7 +90,8 @@ def test_bootstrap_and_measured_ratio():
     assert split_for_ratio(4.0, 10_000, max_classes=100)["clipped"]
 
 
-def fake_sweep(root, sizes=(1000, 4000), ks=(4, 10, 25, 63, 160), seeds=2, sets=("a", "b")):
+def fake_sweep(root, sizes=(1000, 4000), ks=(4, 10, 25, 63, 160), seeds=2, sets=("a", "b"),
+               params=TRUE, noise=0.002):
     """A sweep folder whose results.csv comes from the model plus noise."""
     rng = np.random.default_rng(2)
     root.mkdir(parents=True)
@@ -102,7 +103,7 @@ def fake_sweep(root, sizes=(1000, 4000), ks=(4, 10, 25, 63, 160), seeds=2, sets=
                 n = s // k
                 for seed in range(seeds):
                     for j, name in enumerate(sets):
-                        err = float(model(k, n)) + 0.02 * j + rng.normal(0, 0.002)
+                        err = float(model(k, n, params)) + 0.02 * j + rng.normal(0, noise)
                         w.writerow({c: 0 for c in COLUMNS} | {
                             "run": f"K{k}-n{n}-s{seed}", "K": k, "n": n,
                             "seed": seed, "dataset": name, "top1_mean": 1 - err, "N": s,
@@ -152,3 +153,44 @@ def test_empty_sweep_is_a_clear_error(tmp_path):
     for cmd in (["report", tmp_path], ["predict", tmp_path, "--size", "100"]):
         p = run_cli(*cmd, check=False)
         assert p.returncode == 2 and "no finished run" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_parameter_on_a_bound_is_flagged_in_predict_and_the_report(tmp_path):
+    # The errors want a negative floor; c0 >= 0 stops it at 0: a limit, not an estimate.
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), params={**TRUE, "c0": -0.1})
+    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
+                "--max-per-class", "1300", "--bootstrap", "0")
+    assert "ON A BOUND: c0" in p.stdout
+    assert "ON A BOUND: c0" in write_report(root).read_text()
+
+
+def test_a_single_seed_gives_no_interval_and_residuals_are_shown(tmp_path):
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), seeds=1)
+    args = ["predict", root, "--size", "64000", "--max-classes", "1000", "--max-per-class",
+            "1300", "--bootstrap", "50"]
+    p = run_cli(*args)
+    assert "no 95% intervals: a single seed" in p.stdout and "interval" not in \
+        p.stdout.replace("no 95% intervals", "")
+    assert "residuals (measured - fit): N=1,000: 4x250 " in p.stdout
+    free = json.loads(run_cli(*args, "--json").stdout)["sets"]["a"]["free"]
+    assert free["bootstrap_fits"] == 0 and free["intervals"]["classes"] is None
+    # a residual is the measured error less the fitted one, at its point
+    f = Fit(**free["params"])
+    with open(root / "results.csv") as fh:
+        measured = {(int(r["K"]), int(r["n"])): float(r["error_mean"])
+                    for r in csv.DictReader(fh) if r["dataset"] == "a"}
+    for x in free["residuals"]:
+        k, n = x["classes"], x["per_class"]
+        assert x["residual"] == pytest.approx(measured[k, n] - float(f.err(k, n)), abs=1e-9)
+
+
+def test_an_underdetermined_fit_exits_1_with_the_reason(tmp_path):
+    # Errors that do not depend on K: the class term's exponent could be anything.
+    flat_k = {**TRUE, "a": 0.0}
+    with pytest.raises(FitError, match="underdetermined"):
+        k, n = zip(*grid_points())
+        fit(k, n, model(np.array(k), np.array(n), flat_k))
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), params=flat_k, noise=0)
+    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
+                "--max-per-class", "1300", "--bootstrap", "0", check=False)
+    assert p.returncode == 1 and "underdetermined" in p.stdout and "Traceback" not in p.stderr
