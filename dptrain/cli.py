@@ -124,6 +124,8 @@ TRAIN_OPTIONS = [
     click.option("--momentum", type=click.FloatRange(0, 1)),
     click.option("--weight-decay", type=click.FloatRange(min=0)),
     click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True)),
+    click.option("--warmup-epochs", type=click.FloatRange(min=0),
+                  help="Linear learning-rate warm-up, in epochs of the subset (0: none)."),
     click.option("--res", type=click.IntRange(min=16), help="Training resolution in px (final, "
                   "if progressive; --res alone turns progressive resolution off)."),
     click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
@@ -539,8 +541,11 @@ def report(sweep_dir):
               help="Images per class available [the smallest class of the shard set].")
 @click.option("--bootstrap", "samples", default=200, type=click.IntRange(min=0),
               help="Bootstrap fits over seeds for the uncertainty (0: none).")
+@click.option("--fit-near", "near", type=click.FloatRange(min=1),
+              help="Fit only the points whose K/n is within this factor of their budget's "
+                   "best measured K/n [all points].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def predict(sweep_dir, size, fit_sizes, max_classes, max_per_class, samples, as_json):
+def predict(sweep_dir, size, fit_sizes, max_classes, max_per_class, samples, near, as_json):
     """Fit err(K, n) = c0 + a K^-alpha + b n^-beta to a sweep and predict the best K, n for N.
 
     Per downstream set and their average: the free fit and the alpha = beta fit (the paper's
@@ -551,7 +556,7 @@ def predict(sweep_dir, size, fit_sizes, max_classes, max_per_class, samples, as_
     from .theory import predict_sweep, render
 
     out = predict_sweep(sweep_dir, size, fit_sizes=fit_sizes, max_classes=max_classes,
-                        max_per_class=max_per_class, samples=samples)
+                        max_per_class=max_per_class, samples=samples, near=near)
     click.echo(json.dumps(out, indent=1) if as_json else render(out))
     if out["failures"]:
         sys.exit(1)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .shards import write_atomic
 from .sweep import AVERAGE, best_per_size, errors_by_point, read_results
-from .theory import FitError, fit_line, fit_points, residual_line
+from .theory import FitError, data_limits, fit_line, fit_points, holdout_check, residual_line
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -30,7 +30,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path) -> None:
+def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path,
+                   optima: dict[int, tuple[float, float]] | None = None) -> None:
+    """`optima`: {N: (K*, n*)} from the fitted model, marked as white circles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,15 +62,21 @@ def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], p
         edge = min(x.max() + 0.2, math.log10(size) - y.min() + 0.2)  # where the line leaves
         ax.annotate(f"N={size:,}", (edge, math.log10(size) - edge), fontsize=7, ha="right",
                     va="bottom")
+    for k, n in (optima or {}).values():
+        ax.plot(math.log10(k), math.log10(n), "o", mfc="none", mec="white", mew=2, ms=14,
+                zorder=5)
     ax.set(xlim=(x.min() - 0.2, x.max() + 0.2), ylim=(y.min() - 0.2, y.max() + 0.2),
            xlabel="log10 K (classes)", ylabel="log10 n (images per class)",
-           title=f"{name}: error over (K, n); dashed: fixed N, star: best per N")
+           title=f"{name}: error over (K, n); dashed: fixed N, star: best per N"
+           + (", circle: the fit's optimum" if optima else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path) -> None:
+def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path,
+                 model=None) -> None:
+    """`model`: a fitted theory.Fit, drawn dashed over each N's measured range of K/n."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,11 +86,16 @@ def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], pat
     for size in sorted({p[2] for p in points}):
         pts = sorted((k / n, *_stats(v)) for (k, n, s), v in points.items() if s == size)
         r, mean, std = (np.array(c) for c in zip(*pts))
-        ax.plot(r, mean, "o-", label=f"N={size:,}")
+        line, = ax.plot(r, mean, "o-", label=f"N={size:,}")
         ax.fill_between(r, mean - std, mean + std, alpha=0.2)
+        if model is not None:  # K = sqrt(r N), n = sqrt(N / r)
+            rr = np.geomspace(r.min(), r.max(), 60)
+            ax.plot(rr, model.err(np.sqrt(rr * size), np.sqrt(size / rr)), "--",
+                    color=line.get_color(), lw=1)
     ax.set_xscale("log")
     ax.set(xlabel="K / n (classes per image-per-class)", ylabel="downstream error",
-           title=f"{name}: error against K/n (band: +-1 std over seeds)")
+           title=f"{name}: error against K/n (band: +-1 std over seeds"
+           + ("; dashed: the fit)" if model is not None else ")"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -103,6 +116,35 @@ def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
         lines.append(f"| {size:,} | {k} | {n} | {k / n:.3g} | {seeds} | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+def holdout_section(by_set: dict[str, dict], limits: dict) -> list[str]:
+    """The prediction checked on the largest budget (theory.holdout_check), as a table."""
+    checks = {name: holdout_check(points, limits=limits) for name, points in by_set.items()}
+    checks = {k: v for k, v in checks.items() if v}
+    if not checks:
+        return ["", "## The prediction, checked", "",
+                "Needs 3 or more budgets: the smaller ones are fitted, the largest checked.", ""]
+    c0 = next(iter(checks.values()))
+    md = ["", f"## The prediction, checked at N={c0['size']:,}", "",
+          f"Fitted on N = {', '.join(f'{s:,}' for s in c0['fit_sizes'])} only; the best split "
+          f"of N = {c0['size']:,} predicted by each method, and what was measured there "
+          "(mean +- std over seeds; '-': that split was not run).", "",
+          "| set | method | predicted K x n | its measured error | measured best | gap, points |",
+          "|---|---|---|---|---|---|"]
+    for name, c in checks.items():
+        b = c["best"]
+        best = f"{b['classes']} x {b['per_class']}: {b['error'][0]:.4f} +- {b['error'][1]:.4f}"
+        for r in c["rows"]:
+            if "error" in r:
+                md.append(f"| {name} | {r['method']} | not fitted: {r['error']} | | {best} | |")
+                continue
+            m = r["measured"]
+            got = "-" if m is None else f"{m[0]:.4f} +- {m[1]:.4f}"
+            gap = "-" if r["gap_points"] is None else f"{r['gap_points']:+.1f}"
+            md.append(f"| {name} | {r['method']} | {r['classes']} x {r['per_class']} | {got} | "
+                      f"{best} | {gap} |")
+    return md + [""]
 
 
 def write_report(sweep_dir: str | os.PathLike) -> Path:
@@ -136,6 +178,7 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
            "mean error, free and with alpha = beta (`dptrain predict` adds intervals over seeds "
            "and the best split for a budget). A parameter ON A BOUND is where the fit stopped, "
            "not an estimate.", ""]
+    models = {}  # the free fit of each set, drawn on its figures
     for name, points in by_set.items():
         for tied in (False, True):
             label = f"{name}, {'alpha = beta' if tied else 'free'}"
@@ -144,13 +187,18 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
             except FitError as e:
                 md.append(f"- {label}: not fitted: {e}")
                 continue
+            models.setdefault(name, f)
             md += [f"- {label}: {fit_line(f)}",
                    f"  - residuals (measured - fit): {residual_line(keys, f.residuals)}"]
+    md += holdout_section(by_set, data_limits(sweep_dir))
     md += ["", "## Figures", ""]
     for name, points in by_set.items():
         c, r = f"contour-{_slug(name)}.png", f"ratio-{_slug(name)}.png"
-        contour_figure(name, points, out / c)
-        ratio_figure(name, points, out / r)
+        f = models.get(name)
+        optima = {s: (k, s / k) for s in sorted({p[2] for p in points})
+                  for k in [f.best_classes(s)] if f and 0 < k < math.inf}
+        contour_figure(name, points, out / c, optima)
+        ratio_figure(name, points, out / r, f)
         md += [f"### {name}", "", f"![error over (log K, log n)]({c})", "",
                f"![error against K/n]({r})", ""]
     (out / "table.md").write_text(table(by_set))

@@ -293,8 +293,14 @@ def sweep(spec: dict, points: list[Point], datasets: list[str], *, launcher: str
     """Run the points not finished yet; write sweep.json, failures.json and results.csv."""
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
+    # Every point ever run here keeps its budget N: a later call may add points (a predicted
+    # split, say) without relabelling the earlier ones.
+    known = {}
+    if (out / "sweep.json").is_file():
+        known = {p["run"]: p["N"] for p in json.loads((out / "sweep.json").read_text())["points"]}
+    known.update({p.name: p.size for p in points})
     write_atomic(out / "sweep.json", json.dumps(
-        {**spec, "points": [{"run": p.name, "N": p.size} for p in points]}, indent=1).encode())
+        {**spec, "points": [{"run": r, "N": n} for r, n in known.items()]}, indent=1).encode())
     todo = [p for p in points if not finished(out / "runs" / p.name, datasets)]
     log(f"{len(points)} points, {len(points) - len(todo)} finished already, {len(todo)} to run")
     if launcher == "local":

@@ -141,6 +141,59 @@ def fit_line(f: Fit, intervals: dict | None = None) -> str:
     return f"{values}, rmse {f.rmse:.4f}{flag}"
 
 
+def near_minimum(points: dict[tuple, list[float]], factor: float) -> dict[tuple, list[float]]:
+    """The points whose K/n lies within `factor` of their budget's best measured K/n. A fit
+    to them describes the error where the optimum is; the extremes (a handful of classes,
+    or a handful of images per class) bend away from the model and would drag it."""
+    best = best_per_size(points)
+    out = {}
+    for p, v in points.items():
+        k0, n0, _ = best[p[2]]
+        if abs(math.log(p[0] / p[1] * n0 / k0)) <= math.log(factor) + 1e-9:
+            out[p] = v
+    return out
+
+
+def holdout_check(points: dict[tuple, list[float]], *, near: float | None = None,
+                  limits: dict | None = None) -> dict | None:
+    """The prediction checked on the sweep itself: fit every budget but the largest, predict
+    the largest's best split (free fit, alpha = beta fit, ratio rule) and compare with what
+    was measured there: the predicted split's own error when it was run, and the best. None
+    with fewer than 3 budgets."""
+    sizes = sorted({p[2] for p in points})
+    if len(sizes) < 3:
+        return None
+    size = sizes[-1]
+    small = {p: v for p, v in points.items() if p[2] != size}
+    if near:
+        small = near_minimum(small, near)
+    measured = {(p[0], p[1]): v for p, v in points.items() if p[2] == size}
+    bk, bn, _ = best_per_size(points)[size]
+    best = measured[bk, bn]
+    rows = []
+    for method in ("free", "tied", "ratio rule"):
+        try:
+            if method == "ratio rule":
+                r = float(np.exp(np.mean([math.log(best_ratio_measured(small, s)["ratio"])
+                                          for s in sizes[:-1]])))
+                k = split_for_ratio(r, size, **(limits or {}))["classes"]
+            else:
+                f, _ = fit_points(small, tied=method == "tied")
+                k = best_split(f, size, **(limits or {}))["classes"]
+        except FitError as e:
+            rows.append({"method": method, "error": str(e)})
+            continue
+        n = int(round(size / k))
+        run = measured.get((k, n))
+        rows.append({"method": method, "classes": k, "per_class": n,
+                     "measured": [float(np.mean(run)), float(np.std(run))] if run else None,
+                     "gap_points": 100 * (float(np.mean(run)) - float(np.mean(best)))
+                     if run else None})
+    return {"size": size, "fit_sizes": sizes[:-1], "near": near, "rows": rows,
+            "best": {"classes": bk, "per_class": bn,
+                     "error": [float(np.mean(best)), float(np.std(best))]}}
+
+
 def residual_line(keys: list[tuple], residuals) -> str:
     """Measured - fitted error per point, grouped by budget: where the model misses."""
     by_size: dict[int, list[str]] = {}
@@ -231,23 +284,34 @@ def _interval(values: list[float]) -> list[float] | None:
         if values else None
 
 
-def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
-                  max_classes: int | None = None, max_per_class: int | None = None,
-                  samples: int = 200) -> dict:
-    """`dptrain predict`: fits and predictions for every downstream set of a sweep and their
-    average. Fits that cannot be made are listed in "failures", with no numbers."""
-    sweep_dir = Path(sweep_dir)
-    spec_path = sweep_dir / "sweep.json"
-    if (max_classes is None or max_per_class is None) and spec_path.is_file():
-        index = ShardIndex.load(json.loads(spec_path.read_text())["data"])
-        counts = index.counts[index.counts > 0]
+def data_limits(sweep_dir, max_classes: int | None = None,
+                max_per_class: int | None = None) -> dict:
+    """The classes and images per class a split may use: as given, else the sweep's shard
+    set's (its classes with images, its smallest class); None where neither is known (a
+    sweep folder copied without its data)."""
+    spec_path = Path(sweep_dir) / "sweep.json"
+    data = json.loads(spec_path.read_text()).get("data") if spec_path.is_file() else None
+    if (max_classes is None or max_per_class is None) and data and Path(data).is_dir():
+        counts = ShardIndex.load(data).counts
+        counts = counts[counts > 0]
         max_classes = max_classes or len(counts)
         max_per_class = max_per_class or int(counts.min())
-    limits = {"max_classes": max_classes, "max_per_class": max_per_class}
+    return {"max_classes": max_classes, "max_per_class": max_per_class}
+
+
+def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
+                  max_classes: int | None = None, max_per_class: int | None = None,
+                  samples: int = 200, near: float | None = None) -> dict:
+    """`dptrain predict`: fits and predictions for every downstream set of a sweep and their
+    average. Fits that cannot be made are listed in "failures", with no numbers."""
+    limits = data_limits(sweep_dir, max_classes, max_per_class)
+    max_classes, max_per_class = limits["max_classes"], limits["max_per_class"]
     out = {"size": size, "fit_sizes": sorted(fit_sizes) or "all", "limits": limits, "sets": {},
-           "failures": []}
+           "near": near, "failures": []}
     for name, points in errors_by_point(read_results(sweep_dir)).items():
         fitted = {p: v for p, v in points.items() if not fit_sizes or p[2] in fit_sizes}
+        if near:
+            fitted = near_minimum(fitted, near)
         sizes = sorted({p[2] for p in fitted})
         entry: dict = {"points": len(fitted), "sizes": sizes}
         measured = best_per_size(points).get(size)
@@ -298,8 +362,9 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
 
 def render(out: dict) -> str:
     """The predict result as text."""
-    lines = [f"prediction for N={out['size']:,} from the points of N in {out['fit_sizes']}; "
-             f"limits: {out['limits']['max_classes']} classes, "
+    near = (f", within {out['near']:g}x of each budget's best K/n" if out.get("near") else "")
+    lines = [f"prediction for N={out['size']:,} from the points of N in {out['fit_sizes']}"
+             f"{near}; limits: {out['limits']['max_classes']} classes, "
              f"{out['limits']['max_per_class']} images per class"]
     for name, e in out["sets"].items():
         lines.append(f"\n{name}: {e['points']} points at N = {e['sizes']}")

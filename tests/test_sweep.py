@@ -120,6 +120,16 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     assert (out / "report" / "report.md").is_file() and (out / "report" / "table.md").is_file()
 
 
+def test_a_later_call_adds_points_and_keeps_the_earlier_budgets(tmp_path, synthetic):
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    common = ["sweep", "--data", data, "--suite", suite, "--out", out, *TINY]
+    run_cli(*common, "--sizes", "30", "--classes", "4")  # n = 8: K n = 32, its budget is 30
+    run_cli(*common, "--points", "2:8")  # e.g. a predicted split, added later
+    assert sorted({(x["run"], x["N"]) for x in rows(out)}) == [("K2-n8-s0", "16"),
+                                                               ("K4-n8-s0", "30")]
+
+
 def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, synthetic):
     data, suite = synthetic
     out = tmp_path / "sw"

@@ -13,7 +13,7 @@ from conftest import run_cli
 from dptrain.report import write_report
 from dptrain.sweep import COLUMNS
 from dptrain.theory import (Fit, FitError, best_ratio_measured, best_split, bootstrap, fit,
-                            split_for_ratio)
+                            fit_points, holdout_check, near_minimum, split_for_ratio)
 
 TRUE = dict(c0=0.15, a=0.9, alpha=0.6, b=0.7, beta=0.4)
 
@@ -122,6 +122,7 @@ def test_report_writes_figures_and_table(tmp_path):
         for kind in ("contour", "ratio"):
             png = root / "report" / f"{kind}-{name}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in text
+    assert "## The prediction, checked" in text and "Needs 3 or more budgets" in text
     table = (root / "report" / "table.md").read_text().splitlines()
     assert len(table) == 2 + 10  # header, rule, one row per (K, n)
     assert "| 1,000 | 4 | 250 |" in table[2] and table[2].count("+-") == 3
@@ -139,6 +140,10 @@ def test_predict_command(tmp_path):
     p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000",
                 "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
     assert "measured best at N=16,000" in p.stdout and "ratio rule" in p.stdout
+    p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000", "--fit-near",
+                "7", "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
+    assert "within 7x of each budget's best K/n" in p.stdout
+    assert "a: 6 points at N = [1000, 4000]" in p.stdout  # K/n 0.064 .. 26.6: 3 of 5 each
     # one budget of 3 points: no fit is possible, and predict says so with exit status 1
     small = fake_sweep(tmp_path / "small", sizes=(1000,), ks=(4, 10, 25))
     p = run_cli("predict", small, "--size", "4000", "--max-classes", "100",
@@ -194,3 +199,28 @@ def test_an_underdetermined_fit_exits_1_with_the_reason(tmp_path):
     p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
                 "--max-per-class", "1300", "--bootstrap", "0", check=False)
     assert p.returncode == 1 and "underdetermined" in p.stdout and "Traceback" not in p.stderr
+
+
+def test_near_minimum_keeps_the_points_around_each_budgets_best():
+    pts = {(2, 500, 1000): [0.5], (10, 100, 1000): [0.4], (32, 31, 1000): [0.3],  # best: K/n 1
+           (100, 10, 1000): [0.35], (250, 4, 1000): [0.45],
+           (16, 1000, 16000): [0.3], (126, 127, 16000): [0.2], (1000, 16, 16000): [0.25]}
+    assert sorted(near_minimum(pts, 12)) == [(10, 100, 1000), (32, 31, 1000), (100, 10, 1000),
+                                            (126, 127, 16000)]  # K/n within 12x of the best
+    assert near_minimum(pts, 1e6) == pts
+
+
+def test_holdout_check_predicts_the_largest_budget_and_reads_its_runs():
+    pts = {(k, s // k, s): [float(model(k, s // k)) + d for d in (-0.001, 0.001)]
+           for s in (1000, 4000, 16000) for k in (4, 10, 25, 63, 160, 400) if s // k >= 2}
+    small = {p: v for p, v in pts.items() if p[2] < 16000}
+    k = best_split(fit_points(small)[0], 16000)["classes"]
+    pts[(k, round(16000 / k), 16000)] = [float(model(k, round(16000 / k)))] * 2  # it was run
+    c = holdout_check(pts)
+    assert c["size"] == 16000 and c["fit_sizes"] == [1000, 4000]
+    free = next(r for r in c["rows"] if r["method"] == "free")
+    assert (free["classes"], free["per_class"]) == (k, round(16000 / k))
+    assert free["measured"][0] == pytest.approx(float(model(k, round(16000 / k))))
+    assert free["gap_points"] == pytest.approx(100 * (free["measured"][0] - c["best"]["error"][0]))
+    assert free["gap_points"] <= 0  # the prediction is the true optimum here: nothing beats it
+    assert holdout_check({p: v for p, v in pts.items() if p[2] < 16000}) is None  # 2 budgets
