@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO := runs/demo
 DEMO_EPOCHS := 8
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/probe.py
 	$(PY) benchmarks/synthetic.py
+
+# The fixed-compute study on the built-in data (docs/synthetic.md): ~1 hour on 2 CPU cores.
+study: $(STAMP)
+	PY=$(PY) tools/study.sh runs/study
 
 clean:
 	rm -rf $(VENV) $(DEMO) shards/synthetic benchmarks/.data

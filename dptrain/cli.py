@@ -192,7 +192,9 @@ def passthrough(options: dict) -> list[str]:
               help="Run folder [runs/<data>-K<K>-n<n>-s<seed>].")
 @click.option("--seed", type=int, help="Subset choice, data order, init [0].")
 @train_options
-@click.option("--overwrite", is_flag=True, help="Restart a run folder made with other options.")
+@click.option("--overwrite", is_flag=True,
+              help="Start the run folder over (one made with other options, or a damaged "
+                   "checkpoint).")
 @click.option("--progress/--no-progress", default=True)
 def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
     """Pre-train one model on a K-class x n-per-class subset of a shard set.
@@ -210,6 +212,13 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
         recipe = recipe or "synthetic"
     recipe = recipe or "fast"
     if gpus and "LOCAL_RANK" not in os.environ:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if gpus > visible:
+            raise UserError(f"--gpus {gpus}, but {visible or 'no'} CUDA GPU(s) are visible here; "
+                            "for several CPU processes use torchrun --nproc_per_node=N -m dptrain "
+                            "pretrain ... --device cpu")
         argv, skip = [], False
         for a in sys.argv[2:]:  # the same command without --gpus, once per GPU
             if skip or a == "--gpus" or a.startswith("--gpus="):
@@ -227,6 +236,8 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
         s = train(cfg, out, overwrite=overwrite, progress=progress)
     except NonFiniteLoss as e:
         raise click.ClickException(str(e)) from None
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # one summary per run, from rank 0
     if s.get("already_finished"):
         click.echo(f"{out} is finished already ({s['steps']} steps); its summary:")
     val = "-" if s["val_top1"] is None else f"{s['val_top1']:.4f}"

@@ -29,7 +29,7 @@ from .loader import EVAL_RESIZE, Loader
 from .models import build_model
 from .shards import write_atomic
 from .subset import select
-from .train import resolve_device, save_atomic, to_model_input
+from .train import load_checkpoint, resolve_device, save_atomic, to_model_input
 
 L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
 
@@ -171,16 +171,6 @@ def _penultimate(model: torch.nn.Module) -> torch.nn.Module:
     parent = model.get_submodule(last.rsplit(".", 1)[0]) if "." in last else model
     setattr(parent, last.rsplit(".", 1)[-1], torch.nn.Identity())
     return model
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
-    """A dptrain checkpoint (weights_only), or a DataError saying the file is not one."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        ckpt["config"]["arch"], ckpt["model"], ckpt["num_classes"]
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
-    return ckpt
 
 
 def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import pickle
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -239,34 +240,55 @@ def _first_member(path: Path) -> str | None:
         ) from None
 
 
+# What CIFAR's pickles are made of besides dicts, lists, strings, bytes and ints: numpy arrays
+# (their reconstruction, in numpy 1's and 2's module names). Nothing else may be loaded: a
+# pickle can name any callable, and unpickling calls it.
+_CIFAR_GLOBALS = {(m, name) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for name in ("_reconstruct", "scalar")} | \
+    {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | \
+    {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which CIFAR files never hold: "
+                                     "refused (loading it could run code)")
+
+
 def _cifar(root: Path, split: str) -> Source:
     """CIFAR-10/100 python pickles (cifar-10-batches-py, cifar-100-python): class ids as in the
-    dataset's meta file; pixels stored as JPEG at CIFAR_QUALITY."""
-    import pickle
-
+    dataset's meta file; pixels stored as JPEG at CIFAR_QUALITY. The pickles are read by a
+    restricted unpickler (`_CIFAR_GLOBALS`)."""
     import numpy as np
     from PIL import Image
 
-    def load(name: str) -> dict:
+    def load(name: str, *keys: bytes) -> dict:
+        path = root / name
         try:
-            with open(root / name, "rb") as f:
-                return pickle.load(f, encoding="bytes")
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            raise DataError(f"cannot read CIFAR file {root / name}: {e}") from None
+            with open(path, "rb") as f:
+                obj = _CifarUnpickler(f, encoding="bytes").load()
+            missing = [k.decode() for k in keys if k not in obj]
+        except Exception as e:  # unpickling raises many types for a malformed file
+            raise DataError(f"cannot read CIFAR file {path}: {type(e).__name__}: {e}") from None
+        if missing:
+            raise DataError(f"{path} is not a CIFAR file: no {', '.join(missing)}")
+        return obj
 
     if (root / "batches.meta").is_file():  # CIFAR-10
-        names = [n.decode() for n in load("batches.meta")[b"label_names"]]
+        names = [n.decode() for n in load("batches.meta", b"label_names")[b"label_names"]]
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         files = [f for f in files if (root / f).is_file()]
         key = b"labels"
     else:  # CIFAR-100
-        names = [n.decode() for n in load("meta")[b"fine_label_names"]]
+        names = [n.decode() for n in load("meta", b"fine_label_names")[b"fine_label_names"]]
         files, key = [split], b"fine_labels"
     if not files:
         raise DataError(f"{root} has no CIFAR {split} batch")
     per_class: dict[str, list[Item]] = {n: [] for n in names}
     for f in files:
-        batch = load(f)
+        batch = load(f, b"data", key)
         pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         for i, (img, label) in enumerate(zip(pixels, batch[key])):
             buf = io.BytesIO()

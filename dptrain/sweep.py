@@ -280,11 +280,14 @@ def read_results(out: Path) -> list[dict]:
         rows = list(csv.DictReader(f))
     if not rows:
         raise DataError(f"{path} lists no finished run yet: run or finish the sweep first")
-    for r in rows:
-        for key in ("K", "n", "N", "seed", "steps", "epochs"):
-            r[key] = int(r[key])
-        for key in ("top1_mean", "top1_std", "error_mean"):
-            r[key] = float(r[key])
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        for key, kind in (*((k, int) for k in ("K", "n", "N", "seed", "steps", "epochs")),
+                          *((k, float) for k in ("top1_mean", "top1_std", "error_mean"))):
+            try:
+                r[key] = kind(r[key])
+            except (TypeError, ValueError):
+                raise DataError(f"{path}, line {line}, column {key}: {r.get(key)!r} is not "
+                                f"{'an integer' if kind is int else 'a number'}") from None
     return rows
 
 

@@ -180,6 +180,17 @@ def to_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
                         torch.contiguous_format)
 
 
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A dptrain checkpoint (weights_only: loading runs no code), or a DataError saying the
+    file is not one (damaged, truncated, or something else)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt["config"]["arch"], ckpt["model"], ckpt["num_classes"]
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
+    return ckpt
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     torch.save(obj, tmp)
@@ -272,7 +283,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict
             what = [k for k in record["config"] if old["config"].get(k) != record["config"][k]]
             raise DataError(f"{out} holds a run with other options ({', '.join(what) or 'data'}"
                             " differ): use --overwrite to start it again, or another --out")
-        if not same and is_main:
+        if (overwrite or not same) and is_main:  # --overwrite: start over, whatever is there
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
         elif same and (out / "summary.json").is_file():
@@ -296,7 +307,11 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict
     step, epoch = 0, 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            ckpt = load_checkpoint(ckpt_path, device)
+        except DataError as e:
+            raise DataError(f"cannot resume: {e}; use --overwrite to start the run again, or "
+                            "another --out") from None
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

@@ -33,6 +33,38 @@ def write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, f)
 
 
+class RunsCode:
+    """A pickle that, when loaded by a plain unpickler, creates a file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("payload, message", [
+    ("code", "refused (loading it could run code)"),
+    ("list", "is not a CIFAR file: no label_names"),
+    ("garbage", "cannot read CIFAR file"),
+])
+def test_cifar_files_are_loaded_safely(tmp_path, payload, message):
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    planted = tmp_path / "planted"
+    meta = {"code": {b"label_names": [b"a"], b"x": RunsCode(planted)}, "list": [1, 2]}
+    if payload == "garbage":
+        (src / "batches.meta").write_bytes(b"\x80\x04not a pickle at all")
+    else:
+        write_pickle(src / "batches.meta", meta[payload])
+    write_pickle(src / "test_batch", cifar_batch([smooth(0)], [0], b"labels"))
+    p = run_cli("shard", src, tmp_path / "out", "--no-progress", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert message in p.stderr and "batches.meta" in p.stderr
+    assert len(p.stderr.strip().splitlines()) <= 2  # click's "Error: ..." line (and usage)
+    assert not planted.exists()  # nothing the pickle named was run
+
+
 @pytest.mark.parametrize("kind", ["cifar-10", "cifar-100"])
 def test_cifar_pickles_round_trip(tmp_path, kind):
     src = tmp_path / ("cifar-10-batches-py" if kind == "cifar-10" else "cifar-100-python")

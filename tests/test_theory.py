@@ -153,6 +153,20 @@ def test_predict_command(tmp_path):
     assert p.returncode == 2 and "no results.csv" in p.stderr
 
 
+def test_a_bad_field_in_results_csv_names_the_row_and_column(tmp_path):
+    root = fake_sweep(tmp_path / "sw")
+    lines = (root / "results.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[3].split(",")
+    cells[header.index("seed")] = ""  # a hand-merged file, say
+    lines[3] = ",".join(cells)
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    for cmd in (["report", root], ["predict", root, "--size", "100"]):
+        p = run_cli(*cmd, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert "results.csv, line 4, column seed: '' is not an integer" in p.stderr
+
+
 def test_empty_sweep_is_a_clear_error(tmp_path):
     (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
     for cmd in (["report", tmp_path], ["predict", tmp_path, "--size", "100"]):

@@ -105,17 +105,18 @@ def test_ddp_two_processes_gloo(shards, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8  # 64 images, 16 per step
+    assert p.stdout.count(f"{out}: 8 steps") == 1  # the summary from rank 0 only
     # Two processes on one machine: each DALI pipeline gets half of the cores, not all of them.
     assert summary["loader_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
-def test_gpus_shortcut_launches_torchrun(shards, tmp_path):
-    # The same launch path as on a GPU machine; --device cpu makes the ranks use gloo.
-    out = tmp_path / "run"
-    run_cli("pretrain", "--gpus", 2, "--data", shards, "--classes", 4, "--per-class", 16,
-            "--epochs", 1, "--out", out, *FAST, timeout=300)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 4
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="2 GPUs here: --gpus 2 would run")
+def test_gpus_beyond_the_visible_ones_are_refused(shards, tmp_path):
+    p = run_cli("pretrain", "--gpus", 2, "--data", shards, "--classes", 4, "--per-class", 16,
+                "--epochs", 1, "--out", tmp_path / "run", *FAST, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--gpus 2, but" in p.stderr and "GPU(s) are visible here" in p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_rank_loaders_read_disjoint_parts(shards):
@@ -161,6 +162,24 @@ def test_bad_options_are_one_line_errors(shards, tmp_path):
     assert "no full batch of 512" in err("--classes", "2", "--per-class", "10",
                                          "--batch-size", "512")
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_a_one_line_error_on_resume(shards, tmp_path, damage):
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 1,
+            "--out", out, *FAST]
+    run_cli(*args)
+    (out / "summary.json").unlink()  # as if killed after its last checkpoint: it resumes
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000] if damage == "truncated" else b"junk" * 100)
+    p = run_cli(*args, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "cannot resume" in p.stderr and "checkpoint.pt" in p.stderr
+    assert "--overwrite" in p.stderr and len(p.stderr.strip().splitlines()) <= 2
+    assert "weights_only" not in p.stderr  # never the advice to turn the safe loader off
+    run_cli(*args, "--overwrite")  # and the way out works
+    assert (out / "summary.json").is_file()
 
 
 def test_non_finite_loss_stops_the_run(shards, tmp_path):
