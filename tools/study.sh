@@ -9,7 +9,8 @@
 # 2. Budgets N = 1,000, 4,000 and 16,000, K/n = 1/16, 1/4, 1, 2, 4, 8, 16, 2 seeds, 400 steps
 #    of 128 images each, no warm-up (an epoch-based warm-up would differ with N): 42 runs.
 # 3. The check: fit N = 1,000 and 4,000 only, predict the best split of N = 16,000 with the
-#    free fit, the alpha = beta fit and the ratio rule, and run each predicted split there.
+#    free fit, the alpha = beta fit and the ratio rule, each fit on all points and on the points
+#    within 4x of each budget's best K/n (--fit-near 4), and run each predicted split there.
 # 4. The report and both predictions (from the small budgets; from all three) in OUT.
 # Measured: ~56 min on 2 cores of an Intel Xeon with AVX-512 BF16 (bf16 training); a CPU
 # without it trains in fp32, about 2x slower (the wall time is written to OUT/study-time.txt).
@@ -22,20 +23,26 @@ start=$(date +%s)
 run=(sweep --data shards/study/pretrain --suite shards/study/suite.toml --out "$out"
      --recipe synthetic --steps 400 --warmup-epochs 0 --seeds 2 --repeats 3)
 "$py" -m dptrain "${run[@]}" --sizes 1000,4000,16000 --ratios 0.0625,0.25,1,2,4,8,16
-"$py" -m dptrain predict "$out" --size 16000 --fit-sizes 1000,4000 --json \
-    > "$out/predict-16000-from-small.json" || true  # exit 1: some fit refused; the rest stands
-predicted=$("$py" - "$out/predict-16000-from-small.json" <<'PY'
+for near in "" 4; do  # exit 1 means some fit was refused; the others stand
+    "$py" -m dptrain predict "$out" --size 16000 --fit-sizes 1000,4000 --json \
+        ${near:+--fit-near $near} > "$out/predict-16000-from-small${near:+-near$near}.json" || true
+done
+predicted=$("$py" - "$out"/predict-16000-from-small*.json <<'PY'
 import json, sys
-e = json.load(open(sys.argv[1]))["sets"]["average"]
-ks = [e[m]["prediction"]["classes"] for m in ("free", "tied", "ratio_rule")
-      if "prediction" in e.get(m, {})]
-print(",".join(str(k) for k in sorted(set(ks))))
+ks = set()
+for path in sys.argv[1:]:
+    e = json.load(open(path))["sets"]["average"]
+    ks |= {e[m]["prediction"]["classes"] for m in ("free", "tied", "ratio_rule")
+           if "prediction" in e.get(m, {})}
+print(",".join(str(k) for k in sorted(ks)))
 PY
 )
 "$py" -m dptrain "${run[@]}" --sizes 16000 --classes "$predicted"
 "$py" -m dptrain report "$out"
-"$py" -m dptrain predict "$out" --size 16000 --fit-sizes 1000,4000 \
-    > "$out/predict-16000-from-small.txt" || true
+for near in "" 4; do
+    "$py" -m dptrain predict "$out" --size 16000 --fit-sizes 1000,4000 ${near:+--fit-near $near} \
+        > "$out/predict-16000-from-small${near:+-near$near}.txt" || true
+done
 "$py" -m dptrain predict "$out" --size 64000 > "$out/predict-64000.txt" || true
 echo "$(( ($(date +%s) - start) / 60 )) min on $(nproc) cores; predicted K at N=16,000: $predicted" \
     | tee "$out/study-time.txt"
