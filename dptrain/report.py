@@ -30,9 +30,15 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
+_MARKERS = "DsP^vX<>"
+
+
 def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path,
-                   optima: dict[int, tuple[float, float]] | None = None) -> None:
-    """`optima`: {N: (K*, n*)} from the fitted model, marked as white circles."""
+                   optima: dict[int, tuple[float, float]] | None = None,
+                   predicted: dict[str, tuple[int, int]] | None = None) -> None:
+    """`optima`: {N: (K*, n*)} from the model fitted to every point, marked as white circles;
+    `predicted`: {method: (K, n)} predicted for the largest N from the smaller ones, one marker
+    each, with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,10 +71,17 @@ def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], p
     for k, n in (optima or {}).values():
         ax.plot(math.log10(k), math.log10(n), "o", mfc="none", mec="white", mew=2, ms=14,
                 zorder=5)
+    for (method, (k, n)), m in zip((predicted or {}).items(), _MARKERS):
+        ax.plot(math.log10(k), math.log10(n), m, mfc="none", mec="red", mew=1.2, ms=9,
+                zorder=6, label=method)
+    if predicted:  # the corner above the largest budget's line holds no points
+        ax.legend(loc="upper right", fontsize=6, markerscale=0.6,
+                  title=f"predicted for N={max(p[2] for p in points):,}\nfrom the smaller N",
+                  title_fontsize=6)
     ax.set(xlim=(x.min() - 0.2, x.max() + 0.2), ylim=(y.min() - 0.2, y.max() + 0.2),
-           xlabel="log10 K (classes)", ylabel="log10 n (images per class)",
-           title=f"{name}: error over (K, n); dashed: fixed N, star: best per N"
-           + (", circle: the fit's optimum" if optima else ""))
+           xlabel="log10 K (classes)", ylabel="log10 n (images per class)")
+    ax.set_title(f"{name}: error over (K, n)\ndashed: fixed N, star: best per N"
+                 + (", circle: the fit's optimum" if optima else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -93,9 +106,9 @@ def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], pat
             ax.plot(rr, model.err(np.sqrt(rr * size), np.sqrt(size / rr)), "--",
                     color=line.get_color(), lw=1)
     ax.set_xscale("log")
-    ax.set(xlabel="K / n (classes per image-per-class)", ylabel="downstream error",
-           title=f"{name}: error against K/n (band: +-1 std over seeds"
-           + ("; dashed: the fit)" if model is not None else ")"))
+    ax.set(xlabel="K / n (classes per image-per-class)", ylabel="downstream error")
+    ax.set_title(f"{name}: error against K/n\nband: +-1 std over seeds"
+                 + ("; dashed: the fit to every point" if model is not None else ""), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -121,15 +134,20 @@ def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
 NEAR = 4  # the report also checks the fits to the points within 4x of each budget's best K/n
 
 
-def holdout_section(by_set: dict[str, dict], limits: dict) -> list[str]:
-    """The prediction checked on the largest budget (theory.holdout_check), as a table: each
-    method fitted on all points, and on the points near each budget's best (`NEAR`)."""
+def holdout_checks(by_set: dict[str, dict], limits: dict) -> dict[str, dict]:
+    """The prediction checked on the largest budget (theory.holdout_check) per set: each method
+    fitted on all points, and on the points near each budget's best (`NEAR`)."""
     checks = {name: holdout_check(points, limits=limits) for name, points in by_set.items()}
     checks = {k: v for k, v in checks.items() if v}
     for name, c in checks.items():
         near = holdout_check(by_set[name], limits=limits, near=NEAR)
         c["rows"] += [{**r, "method": f"{r['method']}, points within {NEAR}x of the best"}
                       for r in near["rows"] if r["method"] != "ratio rule"]
+    return checks
+
+
+def holdout_section(checks: dict[str, dict]) -> list[str]:
+    """`holdout_checks` as a table."""
     if not checks:
         return ["", "## The prediction, checked", "",
                 "Needs 3 or more budgets: the smaller ones are fitted, the largest checked.", ""]
@@ -198,7 +216,8 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
             models.setdefault(name, f)
             md += [f"- {label}: {fit_line(f)}",
                    f"  - residuals (measured - fit): {residual_line(keys, f.residuals)}"]
-    md += holdout_section(by_set, data_limits(sweep_dir))
+    checks = holdout_checks(by_set, data_limits(sweep_dir))
+    md += holdout_section(checks)
     md += ["", "## Figures", ""]
     for name, points in by_set.items():
         c, r = f"contour-{_slug(name)}.png", f"ratio-{_slug(name)}.png"
@@ -206,7 +225,9 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
         optima = {} if f is None else {
             s: (k, s / k) for s in sorted({p[2] for p in points})
             for k in [f.best_classes(s)] if 0 < k < math.inf}
-        contour_figure(name, points, out / c, optima)
+        predicted = {r["method"]: (r["classes"], r["per_class"])
+                     for r in checks.get(name, {}).get("rows", []) if "classes" in r}
+        contour_figure(name, points, out / c, optima, predicted)
         ratio_figure(name, points, out / r, f)
         md += [f"### {name}", "", f"![error over (log K, log n)]({c})", "",
                f"![error against K/n]({r})", ""]

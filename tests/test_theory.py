@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import statistics
 
 import numpy as np
 import pytest
@@ -137,9 +139,13 @@ def test_predict_command(tmp_path):
     truth = Fit(**TRUE, tied=False, rmse=0, points=0).best_classes(64000)
     assert 0.6 * truth <= free["prediction"]["classes"] <= 1.6 * truth
     assert free["all_classes"]["classes"] == 1000 and out["failures"] == []
+    assert out["sets"]["a"]["recommended"] == "tied"  # the alpha = beta fit, see RECOMMENDED
     p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000",
                 "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
     assert "measured best at N=16,000" in p.stdout and "ratio rule" in p.stdout
+    tied = re.search(r"tied fit \(alpha = beta\).*?predicted best: K\*=(\d+) n\*=(\d+)",
+                     p.stdout, re.S)
+    assert f"recommended: tied fit: K={tied[1]} n={tied[2]}" in p.stdout
     p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000", "--fit-near",
                 "7", "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
     assert "within 7x of each budget's best K/n" in p.stdout
@@ -237,4 +243,6 @@ def test_holdout_check_predicts_the_largest_budget_and_reads_its_runs():
     assert free["measured"][0] == pytest.approx(float(model(k, round(16000 / k))))
     assert free["gap_points"] == pytest.approx(100 * (free["measured"][0] - c["best"]["error"][0]))
     assert free["gap_points"] <= 0  # the prediction is the true optimum here: nothing beats it
+    assert free["measured"][1] == 0 and c["best"]["error"][1] == pytest.approx(  # sample std,
+        statistics.stdev(pts[c["best"]["classes"], c["best"]["per_class"], 16000]))  # as table
     assert holdout_check({p: v for p, v in pts.items() if p[2] < 16000}) is None  # 2 budgets

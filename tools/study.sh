@@ -12,8 +12,10 @@
 #    free fit, the alpha = beta fit and the ratio rule, each fit on all points and on the points
 #    within 4x of each budget's best K/n (--fit-near 4), and run each predicted split there.
 # 4. The report and both predictions (from the small budgets; from all three) in OUT.
-# Measured: ~56 min on 2 cores of an Intel Xeon with AVX-512 BF16 (bf16 training); a CPU
-# without it trains in fp32, about 2x slower (the wall time is written to OUT/study-time.txt).
+# Measured: 83 min for the 52 runs on 2 cores of an Intel Xeon with AVX-512 BF16 (bf16
+# training), in two sittings of 70 and 13 min. A CPU without AVX-512 BF16 trains in fp32: on
+# the same Xeon a run's pre-training took 2.4x as long with --amp off, so expect ~2 hours there.
+# The wall time is written to OUT/study-time.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/study}
