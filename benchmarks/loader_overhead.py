@@ -29,7 +29,7 @@ from loader import shards  # noqa: E402
 from dptrain.index import ShardIndex  # noqa: E402
 from dptrain.loader import Loader  # noqa: E402
 from dptrain.subset import epoch_order, select  # noqa: E402
-from dptrain.synthetic import write_image_folder  # noqa: E402
+from dptrain.imagenet_like import write_image_folder  # noqa: E402
 
 RES, BATCH, EPOCHS = 16, 256, 2
 

@@ -36,6 +36,7 @@ from common import DATA, imagenet_like, save, table  # noqa: E402
 from loader import shards  # noqa: E402
 
 import dptrain.train as T  # noqa: E402
+from dptrain.config import make_config  # noqa: E402
 
 LOG = 10
 
@@ -65,8 +66,8 @@ class MemoryLoader:
         pass
 
 
-def run(cfg, out: Path, name: str) -> dict:
-    summary = T.train(cfg, out, progress=False)
+def run(cfg, out: Path, name: str, make_loader=T.train_loader) -> dict:
+    summary = T.train(cfg, out, progress=False, make_loader=make_loader)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [x["images_per_s"] for x in lines[1:]]
     r = {"steady img/s": sum(steady) / len(steady), "run img/s": summary["images_per_s"],
@@ -135,17 +136,14 @@ def main() -> None:
     classes = 50 if args.images <= 5000 else 100
     data = shards(imagenet_like(classes, args.images // classes))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = T.make_config("fast", data=str(data), arch=arch, res=res, batch_size=batch,
-                        steps=steps, log_every=LOG, device=device)
-    real_loader = T.train_loader
+    cfg = make_config("fast", data=str(data), arch=arch, res=res, batch_size=batch,
+                      steps=steps, log_every=LOG, device=device)
     variants = {"default": {}, **{v: parse_variant(v) for v in args.variant}}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=DATA) as tmp:
-        T.train_loader = lambda *a, **kw: MemoryLoader(real_loader(*a, **kw))
-        try:  # the baseline first: the ratios need it
-            memory = run(cfg, Path(tmp) / "memory", "memory")
-        finally:
-            T.train_loader = real_loader
+        # The baseline first: the ratios need it.
+        memory = run(cfg, Path(tmp) / "memory", "memory",
+                     lambda *a, **kw: MemoryLoader(T.train_loader(*a, **kw)))
         for name, overrides in variants.items():
             runs[name] = run(dataclasses.replace(cfg, **overrides),
                              Path(tmp) / f"loader-{len(runs)}", name)

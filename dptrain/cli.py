@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import click
 
+from .config import TRAIN, TrainConfig, default_in_recipes
 from .errors import DataError
 
 
@@ -67,7 +70,8 @@ def _mb(ctx, param, value: float) -> int:
               help="Skip larger images as decompression bombs.")
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace a shard set of another source/options.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar on stderr.")
 def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quality, check,
           max_pixels, workers, overwrite, progress):
     """Write SRC as class-indexed WebDataset shards in OUT (default: shards/<SRC name>).
@@ -105,131 +109,103 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
                    f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
 
 
-# The pre-training options, shared by `pretrain` and `sweep` (which passes them through).
-TRAIN_OPTIONS = [
-    click.option("--recipe", type=click.Choice(["fast", "paper", "synthetic"]),
-                  help="fast: FFCV-style (16 epochs, batch 512, lr 1.0, label smoothing 0.1, "
-                       "160->192 px, linear warm-up/decay); paper: the paper's card (100 epochs, "
-                       "batch 64, lr 0.1, wd 1e-4, 224 px, cosine); synthetic: smallcnn, 32 px, "
-                       "15 epochs, batch 128 [fast; synthetic without --data]. Options below "
-                       "override it."),
-    click.option("--arch", help="smallcnn or any torchvision classification model [resnet18]."),
-    click.option("--epochs", type=click.IntRange(min=1)),
-    click.option("--steps", type=click.IntRange(min=1),
-                  help="Total optimisation steps instead of --epochs (the lr schedule follows): "
-                       "the same compute for every (K, n) of a grid."),
-    click.option("--batch-size", type=click.IntRange(min=1),
-                  help="Images per step over all ranks; changing it scales the recipe's lr."),
-    click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate."),
-    click.option("--momentum", type=click.FloatRange(0, 1)),
-    click.option("--weight-decay", type=click.FloatRange(min=0)),
-    click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True)),
-    click.option("--warmup-epochs", type=click.FloatRange(min=0),
-                  help="Linear learning-rate warm-up, in epochs of the subset (0: none)."),
-    click.option("--res", type=click.IntRange(min=16), help="Training resolution in px (final, "
-                  "if progressive; --res alone turns progressive resolution off)."),
-    click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
-                  help="Autocast dtype [auto: bf16 where the hardware has it, else fp16 on a GPU, "
-                       "fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler."),
-    click.option("--channels-last/--no-channels-last", default=None),
-    click.option("--compile/--no-compile", default=None, help="torch.compile the model [no]."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
-    click.option("--workers", type=click.IntRange(min=1),
-                  help="DALI threads [this process's share of the cores: all of them, divided "
-                       "between torchrun's local ranks]."),
-    click.option("--decode", type=click.Choice(["auto", "gpu", "cpu"]),
-                  help="Where JPEGs are decoded [auto: on the GPU (hardware decoder + nvJPEG) "
-                       "in a GPU run; cpu: DALI's CPU threads, leaving the GPU to the model]."),
-    click.option("--hw-decoder-load", type=click.FloatRange(0, 1),
-                  help="Share of JPEGs the GPU's hardware JPEG decoder takes, the rest going to "
-                       "nvJPEG on the SMs [1.0 on H100/H200, measured faster; DALI's 0.65 on "
-                       "other GPUs]."),
-    click.option("--prefetch", type=click.IntRange(min=1),
-                  help="Batches DALI prepares ahead, and as many finished ones queued [2]."),
-    click.option("--val-data", type=click.Path(exists=True, file_okay=False),
-                  help="Held-out images of the same classes (shards made with --classes-from)."),
-    click.option("--log-every", type=click.IntRange(min=1),
-                 help="Steps between metrics lines [50]."),
-    click.option("--gpus", type=click.IntRange(min=1),
-                  help="Launch DDP on this many GPUs of this machine (runs torchrun)."),
-]
-
-
-def train_options(f):
-    for option in reversed(TRAIN_OPTIONS):
-        f = option(f)
-    return f
+def config_options(group: str | None = None):
+    """One click option per TrainConfig field (of `group`, or all), generated from the field:
+    its help, its type and range, and its value in each recipe. Every option defaults to None,
+    which keeps the recipe's value."""
+    options = []
+    for f in fields(TrainConfig):
+        m = f.metadata
+        if group and m["group"] != group:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        shown = default_in_recipes(f.name)
+        text = m["help"] + (f" [{shown}]" if shown and not m["help"].endswith("]") else "")
+        if "bool" in f.type:  # --x/--no-x; a "no_" field's opposite drops the "no-"
+            off = "--" + f.name[3:].replace("_", "-") if f.name.startswith("no_") else \
+                "--no-" + flag[2:]
+            options.append(click.option(f"{flag}/{off}", f.name, default=None, help=text))
+            continue
+        low, high, low_open, high_open = m["range"]
+        if m["choices"]:
+            kind = click.Choice(m["choices"])
+        elif m["path"]:
+            kind = click.Path(exists=True, file_okay=m["path"] == "file",
+                              dir_okay=m["path"] == "dir")
+        elif "int" in f.type:
+            kind = click.IntRange(low, high) if low is not None or high is not None else int
+        elif "float" in f.type:
+            kind = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
+        else:
+            kind = str
+        options.append(click.option(flag, f.name, type=kind, default=None, help=text))
+    return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
 
 
 def passthrough(options: dict) -> list[str]:
-    """The command-line form of given TRAIN_OPTIONS values (None: not given)."""
+    """The command-line form of given TrainConfig values (None: not given), for a sweep's
+    children."""
     argv = []
     for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
         if value is None:
             continue
-        if name in ("channels_last", "compile"):
-            argv.append(flag if value else f"--no-{flag[2:]}")
-        elif name == "allow_fewer":
-            argv += [flag] if value else []
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            off = "--" + name[3:].replace("_", "-") if name.startswith("no_") else "--no-" + flag[2:]
+            argv.append(flag if value else off)
         else:
             argv += [flag, str(value)]
     return argv
 
 
+_GPUS = click.option("--gpus", type=click.IntRange(min=1),
+                     help="Launch DDP on this many GPUs of this machine (runs torchrun).")
+
+
 @main.command(context_settings={"show_default": True})
-@click.option("--data", type=click.Path(exists=True, file_okay=False),
-              help="Shard set to pre-train on (from dptrain shard) [the built-in synthetic "
-                   "pool shards/synthetic/pretrain, built or extended to the run's K x n on "
-                   "first use, with --recipe synthetic].")
-@click.option("--classes", type=click.IntRange(min=1), help="K: number of classes [all].")
-@click.option("--per-class", type=click.IntRange(min=1), help="n: images per class [all].")
-@click.option("--class-list", type=click.Path(exists=True, dir_okay=False),
-              help="File of class names, one per line, instead of a seeded choice of K.")
-@click.option("--allow-fewer", is_flag=True, default=None,
-              help="Keep classes smaller than n whole instead of refusing.")
+@config_options()
+@_GPUS
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder [runs/<data>-K<K>-n<n>-s<seed>].")
-@click.option("--seed", type=int, help="Subset choice, data order, init [0].")
-@train_options
 @click.option("--overwrite", is_flag=True,
               help="Start the run folder over (one made with other options, or a damaged "
                    "checkpoint).")
-@click.option("--progress/--no-progress", default=True)
-def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Start from this resolved config (from --print-config, or a sweep's "
+                   "pretrain.json) instead of a recipe; options given replace its values.")
+@click.option("--print-config", is_flag=True,
+              help="Print the run's resolved options (the recipe with what was given) as JSON "
+                   "and exit, running nothing.")
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, res, **options):
     """Pre-train one model on a K-class x n-per-class subset of a shard set.
 
     Writes config.json, metrics.jsonl, checkpoint.pt (every epoch) and summary.json to the run
     folder. Run the same command again to resume an interrupted run; a finished run is not
     retrained. Multi-GPU: --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
     """
-    if options["data"] is None:
+    from .config import load_config, make_config
+    from .launch import relaunch, under_torchrun
+
+    if options["data"] is None and not config_file:  # the built-in synthetic pool
         if "RANK" in os.environ and not gpus:
             raise UserError("under torchrun, give --data (build the synthetic pool first: "
                             "python tools/make_shards.py)")
-        options["data"] = str(_synthetic_pool(options["classes"], options["per_class"], progress))
+        options["data"] = str(_synthetic_pool(options["classes"], options["per_class"], progress,
+                                              build=not print_config))
         sys.argv += ["--data", options["data"]]  # what --gpus re-runs, once per GPU
         recipe = recipe or "synthetic"
-    recipe = recipe or "fast"
-    if gpus and "LOCAL_RANK" not in os.environ:
-        import torch
+    if config_file:
+        cfg = load_config(config_file, recipe=recipe, res=res, **options)
+    else:
+        cfg = make_config(recipe or "fast", res=res, **options)
+    if print_config:
+        click.echo(json.dumps(asdict(cfg), indent=1))
+        return
+    if gpus and not under_torchrun():
+        relaunch(gpus, sys.argv[1:])
+    from .train import NonFiniteLoss, train
 
-        visible = torch.cuda.device_count()
-        if gpus > visible:
-            raise UserError(f"--gpus {gpus}, but {visible or 'no'} CUDA GPU(s) are visible here; "
-                            "for several CPU processes use torchrun --nproc_per_node=N -m dptrain "
-                            "pretrain ... --device cpu")
-        argv, skip = [], False
-        for a in sys.argv[2:]:  # the same command without --gpus, once per GPU
-            if skip or a == "--gpus" or a.startswith("--gpus="):
-                skip = a == "--gpus"
-                continue
-            argv.append(a)
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={gpus}", "-m", "dptrain", "pretrain", *argv])
-    from .train import NonFiniteLoss, make_config, train
-
-    cfg = make_config(recipe, res=res, **options)
     out = out or Path("runs") / (f"{Path(cfg.data).name}-K{cfg.classes or 'all'}-"
                                  f"n{cfg.per_class or 'all'}-s{cfg.seed}")
     try:
@@ -246,11 +222,14 @@ def pretrain(out, recipe, gpus, overwrite, progress, res, **options):
                f"{(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
 
 
-def _synthetic_pool(classes: int | None, per_class: int | None, progress: bool) -> Path:
+def _synthetic_pool(classes: int | None, per_class: int | None, progress: bool,
+                    build: bool = True) -> Path:
     """The built-in pool, built or extended to hold a classes x per_class subset."""
     from .synthetic import DEFAULT_DIR, POOL_CLASSES, POOL_PER_CLASS, write_pool
 
     path = DEFAULT_DIR / "pretrain"
+    if not build:
+        return path
     k, n = classes or POOL_CLASSES, per_class or POOL_PER_CLASS
     r = write_pool(path, k, n, progress=progress)
     if r["up_to_date"]:
@@ -281,7 +260,8 @@ def _synthetic_pool(classes: int | None, per_class: int | None, progress: bool) 
               help="Part of train held out to choose the L2 strength.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               help="Feature cache [RUN/features].")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where features are computed [auto: the GPU when there is one].")
 @click.option("--workers", type=click.IntRange(min=1),
               help="DALI threads for feature extraction [all cores].")
 @click.option("--seed", default=0, type=int, help="Seeds the validation splits.")
@@ -370,10 +350,6 @@ def verify(out, workers):
     click.echo(f"{out}: OK ({len(index.meta['tars']):,} tars, {index.meta['num_samples']:,} samples)")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _numbers(kind):
     def parse(ctx, param, value):
         if value is None:
@@ -418,7 +394,8 @@ def _pairs(ctx, param, value):
 @click.option("--repeats", default=5, type=click.IntRange(min=1), help="Probe repeats.")
 @click.option("--allow-fewer", is_flag=True, default=None,
               help="Keep classes smaller than n whole instead of skipping the point.")
-@train_options
+@config_options(TRAIN)
+@_GPUS
 @click.option("--launcher", default="local", type=click.Choice(["local", "slurm",
                                                                  "submitit-local"]),
               help="local: one run per visible GPU (one at a time on a CPU); slurm: one job per "
@@ -444,41 +421,28 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
     """
     import torch
 
+    from .config import check_config, make_config
     from .index import ShardIndex
     from .probe import read_suite
-    from .sweep import device_slots, feasible, grid, share_of_cores, sweep as run_sweep
-    from .train import check_config, make_config
+    from .sweep import feasible, grid, prepare, sweep as run_sweep
 
     pairs = grid(sizes=sizes, classes=classes_grid, ratios=ratios, points=points)
-    recipe = options.pop("recipe") or "fast"
-    cfg = make_config(recipe, data=data, **options)
+    gpus = options.pop("gpus") or 1
+    given = passthrough(options)
+    cfg = make_config(options.pop("recipe") or "fast", data=str(Path(data).resolve()), **options)
     check_config(cfg, 1, torch.cuda.is_available())
     datasets = [d[0] for d in read_suite(Path(suite))]
-    todo, skipped = feasible(ShardIndex.load(data), pairs, list(range(seeds)),
-                             bool(options["allow_fewer"]))
+    todo, skipped = feasible(ShardIndex.load(data), pairs, list(range(seeds)), cfg.allow_fewer)
     for reason in skipped:
         click.echo(f"skipped (infeasible) {reason}", err=True)
     if not todo:
         raise UserError("no feasible point in the grid")
     if dry_run:
-        _dry_run(todo, ShardIndex.load(data), cfg, options["gpus"] or 1, img_per_s, plan_gpus)
+        _dry_run(todo, ShardIndex.load(data), cfg, gpus, img_per_s, plan_gpus)
         return
-    budget = (f"fixed steps: {cfg.steps} per run" if cfg.steps else
-              f"fixed epochs: {cfg.epochs} per run (steps grow with N)")
-    slots = None
-    if launcher == "local" and options["device"] != "cpu":
-        slots = device_slots(options["gpus"] or 1)
-    probe_args = ["--device", options["device"]] if options["device"] else []
-    if launcher == "local" and options["workers"] is None:  # runs share this machine's cores
-        threads = share_of_cores(len(slots or [None]), options["gpus"] or 1)
-        options["workers"] = threads
-        probe_args += ["--workers", str(threads * (options["gpus"] or 1))]
-    spec = {"data": str(Path(data).resolve()), "suite": str(Path(suite).resolve()),
-            "out": str(out.resolve()), "repeats": repeats, "recipe": recipe, "budget": budget,
-            "pretrain_args": ["--recipe", recipe, *passthrough(options)],
-            "probe_args": probe_args, "skipped": skipped}
-    slurm = {"timeout_min": slurm_time, "cpus_per_task": slurm_cpus,
-             "gpus_per_node": options["gpus"] or 1}
+    spec, slots = prepare(cfg, suite=suite, out=out, repeats=repeats, gpus=gpus,
+                          launcher=launcher, given=given, skipped=skipped)
+    slurm = {"timeout_min": slurm_time, "cpus_per_task": slurm_cpus, "gpus_per_node": gpus}
     if slurm_partition:
         slurm["slurm_partition"] = slurm_partition
     try:

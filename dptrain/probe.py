@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -27,14 +26,14 @@ from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .models import build_model
-from .shards import write_atomic
+from .runfolder import atomic_path, save_torch, write_json
 from .subset import select
-from .train import load_checkpoint, resolve_device, save_atomic, to_model_input
+from .train import load_checkpoint, resolve_device, to_model_input
 
 L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
 
 
-class Fit(NamedTuple):
+class LinearFit(NamedTuple):
     """A solution, weights `w` (classes x features, like nn.Linear) and bias `b`, with the mean
     cross-entropy and its gradient there. The next fit on the same data starts from it without
     evaluating anything: only the penalty's share of the gradient changes with the L2 strength."""
@@ -59,17 +58,17 @@ def _cross_entropy(x: torch.Tensor, flat_target: torch.Tensor, w: torch.Tensor,
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-               init: Fit | tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 500,
-               tol: float = 1e-4) -> Fit:
+               init: LinearFit | tuple[torch.Tensor, torch.Tensor] | None = None,
+               max_iter: int = 500, tol: float = 1e-4) -> LinearFit:
     """Multinomial logistic regression by full-batch L-BFGS.
 
     Stops where scikit-learn's lbfgs stops by default (max |gradient| < `tol` = 1e-4 on the
-    same mean-form objective). `init` warm-starts: a (w, b) pair, or a `Fit` on the same x, y,
+    same mean-form objective). `init` warm-starts: a (w, b) pair, or a `LinearFit` on the same x, y,
     whose stored gradient replaces the first evaluation (when it already meets `tol` at the new
     strength, nothing is evaluated at all)."""
     n = len(y)
     flat_target = torch.arange(n, device=x.device) * num_classes + y
-    if isinstance(init, Fit):
+    if isinstance(init, LinearFit):
         start = init
         w, b = init.w.clone(), init.b.clone()
         if (init.grad_w + l2 / n * init.w).abs().max() <= tol and init.grad_b.abs().max() <= tol:
@@ -80,7 +79,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
         b = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
         if init is not None:
             w, b = init[0].clone(), init[1].clone()
-    recent: list[Fit] = []  # the final point is one of the last evaluations
+    recent: list[LinearFit] = []  # the final point is one of the last evaluations
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10,
                             tolerance_grad=tol, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
@@ -90,7 +89,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
         if start is not None:  # the first call: the warm start's stored evaluation
             ev, start = start, None
         else:
-            ev = Fit(w.clone(), b.clone(), *_cross_entropy(x, flat_target, w, b))
+            ev = LinearFit(w.clone(), b.clone(), *_cross_entropy(x, flat_target, w, b))
             recent[:] = recent[-20:] + [ev]
         # The mean keeps the scale of the loss independent of n; l2 / (2n) matches
         # scikit-learn's summed objective with C = 1 / l2.
@@ -101,7 +100,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     for ev in reversed(recent):
         if torch.equal(ev.w, w) and torch.equal(ev.b, b):
             return ev
-    return Fit(w, b, *_cross_entropy(x, flat_target, w, b))
+    return LinearFit(w, b, *_cross_entropy(x, flat_target, w, b))
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -109,7 +108,7 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [(t - mean) / std for t in (train, *others)]
 
 
-def _accuracy(fit: Fit, x: torch.Tensor, y: torch.Tensor) -> float:
+def _accuracy(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> float:
     return (torch.addmm(fit.b, x, fit.w.T).argmax(1) == y).double().mean().item()
 
 
@@ -194,8 +193,8 @@ def random_init_checkpoint(checkpoint: Path, cache: Path) -> Path:
         torch.manual_seed(config["seed"])
         model = build_model(config["arch"], ckpt["num_classes"])
         cache.mkdir(parents=True, exist_ok=True)
-        save_atomic({"model": model.state_dict(), "config": config,
-                     "num_classes": ckpt["num_classes"], "step": 0}, path)
+        save_torch({"model": model.state_dict(), "config": config,
+                    "num_classes": ckpt["num_classes"], "step": 0}, path)
     return path
 
 
@@ -239,9 +238,8 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
     loader.close()
     out_f, out_l = np.concatenate(feats), np.concatenate(labels)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, features=out_f, labels=out_l)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, features=out_f, labels=out_l)
     return out_f, out_l, False
 
 
@@ -299,10 +297,6 @@ def _brief(results: dict) -> dict:
                 "error_mean": v["error_mean"]} for k, v in results.items()}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    write_atomic(path, json.dumps(obj, indent=1).encode())
-
-
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
               cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
               seed: int = 0, device: str = "auto", threads: int | None = None,
@@ -326,12 +320,12 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
         out["random_init"] = _probe(random_init_checkpoint(checkpoint, cache), config, datasets,
                                     **kw)
         merged["random_init"] = {**old.get("random_init", {}), **out["random_init"]}
-    _write_json(run_dir / "probe.json", merged)
+    write_json(run_dir / "probe.json", merged)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         summary["probe"] = _brief(merged["datasets"])
         if "random_init" in merged:
             summary["probe_random_init"] = _brief(merged["random_init"])
-        _write_json(summary_path, summary)
+        write_json(summary_path, summary)
     return out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import write_atomic
-from .sweep import AVERAGE, best_per_size, errors_by_point, read_results
+from .runfolder import write_atomic
+from .results import AVERAGE, best_per_size, errors_by_point, read_results
 from .theory import FitError, data_limits, fit_line, fit_points, holdout_check, residual_line
 
 
@@ -186,7 +186,7 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
     md = [f"# Sweep report: {sweep_dir.name}", "",
           f"- data: `{spec.get('data', '?')}`; downstream suite: `{spec.get('suite', '?')}`",
           f"- recipe: {spec.get('recipe', '?')}, options: "
-          f"`{' '.join(spec.get('pretrain_args', []))}`",
+          f"`{' '.join(spec.get('options', spec.get('pretrain_args', [])))}`",
           f"- budget: {spec.get('budget', '?')}",
           f"- {len({r['run'] for r in rows})} runs, {len(by_set) - (AVERAGE in by_set)} "
           "downstream set(s) and their average "
@@ -231,7 +231,7 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
         ratio_figure(name, points, out / r, f)
         md += [f"### {name}", "", f"![error over (log K, log n)]({c})", "",
                f"![error against K/n]({r})", ""]
-    (out / "table.md").write_text(table(by_set))
+    write_atomic(out / "table.md", table(by_set).encode())
     path = out / "report.md"
     write_atomic(path, "\n".join(md).encode())
     return path

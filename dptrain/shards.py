@@ -37,9 +37,8 @@ from .errors import DataError
 from .images import BadImage, store_image
 from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMPLES_FILE,
                     ShardIndex, idx_name, sha256_file, tar_name)
+from .runfolder import PARTIAL, atomic_path, must_replace, write_atomic, write_json
 from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
-
-PARTIAL = ".partial"  # suffix of files being written
 
 
 @dataclass(frozen=True)
@@ -71,13 +70,6 @@ def _lock(progress_dir: Path):
         f.close()
         raise DataError(f"another dptrain shard is writing {progress_dir.parent}") from None
     return f
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 _ZEROS = bytes(1024)
@@ -245,11 +237,7 @@ def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
     ours = old is not None
     if out.is_dir() and not ours and any(out.iterdir()):
         raise DataError(f"OUT {out} is not empty and is not a dptrain shard set: choose another OUT")
-    if ours and old != job:
-        if not overwrite:
-            what = [k for k in job if (old or {}).get(k) != job[k]]
-            raise DataError(f"OUT {out} holds a shard set of another source or other options "
-                            f"({', '.join(what) or 'unreadable'} differ): use --overwrite to replace it")
+    if must_replace(out, old, job, overwrite=overwrite, holds="a shard set"):
         for p in out.iterdir():
             if p.name == PROGRESS_DIR:
                 shutil.rmtree(p)
@@ -292,10 +280,8 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
         skipped += [{"input": n, "reason": r} for n, r in m["skipped"]]
         converted += [{"input": n, "action": a} for n, a in m["converted"]]
     samples = np.concatenate(tables) if tables else np.zeros(0, SAMPLE_DTYPE)
-    tmp = out / (SAMPLES_FILE + PARTIAL)
-    with open(tmp, "wb") as f:
+    with atomic_path(out / SAMPLES_FILE) as tmp, open(tmp, "wb") as f:
         np.save(f, samples)
-    os.replace(tmp, out / SAMPLES_FILE)
     meta = {"format_version": FORMAT_VERSION, "source": job["source"],
             "source_format": job["source_format"], "split": job["split"],
             "source_encoding": job["source_encoding"], "options": job["options"], "job": job,
@@ -303,7 +289,7 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
             "samples_file": SAMPLES_FILE, "samples_sha256": sha256_file(out / SAMPLES_FILE),
             "sample_dtype": SAMPLE_DTYPE.descr, "classes": classes, "tars": tars,
             "skipped": skipped, "converted": converted}
-    write_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())  # last: marks it complete
+    write_json(out / INDEX_FILE, meta)  # last: marks it complete
     return meta
 
 
@@ -351,7 +337,7 @@ def write_source(source: Source, out: str | os.PathLike, *,
     try:
         progress_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(progress_dir)
-        write_atomic(progress_dir / "job.json", json.dumps({"job": job}, indent=1).encode())
+        write_json(progress_dir / "job.json", {"job": job})
     except OSError as e:
         raise DataError(f"cannot write to OUT {out}: {e.strerror or e}") from None
     with lock:
@@ -363,7 +349,7 @@ def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names
     """Write the classes not yet done (under OUT's lock), then assemble the index."""
     done = _load_manifests(progress_dir, out)
     label_of = {name: i for i, name in enumerate(class_names)}
-    for name, items in source._items.items():  # a class whose inputs changed is redone
+    for name, items in source.items.items():  # a class whose inputs changed is redone
         if label_of[name] in done and done[label_of[name]]["names_sha1"] != _names_sha(items):
             del done[label_of[name]]
     todo = {n for n in source.class_names if label_of[n] not in done}

@@ -59,13 +59,17 @@ class Item:
 
 @dataclass
 class Source:
+    """What `dptrain shard` reads: the class names and, per class, its inputs (`items`, sorted
+    by name) and the files skipped in its folder. A streamed ImageNet tar lists nothing up
+    front: `classes()` reads it."""
+
     format: str
     path: Path
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, reason), no class
     encoding: str | None = None  # how raw pixels were turned into JPEGs, if they were
-    _items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
-    _class_skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
+    items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
+    class_skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
     origin: str | None = None  # what the data is, where no path says it (generated data)
 
     @property
@@ -78,7 +82,7 @@ class Source:
         """Inputs to store; None where only a full pass can tell (a streamed tar)."""
         if self.format == "imagenet-tar":
             return None
-        return sum(map(len, self._items.values()))
+        return sum(map(len, self.items.values()))
 
     def classes(self, wanted: set[str]) -> Iterator[tuple[str, list[Item], list[tuple[str, str]]]]:
         """Yield (class name, its inputs in sorted order, its skipped files) for wanted classes."""
@@ -87,7 +91,7 @@ class Source:
             return
         for name in self.class_names:
             if name in wanted:
-                yield name, self._items.get(name, []), self._class_skipped.get(name, [])
+                yield name, self.items.get(name, []), self.class_skipped.get(name, [])
 
 
 def _is_image_name(name: str) -> bool:
@@ -109,7 +113,7 @@ def _imagefolder(root: Path) -> Source:
                     items.append(Item(path[prefix:], path))
                 else:
                     skipped.append((path[prefix:], NOT_IMAGE_NAME))
-        src._items[name], src._class_skipped[name] = items, skipped
+        src.items[name], src.class_skipped[name] = items, skipped
     return src
 
 
@@ -153,7 +157,7 @@ def _flat(root: Path, labels: Path) -> Source:
         if fn not in labelled:
             skipped.append((fn, f"no label in {labels.name}"))
     src = Source("flat", root, sorted(per_class), skipped)
-    src._items = {c: sorted(v, key=lambda it: it.name) for c, v in per_class.items()}
+    src.items = {c: sorted(v, key=lambda it: it.name) for c, v in per_class.items()}
     return src
 
 
@@ -195,7 +199,7 @@ def _wds(src: Path, tars: list[Path]) -> Source:
     else:
         labels.sort()
     source = Source("wds", src, labels, skipped)
-    source._items = {c: sorted(v, key=lambda it: it.name) for c, v in per_label.items()}
+    source.items = {c: sorted(v, key=lambda it: it.name) for c, v in per_label.items()}
     return source
 
 
@@ -298,7 +302,7 @@ def _cifar(root: Path, split: str) -> Source:
             per_class[names[label]].append(Item(f"{f}_{i:05d}", data=buf.getvalue()))
     src = Source("cifar", root, names,
                  encoding=f"JPEG quality {CIFAR_QUALITY}, 4:4:4 chroma, from raw pixels")
-    src._items = per_class
+    src.items = per_class
     return src
 
 

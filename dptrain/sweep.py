@@ -13,11 +13,8 @@ ones and retries failed ones. SWEEP/results.csv has one row per (run, downstream
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import statistics
 import os
 import queue
 import subprocess
@@ -25,18 +22,53 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import DataError
 from .index import ShardIndex
-from .shards import write_atomic
+from .results import write_results
+from .runfolder import write_json
 from .subset import select, steps_per_epoch
 
-RESULTS = "results.csv"
-COLUMNS = ("run", "K", "n", "N", "seed", "dataset", "top1_mean", "top1_std", "error_mean",
-           "train_loss", "train_top1", "val_top1", "steps", "epochs", "pretrain_s", "probe_s",
-           "images_per_s", "device")
+@dataclass(frozen=True)
+class SweepSpec:
+    """What every point of a sweep shares; SWEEP/sweep.json records it."""
+
+    data: str
+    suite: str
+    out: str
+    repeats: int
+    recipe: str
+    budget: str  # "fixed steps: ..." or "fixed epochs: ..."
+    config: dict  # the resolved pretrain config every point starts from (SWEEP/pretrain.json)
+    options: list[str]  # the pretrain options as given, for the report
+    gpus: int = 1  # per run
+    probe_args: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def config_file(self) -> Path:
+        return Path(self.out) / "pretrain.json"
+
+
+def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: str,
+            given: list[str], skipped: list[str]) -> tuple[SweepSpec, list | None]:
+    """The spec of a sweep, and the device slots of a local one: one run per GPU (or per group
+    of `gpus`), one at a time on a CPU. Local runs share this machine's cores between them
+    unless --workers was given."""
+    slots = device_slots(gpus) if launcher == "local" and cfg.device != "cpu" else None
+    probe_args = ["--device", cfg.device] if cfg.device != "auto" else []
+    if launcher == "local" and cfg.workers is None:
+        threads = share_of_cores(len(slots or [None]), gpus)
+        cfg = replace(cfg, workers=threads)
+        probe_args += ["--workers", str(threads * gpus)]
+    budget = (f"fixed steps: {cfg.steps} per run" if cfg.steps else
+              f"fixed epochs: {cfg.epochs} per run (steps grow with N)")
+    spec = SweepSpec(data=cfg.data, suite=str(Path(suite).resolve()), out=str(out.resolve()),
+                     repeats=repeats, recipe=cfg.recipe, budget=budget, config=asdict(cfg),
+                     options=given, gpus=gpus, probe_args=probe_args, skipped=skipped)
+    return spec, slots
 
 
 @dataclass(frozen=True)
@@ -141,21 +173,23 @@ def finished(run: Path, datasets: list[str]) -> bool:
     return set(datasets) <= set(summary.get("probe", {}))
 
 
-def point_commands(point: Point, spec: dict) -> list[list[str]]:
-    """The two commands of one point: what a user would run by hand."""
-    run = str(Path(spec["out"]) / "runs" / point.name)
+def point_commands(point: Point, spec: SweepSpec) -> list[list[str]]:
+    """The two commands of one point: what a user would run by hand. The pretrain options
+    come resolved, in the sweep's config file: the children parse nothing again."""
+    run = str(Path(spec.out) / "runs" / point.name)
     dptrain = [sys.executable, "-m", "dptrain"]
-    return [[*dptrain, "pretrain", "--data", spec["data"], "--classes", str(point.classes),
-             "--per-class", str(point.per_class), "--seed", str(point.seed), "--out", run,
-             "--no-progress", *spec["pretrain_args"]],
-            [*dptrain, "probe", run, "--suite", spec["suite"], "--repeats",
-             str(spec["repeats"]), *spec["probe_args"]]]
+    return [[*dptrain, "pretrain", "--config", str(spec.config_file), "--classes",
+             str(point.classes), "--per-class", str(point.per_class), "--seed", str(point.seed),
+             "--out", run, "--no-progress", *(["--gpus", str(spec.gpus)] if spec.gpus > 1
+                                              else [])],
+            [*dptrain, "probe", run, "--suite", spec.suite, "--repeats", str(spec.repeats),
+             *spec.probe_args]]
 
 
-def run_point(point: Point, spec: dict, device: str | None = None) -> dict:
+def run_point(point: Point, spec: SweepSpec, device: str | None = None) -> dict:
     """Run one point's commands in child processes (on `device`: CUDA_VISIBLE_DEVICES);
     its output goes to RUN/sweep.log. Never raises for a failed run: returns its error."""
-    run = Path(spec["out"]) / "runs" / point.name
+    run = Path(spec.out) / "runs" / point.name
     run.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if device is not None:
@@ -215,12 +249,12 @@ def schedule(points: list[Point], slots: list, run) -> list[dict]:
         return list(pool.map(job, points))
 
 
-def submit_slurm(points: list[Point], spec: dict, *, cluster: str = "slurm",
+def submit_slurm(points: list[Point], spec: SweepSpec, *, cluster: str = "slurm",
                  slurm: dict | None = None) -> list[dict]:
     """One submitit job per point (cluster "local": submitit's local executor, for tests)."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=Path(spec["out"]) / "submitit", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=Path(spec.out) / "submitit", cluster=cluster)
     executor.update_parameters(**(slurm or {}))
     jobs = [executor.submit(run_point, p, spec) for p in points]
     results = []
@@ -233,77 +267,22 @@ def submit_slurm(points: list[Point], spec: dict, *, cluster: str = "slurm",
     return results
 
 
-def collect(out: Path) -> list[dict]:
-    """Rows of results.csv, read from the run folders (and each run's N from sweep.json)."""
-    sizes = {}
-    if (out / "sweep.json").is_file():
-        sizes = {p["run"]: p["N"] for p in json.loads((out / "sweep.json").read_text())["points"]}
-    rows = []
-    for run in sorted((out / "runs").glob("K*-n*-s*")):
-        try:
-            summary = json.loads((run / "summary.json").read_text())
-            config = json.loads((run / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").is_file() \
-            else {"datasets": {}}
-        k, n = config["config"]["classes"], config["config"]["per_class"]
-        for name, r in sorted(summary.get("probe", {}).items()):
-            p = probe["datasets"].get(name, {})
-            rows.append({"run": run.name, "K": k, "n": n, "N": sizes.get(run.name, k * n),
-                         "seed": config["config"]["seed"], "dataset": name,
-                         "top1_mean": r["top1_mean"], "top1_std": r["top1_std"],
-                         "error_mean": r["error_mean"], "train_loss": summary["train_loss"],
-                         "train_top1": summary["train_top1_last_epoch"],
-                         "val_top1": summary["val_top1"], "steps": summary["steps"],
-                         "epochs": summary["epochs"], "pretrain_s": summary["wall_s"],
-                         "probe_s": p.get("feature_seconds", 0) + p.get("probe_seconds", 0),
-                         "images_per_s": summary["images_per_s"], "device": summary["device"]})
-    return rows
-
-
-def write_results(out: Path) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS)
-    writer.writeheader()
-    writer.writerows(collect(out))
-    path = out / RESULTS
-    write_atomic(path, buf.getvalue().encode())
-    return path
-
-
-def read_results(out: Path) -> list[dict]:
-    path = Path(out) / RESULTS
-    if not path.is_file():
-        raise DataError(f"{out} has no {RESULTS}: is it a dptrain sweep folder?")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise DataError(f"{path} lists no finished run yet: run or finish the sweep first")
-    for line, r in enumerate(rows, start=2):  # line 1 is the header
-        for key, kind in (*((k, int) for k in ("K", "n", "N", "seed", "steps", "epochs")),
-                          *((k, float) for k in ("top1_mean", "top1_std", "error_mean"))):
-            try:
-                r[key] = kind(r[key])
-            except (TypeError, ValueError):
-                raise DataError(f"{path}, line {line}, column {key}: {r.get(key)!r} is not "
-                                f"{'an integer' if kind is int else 'a number'}") from None
-    return rows
-
-
-def sweep(spec: dict, points: list[Point], datasets: list[str], *, launcher: str = "local",
-          slots: list | None = None, slurm: dict | None = None, log=print) -> dict:
-    """Run the points not finished yet; write sweep.json, failures.json and results.csv."""
-    out = Path(spec["out"])
+def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
+          launcher: str = "local", slots: list | None = None, slurm: dict | None = None,
+          log=print) -> dict:
+    """Run the points not finished yet; write pretrain.json, sweep.json, failures.json and
+    results.csv."""
+    out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
+    write_json(spec.config_file, spec.config)
     # Every point ever run here keeps its budget N: a later call may add points (a predicted
     # split, say) without relabelling the earlier ones.
     known = {}
     if (out / "sweep.json").is_file():
         known = {p["run"]: p["N"] for p in json.loads((out / "sweep.json").read_text())["points"]}
     known.update({p.name: p.size for p in points})
-    write_atomic(out / "sweep.json", json.dumps(
-        {**spec, "points": [{"run": r, "N": n} for r, n in known.items()]}, indent=1).encode())
+    write_json(out / "sweep.json", {**asdict(spec),
+                                    "points": [{"run": r, "N": n} for r, n in known.items()]})
     todo = [p for p in points if not finished(out / "runs" / p.name, datasets)]
     log(f"{len(points)} points, {len(points) - len(todo)} finished already, {len(todo)} to run")
     if launcher == "local":
@@ -324,39 +303,6 @@ def sweep(spec: dict, points: list[Point], datasets: list[str], *, launcher: str
         results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
                                else "slurm", slurm=slurm)
     failures = [r for r in results if r["status"] != "done"]
-    write_atomic(out / "failures.json", json.dumps(failures, indent=1).encode())
+    write_json(out / "failures.json", failures)
     write_results(out)
     return {"points": len(points), "ran": len(todo), "failed": failures}
-
-
-AVERAGE = "average"  # the mean over downstream sets, per run
-
-
-def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], list[float]]]:
-    """{downstream set or AVERAGE: {(K, n, N): [error of each seed]}} from results.csv rows.
-    AVERAGE covers the runs probed on every set."""
-    by_set: dict[str, dict[tuple[int, int, int], dict[int, float]]] = {}
-    for r in rows:
-        by_set.setdefault(r["dataset"], {}).setdefault((r["K"], r["n"], r["N"]), {})[r["seed"]] = \
-            r["error_mean"]
-    names = sorted(by_set)
-    out = {name: {p: list(s.values()) for p, s in sorted(pts.items())}
-           for name, pts in by_set.items()}
-    average: dict[tuple[int, int, int], list[float]] = {}
-    for p in sorted({p for pts in by_set.values() for p in pts}):
-        seeds = set.intersection(*(set(by_set[n].get(p, {})) for n in names))
-        if seeds:
-            average[p] = [sum(by_set[n][p][s] for n in names) / len(names) for s in sorted(seeds)]
-    if len(names) > 1:
-        out[AVERAGE] = average
-    return out
-
-
-def best_per_size(points: dict[tuple[int, int, int], list[float]]) -> dict[int, tuple]:
-    """The (K, n, N) of lowest mean error at each budget N."""
-    best: dict[int, tuple] = {}
-    for p, errs in points.items():
-        size = p[2]
-        if size not in best or statistics.mean(errs) < statistics.mean(points[best[size]]):
-            best[size] = p
-    return best

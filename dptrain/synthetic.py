@@ -1,5 +1,5 @@
 """Built-in data: the two-step synthetic dataset (`tools/make_shards.py`, the default of
-`dptrain pretrain`) and ImageNet-like JPEG folders (benchmarks and tests).
+`dptrain pretrain`). ImageNet-like JPEGs for benchmarks are in `imagenet_like`.
 
 Two-step data follows the paper's model: draw K classes from one shared distribution, then n
 images around each class. A class is LATENT numbers in [0, 1] (outline harmonics, size, aspect,
@@ -9,11 +9,6 @@ scaled and moved, on a random background with a distractor shape, plus pixel noi
 class c depends only on (generator parameters, c, i): the same seed gives byte-identical shards,
 and a larger pool holds every image of a smaller one. Images go straight into shards through
 `dptrain shard`'s writer (`shards.write_source`), with no temporary files.
-
-ImageNet-like folders: natural images have a ~1/f spectrum; crops of a 1/f noise texture with
-per-class colour and per-image gain give JPEGs that compress like ImageNet's (500x375 at
-quality 90: ~110 KB) and so cost what ImageNet costs to read and decode. Image i of class c
-depends only on (seed, c, i).
 """
 
 from __future__ import annotations
@@ -21,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -32,7 +25,8 @@ from PIL import Image
 
 from .errors import DataError
 from .index import INDEX_FILE, ShardIndex
-from .shards import write_atomic, write_source
+from .runfolder import write_atomic
+from .shards import write_source
 from .sources import Item, Source
 
 # -- two-step synthetic data -------------------------------------------------------------------
@@ -123,7 +117,7 @@ def source(gen: Generator, group: int, class_names: list[str], per_class: int,
                          "classes": len(class_names), "per_class": per_class})
     src = Source("synthetic", Path("synthetic"), list(class_names), origin=origin,
                  encoding=f"generated, JPEG quality {gen.quality}, 4:4:4 chroma")
-    src._items = {name: [Item(f"{name}/{i:06d}.jpg", make=partial(gen.jpeg, group, label, split,
+    src.items = {name: [Item(f"{name}/{i:06d}.jpg", make=partial(gen.jpeg, group, label, split,
                                                                     i))
                          for i in range(per_class)]
                   for label, name in enumerate(class_names)}
@@ -213,86 +207,3 @@ def _star(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rotation: float, r
         power = power * turn
     r = radius * wobble
     return np.clip((r - rho) * res / 2 + 0.5, 0, 1), u, v
-
-_TEXTURE_SIDE = 1024
-
-
-@lru_cache(maxsize=2)
-def _texture(seed: int) -> np.ndarray:
-    """A 1024x1024x3 field with a 1/f amplitude spectrum, zero mean and unit variance."""
-    rng = np.random.default_rng([seed, 0x7E])
-    fy = np.fft.fftfreq(_TEXTURE_SIDE)[:, None]
-    fx = np.fft.rfftfreq(_TEXTURE_SIDE)[None, :]
-    f = np.hypot(fx, fy)
-    f[0, 0] = 1.0
-    chans = []
-    for _ in range(3):
-        spec = rng.standard_normal(f.shape) * np.exp(2j * np.pi * rng.random(f.shape)) / f
-        x = np.fft.irfft2(spec, s=(_TEXTURE_SIDE, _TEXTURE_SIDE))
-        chans.append((x - x.mean()) / x.std())
-    return np.stack(chans, -1).astype(np.float32)
-
-
-def imagenet_like_jpeg(texture: np.ndarray, seed: int, label: int, index: int, *,
-                       width: int = 500, height: int = 375, quality: int = 90) -> bytes:
-    """One JPEG: a crop of `texture` in the class's colours, jittered per image."""
-    if not (0 < width <= _TEXTURE_SIDE and 0 < height <= _TEXTURE_SIDE):
-        raise ValueError(f"width and height must be in 1..{_TEXTURE_SIDE}")
-    class_rng = np.random.default_rng([seed, label])
-    mean = class_rng.uniform(60, 200, 3)
-    rng = np.random.default_rng([seed, label, index])
-    y = rng.integers(0, _TEXTURE_SIDE - height + 1)
-    x = rng.integers(0, _TEXTURE_SIDE - width + 1)
-    crop = texture[y : y + height, x : x + width]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    pixels = crop * rng.uniform(35, 45) + mean + rng.normal(0, 10, 3)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _write_class_folder(tmp: Path, label: int, *, seed: int, start: int, per_class: int,
-                        width: int, height: int, quality: int) -> None:
-    folder = tmp / f"c{label:04d}"
-    folder.mkdir(parents=True)
-    texture = _texture(seed)
-    for i in range(start, start + per_class):
-        data = imagenet_like_jpeg(texture, seed, label, i, width=width, height=height,
-                                  quality=quality)
-        (folder / f"c{label:04d}_{i:05d}.JPEG").write_bytes(data)
-
-
-def write_image_folder(root: str | os.PathLike, num_classes: int, per_class: int, *,
-                       width: int = 500, height: int = 375, quality: int = 90, seed: int = 0,
-                       start: int = 0, workers: int | None = None) -> Path:
-    """Write `root/cNNNN/cNNNN_IIIII.JPEG` (ImageNet's train layout); reuses a finished root.
-
-    Images `start` .. `start + per_class - 1` of each class: another `start` gives other
-    images of the same classes (a held-out split).
-
-    Written under a temporary name and renamed, so a folder that exists is complete; its
-    `.params.json` says what it holds, and a folder made with other parameters is rebuilt.
-    """
-    root = Path(root)
-    params = json.dumps({"num_classes": num_classes, "per_class": per_class, "width": width,
-                         "height": height, "quality": quality, "seed": seed, "start": start})
-    marker = root / ".params.json"
-    if root.is_dir():
-        if not marker.is_file():
-            raise ValueError(f"{root} exists and was not written by write_image_folder")
-        if marker.read_text() == params:
-            return root
-        shutil.rmtree(root)
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _texture(seed)  # made once here; forked workers inherit it
-    # Processes, not threads: rendering holds the GIL (16 threads wrote 20,000 JPEGs in more
-    # than 50 s on a 16-core machine).
-    write = partial(_write_class_folder, tmp, seed=seed, start=start, per_class=per_class,
-                    width=width, height=height, quality=quality)
-    with ProcessPoolExecutor(min(num_classes, workers or os.cpu_count() or 1)) as pool:
-        list(pool.map(write, range(num_classes)))
-    (tmp / marker.name).write_text(params)
-    os.replace(tmp, root)
-    return root

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import DataError
 from .index import ShardIndex
-from .sweep import best_per_size, errors_by_point, read_results
+from .results import best_per_size, errors_by_point, read_results
 
 PARAMS = ("c0", "a", "alpha", "b", "beta")
 # Bounds keep the fit physical: errors and amplitudes >= 0, exponents in a range that a few

@@ -14,113 +14,23 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import TrainConfig, check_config
 from .errors import DataError
 from .index import ShardIndex
 from .loader import Loader
-from .models import build_model, check_arch
+from .models import build_model
+from .runfolder import must_replace, save_torch, write_json
 from .subset import read_class_list, select, steps_per_epoch as epoch_steps
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str = ""  # shard set to pre-train on
-    classes: int | None = None  # K (None: all classes)
-    per_class: int | None = None  # n (None: all images of each class)
-    class_list: str | None = None  # file of class names, instead of a seeded choice of K
-    allow_fewer: bool = False  # keep smaller classes whole instead of refusing n
-    val_data: str | None = None  # held-out images of the same classes (--classes-from shards)
-    arch: str = "resnet18"  # smallcnn or any torchvision classification model
-    epochs: int = 16
-    steps: int | None = None  # total optimisation steps; replaces epochs (schedule follows)
-    batch_size: int = 512  # images per step, all ranks together
-    lr: float = 1.0  # peak learning rate at batch_size
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    no_bn_wd: bool = True  # no weight decay on norm and bias parameters
-    label_smoothing: float = 0.1
-    schedule: str = "linear"  # "linear": warm-up then linear decay; "cosine": cosine decay
-    warmup_epochs: float = 2.0
-    res: int = 192  # px, training resolution (the last one, if progressive)
-    min_res: int | None = 160  # px, progressive resolution from here up to res; None: off
-    eval_res: int | None = None  # px for validation (default: res)
-    amp: str = "auto"  # "auto", "bf16", "fp16" (GPU only, with a gradient scaler) or "off"
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0  # subset choice, epoch order, init and augmentation
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    workers: int | None = None  # DALI threads (default: this process's share of the cores)
-    decode: str = "auto"  # JPEG decoding: "auto" (the GPU's decoders on a GPU run), "gpu", "cpu"
-    hw_decoder_load: float | None = None  # share of JPEGs for the GPU's hardware decoder (auto)
-    prefetch: int = 2  # batches DALI prepares ahead, and as many finished ones queued
-    log_every: int = 50  # steps between metrics lines (each one syncs host and device)
-    recipe: str = "fast"
-
-
-# Recipes are tables of values; any of them can be overridden on the command line.
-RECIPES: dict[str, dict] = {
-    # The paper's card: 100 epochs, batch 64, SGD 0.1, momentum 0.9, wd 1e-4, 224 px, cosine.
-    "paper": dict(epochs=100, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                  no_bn_wd=False, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
-                  res=224, min_res=None),
-    # FFCV-style: label smoothing, warm-up + linear decay, no wd on norms/biases, 160 -> 192 px,
-    # large batch with the lr scaled (0.5 per 256 images).
-    "fast": dict(epochs=16, batch_size=512, lr=1.0, momentum=0.9, weight_decay=5e-5,
-                 no_bn_wd=True, label_smoothing=0.1, schedule="linear", warmup_epochs=2.0,
-                 res=192, min_res=160),
-    # The built-in synthetic data (32 px): a small CNN, short schedule, CPU-friendly batch.
-    "synthetic": dict(arch="smallcnn", epochs=15, batch_size=128, lr=0.2, momentum=0.9,
-                      weight_decay=5e-4, no_bn_wd=True, label_smoothing=0.1, schedule="linear",
-                      warmup_epochs=1.0, res=32, min_res=None),
-}
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]) * 255
-
-
-def make_config(recipe: str = "fast", **overrides) -> TrainConfig:
-    """The recipe's values with `overrides` (None means: keep the recipe's). A batch size
-    changed without an explicit lr scales the recipe's lr linearly; a res given without a
-    min_res turns progressive resolution off."""
-    if recipe not in RECIPES:
-        raise DataError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-    values = {**RECIPES[recipe], "recipe": recipe}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
-    if "batch_size" in given and "lr" not in given:
-        values["lr"] = values["lr"] * given["batch_size"] / values["batch_size"]
-    if "res" in given and "min_res" not in given:
-        values["min_res"] = None
-    return TrainConfig(**{**values, **given})
-
-
-def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
-    """Refuse impossible options before any work, with what is allowed."""
-    check_arch(cfg.arch)
-    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
-        raise DataError(f"--amp must be auto, bf16, fp16 or off, not {cfg.amp!r}")
-    if cfg.schedule not in ("linear", "cosine"):
-        raise DataError(f"schedule must be linear or cosine, not {cfg.schedule!r}")
-    if cfg.batch_size % world_size:
-        raise DataError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
-    if cfg.min_res is not None and cfg.min_res > cfg.res:
-        raise DataError(f"min_res {cfg.min_res} is above --res {cfg.res}")
-    if cfg.amp == "fp16" and not cuda:
-        raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
-    if cfg.decode not in ("auto", "gpu", "cpu") or (cfg.decode == "gpu" and not cuda):
-        raise DataError(f"--decode must be auto or cpu, or gpu on a GPU run, not {cfg.decode!r}")
-    if cfg.prefetch < 1:
-        raise DataError(f"--prefetch must be at least 1, not {cfg.prefetch}")
-    if cfg.hw_decoder_load is not None and not 0 <= cfg.hw_decoder_load <= 1:
-        raise DataError(f"--hw-decoder-load must be in 0..1, not {cfg.hw_decoder_load}")
 
 
 def resolve_device(name: str) -> str:
@@ -191,12 +101,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     return ckpt
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -231,18 +135,22 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int,
                   prefetch=cfg.prefetch)
 
 
-def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train (or resume, or return the summary of a finished run in `out`)."""
+def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
+          make_loader=train_loader) -> dict:
+    """Train (or resume, or return the summary of a finished run in `out`). `make_loader`
+    (train_loader's arguments) is where batches come from: benchmarks pass one that replays
+    batches from memory."""
     # On a GPU the run has a CUDA stream of its own. On the legacy default stream, which waits
     # for other streams' work, ResNet-18 trained 23% slower beside the JPEG decoders (H200,
     # 10,263 against 13,263 img/s; benchmarks/README.md).
     if resolve_device(cfg.device) == "cuda":
         with torch.cuda.stream(torch.cuda.Stream(int(os.environ.get("LOCAL_RANK", 0)))):
-            return _train(cfg, out, overwrite, progress)
-    return _train(cfg, out, overwrite, progress)
+            return _train(cfg, out, overwrite, progress, make_loader)
+    return _train(cfg, out, overwrite, progress, make_loader)
 
 
-def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict:
+def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool,
+           make_loader) -> dict:
     # -- distributed: torchrun's environment, a few explicit lines
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -278,19 +186,17 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict
               else torch.cuda.get_device_name(device)}
     if (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
-        same = old["config"] == record["config"] and old["subset"] == record["subset"]
-        if not same and not overwrite:
-            what = [k for k in record["config"] if old["config"].get(k) != record["config"][k]]
-            raise DataError(f"{out} holds a run with other options ({', '.join(what) or 'data'}"
-                            " differ): use --overwrite to start it again, or another --out")
-        if (overwrite or not same) and is_main:  # --overwrite: start over, whatever is there
+        options = {**record["config"], "subset": record["subset"]}
+        replace = must_replace(out, {**old["config"], "subset": old["subset"]}, options,
+                               overwrite=overwrite, holds="a run")
+        if (overwrite or replace) and is_main:  # --overwrite: start over, whatever is there
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
-        elif same and (out / "summary.json").is_file():
+        elif not (overwrite or replace) and (out / "summary.json").is_file():
             return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(record, indent=1))
+        write_json(out / "config.json", record)
     if world > 1:
         torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
 
@@ -338,7 +244,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict
         if loader is None or loader.res != res:  # resolutions only grow: the last is done
             if loader is not None:
                 loader.close()
-            loader = train_loader(subset, cfg, res, str(device), rank, world)
+            loader = make_loader(subset, cfg, res, str(device), rank, world)
         loader.set_epoch(epoch)
         correct.zero_()
         seen_epoch = 0
@@ -384,7 +290,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict
         _check_finite(finite, step, epoch)  # never checkpoint a diverged model
         epoch += 1
         if is_main:  # the unwrapped module's state: no key surgery when loading
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                          "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
                          "num_classes": subset.num_classes, "class_names": subset.class_names},
@@ -415,7 +321,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool) -> dict
                "loader_threads": loader_threads, "loader_ms_per_batch": loader_ms,
                "num_classes": subset.num_classes, "num_samples": len(subset)}
     if is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json(out / "summary.json", summary)
         log.close()
     if world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dptrain.synthetic import _texture, imagenet_like_jpeg
+from dptrain import imagenet_like
 
 DPTRAIN = [sys.executable, "-m", "dptrain"]
 
@@ -24,7 +28,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
 
 @pytest.fixture(scope="session")
 def texture() -> np.ndarray:
-    return _texture(0)
+    return imagenet_like.texture(0)
 
 
 def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
@@ -78,7 +82,7 @@ def make_imagefolder(root: Path, texture: np.ndarray, classes: int = 4, per_clas
         d.mkdir(parents=True)
         for i in range(per_class):
             (d / f"img_{c}_{i}.JPEG").write_bytes(
-                imagenet_like_jpeg(texture, 0, c, i, width=size[0], height=size[1]))
+                imagenet_like.jpeg(texture, 0, c, i, width=size[0], height=size[1]))
     if bad:
         for name, (data, _) in bad_inputs().items():
             (root / "class_0" / name).write_bytes(data)
@@ -101,6 +105,23 @@ def run_cli(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise AssertionError(f"dptrain {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def interrupt(args, ready: Callable[[], bool], sig: int = signal.SIGKILL, *, delay: float = 0.0,
+              group: bool = False, timeout: float = 300) -> tuple[int, str]:
+    """Start `dptrain ARGS`, wait until `ready()` (or until it ends, or `timeout` s), wait
+    `delay` s more, and send `sig`: to the process, or with `group` to its whole process group
+    as a terminal's Ctrl-C does. Returns its exit status and stderr."""
+    proc = subprocess.Popen([*DPTRAIN, *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
+    if proc.poll() is None:  # one that ended already is left to the caller's assertions
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DPTRAIN, make_imagefolder, run_cli, tree_bytes
+from conftest import DPTRAIN, interrupt, make_imagefolder, run_cli, tree_bytes
 from dptrain.index import ShardIndex, idx_name
 
 
@@ -26,9 +26,21 @@ def assert_usage_error(p: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_help_for_every_command():
-    for cmd in ([], ["shard"], ["info"], ["verify"]):
-        p = run_cli(*cmd, "--help")
-        assert "Usage: " in p.stdout and len(p.stdout.splitlines()) > 5
+    import click
+
+    from dptrain.cli import main
+
+    top = run_cli("--help").stdout
+    commands = [line.split()[0] for line in top.split("Commands:")[1].splitlines() if line.strip()]
+    assert sorted(commands) == sorted(main.commands) == [
+        "info", "predict", "pretrain", "probe", "report", "shard", "sweep", "verify"]
+    for cmd in commands:
+        p = run_cli(cmd, "--help")
+        assert p.stdout.startswith(f"Usage: python -m dptrain {cmd} ") and \
+            len(p.stdout.splitlines()) > 5, p.stdout
+        silent = [o.opts[0] for o in main.commands[cmd].params
+                  if isinstance(o, click.Option) and not o.help]
+        assert not silent, (cmd, silent)  # every option says what it does
 
 
 def test_bad_usage_one_line_errors(tmp_path, folder, texture):
@@ -148,12 +160,8 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path, big_folder):
     rng = random.Random(0)
     kills = 0
     for _ in range(5):  # kill -9 at random points, each run resuming the last
-        proc = subprocess.Popen([*DPTRAIN, "shard", str(big_folder), str(out), *SLOW])
-        while not (out / ".progress").exists() and proc.poll() is None:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        interrupt(["shard", big_folder, out, *SLOW], (out / ".progress").exists,
+                  delay=rng.uniform(0.0, 0.4))
         kills += not (out / "index.json").exists()
     assert kills >= 2  # it really was interrupted mid-run, more than once
     resumed = list((out / ".progress").glob("0*.json"))  # classes the last run will not redo
@@ -166,13 +174,9 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path, big_folder):
 def test_ctrl_c_then_rerun(tmp_path, big_folder):
     ref, out = tmp_path / "ref", tmp_path / "out"
     run_cli("shard", big_folder, ref, *SLOW)
-    proc = subprocess.Popen([*DPTRAIN, "shard", str(big_folder), str(out), *SLOW],
-                            stderr=subprocess.PIPE, text=True)
-    while not list((out / ".progress").glob("0*.json")) and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "run the same command again" in err
+    status, err = interrupt(["shard", big_folder, out, *SLOW],
+                            lambda: any((out / ".progress").glob("0*.json")), signal.SIGINT)
+    assert status == 130 and "run the same command again" in err
     assert "Traceback" not in err and not (out / "index.json").exists()
     p = run_cli("shard", big_folder, out, *SLOW)
     assert "this run" in p.stdout

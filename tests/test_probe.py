@@ -53,7 +53,7 @@ def test_matches_scikit_learn(l2, device):
 
 
 def test_warm_start_from_a_fit_reuses_its_gradient(monkeypatch):
-    """A Fit's stored loss and gradient stand in for evaluations; they must be the real ones."""
+    """A LinearFit's stored loss and gradient stand in for evaluations; they must be the real ones."""
     rng = np.random.default_rng(3)
     x, y = blobs(rng, 800, 4, 16, 0.5)
     x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
@@ -147,7 +147,8 @@ def test_trained_backbone_beats_random_init(tmp_path):
     """Pre-training on the synthetic pool helps on unseen classes of the same generator."""
     from dptrain.probe import probe_run, read_suite
     from dptrain.synthetic import Generator, write_pool, write_tasks
-    from dptrain.train import make_config, train
+    from dptrain.config import make_config
+    from dptrain.train import train
 
     gen = Generator(res=16)  # 16 px: 4x cheaper than the default 32, the same structure
     write_pool(tmp_path / "pretrain", 50, 40, gen, progress=False)

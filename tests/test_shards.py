@@ -142,7 +142,7 @@ def test_shard_size_splits_classes(tmp_path, texture):
 
 
 def test_max_side_reencodes_only_larger_images(tmp_path, texture):
-    from dptrain.synthetic import imagenet_like_jpeg
+    from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
 
     src = make_imagefolder(tmp_path / "src", texture, classes=1, per_class=3, size=(500, 375),
                            bad=False)
@@ -215,7 +215,7 @@ def test_imagenet_tar_of_tars_matches_folder(tmp_path, folder):
 def test_webdataset_source_reindexed_by_class(tmp_path, texture):
     import webdataset as wds
 
-    from dptrain.synthetic import imagenet_like_jpeg
+    from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
 
     src = tmp_path / "wds"
     src.mkdir()

@@ -115,8 +115,9 @@ def test_rank_parts_disjoint_equal_and_complete():
     assert all(len(p) == n // world for p in parts)
     together = np.concatenate(parts)
     assert len(set(together.tolist())) == len(together) == 4 * 25  # disjoint; 3 left out
-    whole = epoch_order(n, seed=1, epoch=2)
-    assert set(together.tolist()) <= set(whole.tolist())
+    whole = epoch_order(n, seed=1, epoch=2)  # the one shuffle every rank cuts its part from
+    assert np.array_equal(together, whole[: 4 * 25])  # so each rank reads the same epoch
+    assert not np.array_equal(together, np.arange(4 * 25))  # and it is shuffled
     assert steps_per_epoch(n, 8, world) == 3 and steps_per_epoch(n, 8, world, drop_last=False) == 4
     with pytest.raises(ValueError):
         epoch_order(n, seed=1, epoch=0, rank=4, world_size=4)

@@ -4,17 +4,20 @@ submitit path."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
-import subprocess
 import threading
 import time
+from dataclasses import asdict
 
 import pytest
 
-from conftest import DPTRAIN, run_cli
+from conftest import interrupt, run_cli
+from dptrain.config import make_config
 from dptrain.errors import DataError
-from dptrain.sweep import Point, device_slots, grid, schedule, share_of_cores, sweep
+from dptrain.sweep import (Point, SweepSpec, device_slots, grid, schedule, share_of_cores,
+                           sweep)
 from dptrain.synthetic import Generator, write_pool, write_tasks
 
 
@@ -86,16 +89,9 @@ def rows(out):
 def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     data, suite = synthetic
     out = tmp_path / "sw"
-    cmd = [*DPTRAIN, "sweep", "--data", data, "--suite", suite, "--out", out,
-           "--points", "2:8,4:4,9:20", *TINY]
-    p = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
     second = out / "runs" / "K4-n4-s0" / "sweep.log"
-    deadline = time.time() + 300
-    while not second.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the whole sweep, mid-way through the second point
-    p.wait()
+    interrupt(["sweep", "--data", data, "--suite", suite, "--out", out, "--points",
+               "2:8,4:4,9:20", *TINY], second.exists, group=True)  # mid-way through point 2
     first = out / "runs" / "K2-n8-s0"
     assert (first / "summary.json").is_file()
     mtime = (first / "checkpoint.pt").stat().st_mtime_ns
@@ -112,7 +108,9 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     cores = len(os.sched_getaffinity(0))
     commands = [x for x in (first / "sweep.log").read_text().splitlines() if x.startswith("$ ")]
     assert [c.split()[4] for c in commands] == ["pretrain", "probe"]  # "$ python -m dptrain"
-    assert all(f"--workers {cores}" in c for c in commands)
+    assert f"--workers {cores}" in commands[1]  # the probe's; pretrain's is in its config:
+    assert json.loads((out / "pretrain.json").read_text())["workers"] == cores
+    assert json.loads((first / "config.json").read_text())["config"]["workers"] == cores
     r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out,
                 "--points", "2:8,4:4", *TINY)
     assert "2 finished already, 0 to run" in r.stderr
@@ -154,9 +152,9 @@ def test_bad_sweep_options(tmp_path, synthetic):
 
 def test_submitit_local_executor_path(tmp_path, synthetic):
     data, suite = synthetic
-    spec = {"data": str(data), "suite": str(suite), "out": str(tmp_path / "sw"), "repeats": 1,
-            "recipe": "synthetic", "budget": "fixed epochs", "probe_args": [],
-            "pretrain_args": ["--recipe", "synthetic", "--epochs", "1", "--batch-size", "8"]}
+    cfg = make_config("synthetic", data=str(data), epochs=1, batch_size=8)
+    spec = SweepSpec(data=str(data), suite=str(suite), out=str(tmp_path / "sw"), repeats=1,
+                     recipe="synthetic", budget="fixed epochs", config=asdict(cfg), options=[])
     r = sweep(spec, [Point(3, 4, 0, 12)], ["synthetic-t1"], launcher="submitit-local",
               log=lambda m: None)
     assert r["failed"] == [] and r["ran"] == 1, r
@@ -167,17 +165,10 @@ def test_submitit_local_executor_path(tmp_path, synthetic):
 def test_ctrl_c_stops_the_sweep_with_a_message(tmp_path, synthetic):
     data, suite = synthetic
     out = tmp_path / "sw"
-    cmd = [*DPTRAIN, "sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8",
-           *TINY]
-    p = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
     log = out / "runs" / "K2-n8-s0" / "sweep.log"
-    deadline = time.time() + 300
-    while not log.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and "run the same command again" in err
+    status, err = interrupt(["sweep", "--data", data, "--suite", suite, "--out", out,
+                             "--points", "2:8", *TINY], log.exists, signal.SIGINT, group=True)
+    assert status == 130 and "run the same command again" in err
     assert "Traceback" not in err
 
 
@@ -209,7 +200,6 @@ def test_plan_schedules_like_the_sweep_and_reads_benchmark_throughput(tmp_path, 
 
     from dptrain.index import ShardIndex
     from dptrain.sweep import measured_throughput, plan
-    from dptrain.train import make_config
 
     data, _ = synthetic
     cfg = make_config("synthetic", data=str(data), epochs=1, batch_size=8)

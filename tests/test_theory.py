@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_cli
 from dptrain.report import write_report
-from dptrain.sweep import COLUMNS
+from dptrain.results import COLUMNS
 from dptrain.theory import (Fit, FitError, best_ratio_measured, best_split, bootstrap, fit,
                             fit_points, holdout_check, near_minimum, split_for_ratio)
 
@@ -83,8 +83,9 @@ def test_bootstrap_and_measured_ratio():
            for size in (1000, 4000, 16000) for k, n in grid_points(sizes=(size,))}
     fits = bootstrap(pts, samples=20)
     assert len(fits) >= 18
-    alphas = [f.alpha for f in fits]
-    assert min(alphas) < TRUE["alpha"] * 1.3 and max(alphas) > TRUE["alpha"] * 0.7
+    alphas = np.array([f.alpha for f in fits])  # noise 0.003 on errors of ~0.1-0.5:
+    assert np.median(alphas) == pytest.approx(TRUE["alpha"], rel=0.15)  # centred on the truth
+    assert 0 < np.percentile(alphas, 97.5) - np.percentile(alphas, 2.5) < 0.5 * TRUE["alpha"]
     m = best_ratio_measured(pts, 4000)
     exact = Fit(**TRUE, tied=False, rmse=0, points=0).best_ratio(4000)
     assert m["best_measured_ratio"] / 6.3 <= exact <= m["best_measured_ratio"] * 6.3

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import DPTRAIN, make_imagefolder, make_shard_set, run_cli
+from conftest import interrupt, make_imagefolder, make_shard_set, run_cli
 from dptrain.index import ShardIndex
 from dptrain.shards import shard_dataset
 from dptrain.subset import select
-from dptrain.train import lr_at, make_config, res_at, train_loader
+from dptrain.config import make_config
+from dptrain.train import lr_at, res_at, train_loader
 
 FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
         "--no-progress", "--workers", "2"]
@@ -64,7 +64,7 @@ def test_loss_decreases_and_val_top1(shards, tmp_path, texture):
                                size=(48, 40), bad=False)
     for p in val_src.rglob("*.JPEG"):  # other images of the same classes: indexes 100+
         c, i = map(int, p.stem.split("_")[1:])
-        from dptrain.synthetic import imagenet_like_jpeg
+        from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
         p.write_bytes(imagenet_like_jpeg(texture, 0, c, 100 + i, width=48, height=40))
     shard_dataset(val_src, tmp_path / "valshards", classes_from=shards, progress=False)
     out = tmp_path / "run"
@@ -81,11 +81,7 @@ def test_kill_9_and_resume_has_the_same_steps(shards, tmp_path):
     out = tmp_path / "run"
     args = ["pretrain", "--data", str(shards), "--classes", "6", "--per-class", "24",
             "--epochs", "6", "--out", str(out), *FAST]
-    proc = subprocess.Popen([*DPTRAIN, *args])
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    interrupt(args, (out / "checkpoint.pt").exists)
     assert not (out / "summary.json").exists(), "finished before the kill"
     done = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < done < 54
@@ -221,3 +217,31 @@ def test_gpu_run_bf16_then_probe_on_gpu(shards, tmp_path):
                 "--repeats", 2, "--device", "cuda")
     assert "self" in p.stdout
     assert json.loads((out / "probe.json").read_text())["datasets"]["self"]["top1_mean"] > 0.25
+
+
+def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tmp_path):
+    import click
+
+    from dptrain.cli import main
+    from dptrain.config import TrainConfig
+
+    names = {o.name for o in main.commands["pretrain"].params if isinstance(o, click.Option)}
+    assert {f.name for f in fields(TrainConfig)} <= names  # declared once, in config.py
+    p = run_cli("pretrain", "--data", shards, "--recipe", "paper", "--batch-size", "128",
+                "--min-res", "128", "--bn-wd", "--print-config")
+    cfg = json.loads(p.stdout)
+    assert set(cfg) == {f.name for f in fields(TrainConfig)}
+    assert cfg["lr"] == pytest.approx(0.2) and cfg["epochs"] == 100  # paper's 0.1 at batch 64
+    assert cfg["min_res"] == 128 and cfg["no_bn_wd"] is False and cfg["schedule"] == "cosine"
+    assert not (Path("runs") / f"{shards.name}-Kall-nall-s0").exists()  # nothing was run
+    # The printed config runs as it is; options given replace its values, with no recipe.
+    path = tmp_path / "cfg.json"
+    path.write_text(run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16,
+                            "--epochs", 1, *FAST, "--print-config").stdout)
+    run_cli("pretrain", "--config", path, "--batch-size", 32, "--out", tmp_path / "r",
+            "--no-progress")
+    ran = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert ran == {**json.loads(path.read_text()), "batch_size": 32}  # lr not rescaled
+    path.write_text('{"epochs": 1, "colour": "red"}')
+    p = run_cli("pretrain", "--config", path, check=False)
+    assert p.returncode == 2 and "not a pretrain config (['colour'])" in p.stderr

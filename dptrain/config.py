@@ -1,0 +1,179 @@
+"""What a pre-training run is told: `TrainConfig`, one field per option, and the recipes, which
+are tables of values (as torchvision's presets). The command line is generated from the fields
+(`dptrain pretrain --help` shows each with its help and its value in every recipe), so an option
+is declared once, here. No torch: `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import DataError
+
+SUBSET, TRAIN = "subset", "train"  # which options `sweep` sets per point, and which it passes on
+
+
+def _opt(default, help: str, *, group: str = TRAIN, choices: tuple = (), path: str = "",
+         low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False):
+    """A field and what its command-line option needs: help, allowed values, and for a path
+    whether it names a "dir" or a "file" that must exist."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "path": path,
+                                            "range": (low, high, low_open, high_open)})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = _opt("", "Shard set to pre-train on (from dptrain shard) [the built-in synthetic "
+                     "pool shards/synthetic/pretrain, built or extended to the run's K x n on "
+                     "first use, with --recipe synthetic].", group=SUBSET, path="dir")
+    classes: int | None = _opt(None, "K: number of classes [all].", group=SUBSET, low=1)
+    per_class: int | None = _opt(None, "n: images per class [all].", group=SUBSET, low=1)
+    class_list: str | None = _opt(None, "File of class names, one per line, instead of a seeded "
+                                  "choice of K.", group=SUBSET, path="file")
+    allow_fewer: bool = _opt(False, "Keep classes smaller than n whole instead of refusing.",
+                             group=SUBSET)
+    seed: int = _opt(0, "Subset choice, data order, init and augmentation.", group=SUBSET)
+    val_data: str | None = _opt(None, "Held-out images of the same classes (shards made with "
+                                "--classes-from).", path="dir")
+    recipe: str = _opt("fast", "fast: FFCV-style (label smoothing, warm-up + linear decay, no wd "
+                       "on norms and biases, 160 -> 192 px, large batch); paper: the paper's card "
+                       "(SGD 0.1, batch 64, 224 px, cosine); synthetic: smallcnn at 32 px, for the "
+                       "built-in data. Every value below is the recipe's unless given. [fast; "
+                       "synthetic without --data]", choices=("fast", "paper", "synthetic"))
+    arch: str = _opt("resnet18", "smallcnn or any torchvision classification model.")
+    epochs: int = _opt(16, "Passes over the subset.", low=1)
+    steps: int | None = _opt(None, "Total optimisation steps instead of --epochs (the lr "
+                             "schedule follows): the same compute for every (K, n) of a grid.",
+                             low=1)
+    batch_size: int = _opt(512, "Images per step over all ranks; changing it without --lr "
+                           "scales the recipe's lr linearly.", low=1)
+    lr: float = _opt(1.0, "Peak learning rate.", low=0, low_open=True)
+    momentum: float = _opt(0.9, "SGD momentum.", low=0, high=1)
+    weight_decay: float = _opt(5e-5, "L2 weight decay.", low=0)
+    no_bn_wd: bool = _opt(True, "No weight decay on norm and bias parameters (--bn-wd: decay "
+                          "them too).")
+    label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy.", low=0, high=1,
+                                  high_open=True)
+    schedule: str = _opt("linear", "Learning-rate decay after the warm-up.",
+                         choices=("linear", "cosine"))
+    warmup_epochs: float = _opt(2.0, "Linear learning-rate warm-up, in epochs of the subset "
+                                "(0: none).", low=0)
+    res: int = _opt(192, "Training resolution in px (the last one, if progressive; --res alone "
+                    "turns progressive resolution off).", low=16)
+    min_res: int | None = _opt(160, "Progressive resolution from here up to --res, in steps of "
+                               "32 px (FFCV) [none: off].", low=16)
+    eval_res: int | None = _opt(None, "Resolution of --val-data [--res].", low=16)
+    amp: str = _opt("auto", "Autocast dtype [auto: bf16 where the hardware has it, else fp16 on "
+                    "a GPU, fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler.",
+                    choices=("auto", "bf16", "fp16", "off"))
+    channels_last: bool = _opt(True, "Channels-last memory format for the model and its input.")
+    compile: bool = _opt(False, "torch.compile the model.")
+    device: str = _opt("auto", "Where to train [auto: the GPU when there is one].",
+                       choices=("auto", "cpu", "cuda"))
+    workers: int | None = _opt(None, "DALI threads [this process's share of the cores: all of "
+                               "them, divided between torchrun's local ranks].", low=1)
+    decode: str = _opt("auto", "Where JPEGs are decoded [auto: on the GPU (hardware decoder + "
+                       "nvJPEG) in a GPU run; cpu: DALI's CPU threads, leaving the GPU to the "
+                       "model].", choices=("auto", "gpu", "cpu"))
+    hw_decoder_load: float | None = _opt(None, "Share of JPEGs the GPU's hardware JPEG decoder "
+                                         "takes, the rest going to nvJPEG on the SMs [1.0 on "
+                                         "H100/H200, measured faster; DALI's 0.65 on other "
+                                         "GPUs].", low=0, high=1)
+    prefetch: int = _opt(2, "Batches DALI prepares ahead, and as many finished ones queued.",
+                         low=1)
+    log_every: int = _opt(50, "Steps between metrics lines (each one syncs host and device).",
+                          low=1)
+
+
+# Recipes are tables of values; any of them can be overridden on the command line.
+RECIPES: dict[str, dict] = {
+    # The paper's card: 100 epochs, batch 64, SGD 0.1, momentum 0.9, wd 1e-4, 224 px, cosine.
+    "paper": dict(epochs=100, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                  no_bn_wd=False, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
+                  res=224, min_res=None),
+    # FFCV-style: label smoothing, warm-up + linear decay, no wd on norms/biases, 160 -> 192 px,
+    # large batch with the lr scaled (0.5 per 256 images).
+    "fast": dict(epochs=16, batch_size=512, lr=1.0, momentum=0.9, weight_decay=5e-5,
+                 no_bn_wd=True, label_smoothing=0.1, schedule="linear", warmup_epochs=2.0,
+                 res=192, min_res=160),
+    # The built-in synthetic data (32 px): a small CNN, short schedule, CPU-friendly batch.
+    "synthetic": dict(arch="smallcnn", epochs=15, batch_size=128, lr=0.2, momentum=0.9,
+                      weight_decay=5e-4, no_bn_wd=True, label_smoothing=0.1, schedule="linear",
+                      warmup_epochs=1.0, res=32, min_res=None),
+}
+
+
+def default_in_recipes(name: str) -> str:
+    """A field's value in each recipe, for --help: 'fast: 16, paper: 100, synthetic: 15', or
+    the one default where no recipe sets it."""
+    default = next(f.default for f in fields(TrainConfig) if f.name == name)
+    values = {r: v.get(name, default) for r, v in RECIPES.items()}
+    if len(set(map(repr, values.values()))) == 1:
+        return "" if default in (None, "", MISSING) else _show(default)
+    return ", ".join(f"{r}: {_show(v)}" for r, v in values.items())
+
+
+def _show(v) -> str:
+    return "none" if v is None else ("yes" if v is True else "no" if v is False else f"{v:g}"
+                                     if isinstance(v, float) else str(v))
+
+
+def make_config(recipe: str = "fast", **overrides) -> TrainConfig:
+    """The recipe's values with `overrides` (None means: keep the recipe's). A batch size
+    changed without an explicit lr scales the recipe's lr linearly; a res given without a
+    min_res turns progressive resolution off."""
+    if recipe not in RECIPES:
+        raise DataError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    values = {**RECIPES[recipe], "recipe": recipe}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
+    if "batch_size" in given and "lr" not in given:
+        values["lr"] = values["lr"] * given["batch_size"] / values["batch_size"]
+    if "res" in given and "min_res" not in given:
+        values["min_res"] = None
+    return TrainConfig(**{**values, **given})
+
+
+def load_config(path: str | Path, **overrides) -> TrainConfig:
+    """A resolved config (`pretrain --print-config`, a sweep's pretrain.json) used as it is,
+    with `overrides` (None: keep the file's) replacing its values: no recipe applies."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"--config {path}: not a JSON config ({e})") from None
+    names = {f.name for f in fields(TrainConfig)}
+    if not isinstance(values, dict) or set(values) - names:
+        extra = sorted(set(values) - names) if isinstance(values, dict) else "not an object"
+        raise DataError(f"--config {path}: not a pretrain config ({extra}); write one with "
+                        "dptrain pretrain ... --print-config")
+    return replace(TrainConfig(**values), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
+    """Refuse impossible options before any work, with what is allowed."""
+    from .models import check_arch
+
+    check_arch(cfg.arch)
+    for f in fields(TrainConfig):
+        choices = f.metadata["choices"]
+        if choices and getattr(cfg, f.name) not in choices:
+            raise DataError(f"--{f.name.replace('_', '-')} must be one of "
+                            f"{', '.join(choices)}, not {getattr(cfg, f.name)!r}")
+    if cfg.batch_size % world_size:
+        raise DataError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
+    if cfg.min_res is not None and cfg.min_res > cfg.res:
+        raise DataError(f"--min-res {cfg.min_res} is above --res {cfg.res}")
+    if cfg.amp == "fp16" and not cuda:
+        raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
+    if cfg.decode == "gpu" and not cuda:
+        raise DataError("--decode must be auto or cpu, or gpu on a GPU run, not 'gpu'")
+    if cfg.prefetch < 1:
+        raise DataError(f"--prefetch must be at least 1, not {cfg.prefetch}")
+    if cfg.hw_decoder_load is not None and not 0 <= cfg.hw_decoder_load <= 1:
+        raise DataError(f"--hw-decoder-load must be in 0..1, not {cfg.hw_decoder_load}")

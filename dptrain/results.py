@@ -1,0 +1,111 @@
+"""A sweep's results: SWEEP/results.csv, one row per (run, downstream set), collected from the
+run folders; and the numbers `report` and `theory` read from it (errors per point and seed,
+the best split per budget).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+from .errors import DataError
+from .runfolder import write_atomic
+
+RESULTS = "results.csv"
+COLUMNS = ("run", "K", "n", "N", "seed", "dataset", "top1_mean", "top1_std", "error_mean",
+           "train_loss", "train_top1", "val_top1", "steps", "epochs", "pretrain_s", "probe_s",
+           "images_per_s", "device")
+
+
+def collect(out: Path) -> list[dict]:
+    """Rows of results.csv, read from the run folders (and each run's N from sweep.json)."""
+    sizes = {}
+    if (out / "sweep.json").is_file():
+        sizes = {p["run"]: p["N"] for p in json.loads((out / "sweep.json").read_text())["points"]}
+    rows = []
+    for run in sorted((out / "runs").glob("K*-n*-s*")):
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+            config = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").is_file() \
+            else {"datasets": {}}
+        k, n = config["config"]["classes"], config["config"]["per_class"]
+        for name, r in sorted(summary.get("probe", {}).items()):
+            p = probe["datasets"].get(name, {})
+            rows.append({"run": run.name, "K": k, "n": n, "N": sizes.get(run.name, k * n),
+                         "seed": config["config"]["seed"], "dataset": name,
+                         "top1_mean": r["top1_mean"], "top1_std": r["top1_std"],
+                         "error_mean": r["error_mean"], "train_loss": summary["train_loss"],
+                         "train_top1": summary["train_top1_last_epoch"],
+                         "val_top1": summary["val_top1"], "steps": summary["steps"],
+                         "epochs": summary["epochs"], "pretrain_s": summary["wall_s"],
+                         "probe_s": p.get("feature_seconds", 0) + p.get("probe_seconds", 0),
+                         "images_per_s": summary["images_per_s"], "device": summary["device"]})
+    return rows
+
+
+def write_results(out: Path) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS)
+    writer.writeheader()
+    writer.writerows(collect(out))
+    path = out / RESULTS
+    write_atomic(path, buf.getvalue().encode())
+    return path
+
+
+def read_results(out: Path) -> list[dict]:
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        raise DataError(f"{out} has no {RESULTS}: is it a dptrain sweep folder?")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataError(f"{path} lists no finished run yet: run or finish the sweep first")
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        for key, kind in (*((k, int) for k in ("K", "n", "N", "seed", "steps", "epochs")),
+                          *((k, float) for k in ("top1_mean", "top1_std", "error_mean"))):
+            try:
+                r[key] = kind(r[key])
+            except (TypeError, ValueError):
+                raise DataError(f"{path}, line {line}, column {key}: {r.get(key)!r} is not "
+                                f"{'an integer' if kind is int else 'a number'}") from None
+    return rows
+
+
+AVERAGE = "average"  # the mean over downstream sets, per run
+
+
+def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], list[float]]]:
+    """{downstream set or AVERAGE: {(K, n, N): [error of each seed]}} from results.csv rows.
+    AVERAGE covers the runs probed on every set."""
+    by_set: dict[str, dict[tuple[int, int, int], dict[int, float]]] = {}
+    for r in rows:
+        by_set.setdefault(r["dataset"], {}).setdefault((r["K"], r["n"], r["N"]), {})[r["seed"]] = \
+            r["error_mean"]
+    names = sorted(by_set)
+    out = {name: {p: list(s.values()) for p, s in sorted(pts.items())}
+           for name, pts in by_set.items()}
+    average: dict[tuple[int, int, int], list[float]] = {}
+    for p in sorted({p for pts in by_set.values() for p in pts}):
+        seeds = set.intersection(*(set(by_set[n].get(p, {})) for n in names))
+        if seeds:
+            average[p] = [sum(by_set[n][p][s] for n in names) / len(names) for s in sorted(seeds)]
+    if len(names) > 1:
+        out[AVERAGE] = average
+    return out
+
+
+def best_per_size(points: dict[tuple[int, int, int], list[float]]) -> dict[int, tuple]:
+    """The (K, n, N) of lowest mean error at each budget N."""
+    best: dict[int, tuple] = {}
+    for p, errs in points.items():
+        size = p[2]
+        if size not in best or statistics.mean(errs) < statistics.mean(points[best[size]]):
+            best[size] = p
+    return best
