@@ -37,6 +37,7 @@ from loader import shards  # noqa: E402
 
 import dptrain.train as T  # noqa: E402
 from dptrain.config import make_config  # noqa: E402
+from dptrain.device import resolve_amp  # noqa: E402
 
 LOG = 10
 
@@ -155,7 +156,7 @@ def main() -> None:
             for name, r in runs.items()]
     rows.append({"batches from": "memory", **plain(memory), "ratio": 1.0})
     stages = [{"loader": name, **r["loader ms/batch"]} for name, r in runs.items()]
-    amp = T.resolve_amp("auto", device == "cuda")
+    amp = resolve_amp("auto", device == "cuda")
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
     print(f"{arch} at {res} px, batch {batch}, {steps} steps, {args.images:,} JPEGs, amp {amp}, "
           f"channels_last, {device} ({gpu}, {os.cpu_count()} cores)")

@@ -82,7 +82,7 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
     images a decoder would choke on are converted, broken files skipped and recorded.
     Interrupted? Run the same command again: it resumes.
     """
-    from .shards import ShardOptions, shard_source
+    from .shards import ShardOptions, render_results, shard_source
 
     out = out or Path("shards") / src.name.split(".")[0]
     opts = ShardOptions(seed=seed, shard_size=shard_size, max_side=max_side, quality=quality,
@@ -94,19 +94,7 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
     except KeyboardInterrupt:
         click.echo(f"interrupted: run the same command again to resume {out}", err=True)
         sys.exit(130)
-    for where, s in results:
-        if s["up_to_date"]:
-            click.echo(f"{where} is up to date: {s['written']:,} images in {s['classes']:,} "
-                       "classes")
-            continue
-        run = s["this_run"]
-        click.echo(f"{where}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, "
-                   f"{s['written']:,} written, {s['converted']:,} converted, "
-                   f"{s['skipped']:,} skipped, {s['bytes'] / 1e6:,.1f} MB")
-        for reason, n in sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
-            click.echo(f"  skipped {n:,}: {reason}")
-        click.echo(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "
-                   f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
+    click.echo(render_results(results))
 
 
 def config_options(group: str | None = None):
@@ -191,8 +179,11 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
         if "RANK" in os.environ and not gpus:
             raise UserError("under torchrun, give --data (build the synthetic pool first: "
                             "python tools/make_shards.py)")
-        options["data"] = str(_synthetic_pool(options["classes"], options["per_class"], progress,
-                                              build=not print_config))
+        from .synthetic import DEFAULT_POOL, ensure_pool
+
+        options["data"] = str(DEFAULT_POOL)
+        if not print_config:
+            click.echo(ensure_pool(options["classes"], options["per_class"], progress), err=True)
         sys.argv += ["--data", options["data"]]  # what --gpus re-runs, once per GPU
         recipe = recipe or "synthetic"
     if config_file:
@@ -204,7 +195,7 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
         return
     if gpus and not under_torchrun():
         relaunch(gpus, sys.argv[1:])
-    from .train import NonFiniteLoss, train
+    from .train import NonFiniteLoss, summary_line, train
 
     out = out or Path("runs") / (f"{Path(cfg.data).name}-K{cfg.classes or 'all'}-"
                                  f"n{cfg.per_class or 'all'}-s{cfg.seed}")
@@ -214,32 +205,7 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
         raise click.ClickException(str(e)) from None
     if int(os.environ.get("RANK", 0)) != 0:
         return  # one summary per run, from rank 0
-    if s.get("already_finished"):
-        click.echo(f"{out} is finished already ({s['steps']} steps); its summary:")
-    val = "-" if s["val_top1"] is None else f"{s['val_top1']:.4f}"
-    click.echo(f"{out}: {s['steps']} steps, {s['epochs']} epochs, train loss {s['train_loss']:.4f}, "
-               f"val top-1 {val}, {s['images_per_s'] or 0:,.0f} img/s, data wait "
-               f"{(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
-
-
-def _synthetic_pool(classes: int | None, per_class: int | None, progress: bool,
-                    build: bool = True) -> Path:
-    """The built-in pool, built or extended to hold a classes x per_class subset."""
-    from .synthetic import DEFAULT_DIR, POOL_CLASSES, POOL_PER_CLASS, write_pool
-
-    path = DEFAULT_DIR / "pretrain"
-    if not build:
-        return path
-    k, n = classes or POOL_CLASSES, per_class or POOL_PER_CLASS
-    r = write_pool(path, k, n, progress=progress)
-    if r["up_to_date"]:
-        click.echo(f"no --data: using the built-in synthetic pool {path} ({r['classes']} classes "
-                   f"x {r['per_class']} images)", err=True)
-    else:
-        click.echo(f"no --data: built the synthetic pool {path} ({r['classes']} classes x "
-                   f"{r['per_class']} images, {r['seconds']:.0f} s); it is what K x n subsets "
-                   "are drawn from, so keep it fixed within an experiment", err=True)
-    return path
+    click.echo(summary_line(out, s))
 
 
 @main.command(context_settings={"show_default": True})
@@ -277,32 +243,13 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
     1e-6..1e5), refit on train+val, scored on test. Writes probe.json and adds the results
     to the run's summary.json.
     """
-    from .probe import probe_run, read_suite
+    from .probe import downstream_sets, probe_run, render
 
-    if len(train_data) != len(test_data) or (names and len(names) != len(train_data)):
-        raise UserError("give one --test-data (and one --name, if any) per --data")
-    datasets = list(zip(names or [Path(d).name for d in train_data], train_data, test_data))
-    datasets += read_suite(suite) if suite else []
-    if not datasets:
-        raise UserError("no downstream dataset: give --data and --test-data, or --suite FILE")
-    names = [d[0] for d in datasets]
-    if len(set(names)) != len(names):
-        raise UserError(f"dataset names must differ: {', '.join(names)} (use --name)")
+    datasets = downstream_sets(train_data, test_data, names, suite)
     out = probe_run(run, datasets, res=res, cache=cache, repeats=repeats,
                     val_fraction=val_fraction, seed=seed, device=device, threads=workers,
                     random_init=random_init)
-    ref = out.get("random_init", {})
-    click.echo(f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}"
-               + (f" {'random-init top-1':>18s} {'gain':>7s}" if ref else "")
-               + "  l2 (per repeat)")
-    for name, r in out["datasets"].items():
-        l2s = " ".join(f"{x['l2']:.0e}" for x in r["repeats"])
-        vs = ""
-        if ref:
-            base = ref[name]["top1_mean"]
-            vs = f" {base:11.4f} +-{ref[name]['top1_std']:.3f} {r['top1_mean'] - base:+7.4f}"
-        click.echo(f"{name:24s} {r['top1_mean']:8.4f} {r['top1_std']:7.4f} {r['error_mean']:7.4f}"
-                   f"{vs}  {l2s}  ({r['cache_hits']}/2 cached)")
+    click.echo(render(out))
 
 
 @main.command()
@@ -310,25 +257,10 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(out, as_json):
     """Summarise the shard set in OUT: classes, samples, per-class counts, bytes, skips."""
-    from .index import ShardIndex
+    from .index import ShardIndex, render_info
 
     i = ShardIndex.load(out).info()
-    if as_json:
-        click.echo(json.dumps(i))
-        return
-    split = f", {i['split']} split" if i["split"] else ""
-    click.echo(f"{i['path']}: format v{i['format_version']}, from {i['source']} "
-               f"({i['source_format']}{split}), seed {i['seed']}")
-    if i["source_encoding"]:
-        click.echo(f"  stored as {i['source_encoding']}")
-    click.echo(f"  classes   {i['num_classes']:,} ({i['empty_classes']} empty)")
-    click.echo(f"  samples   {i['num_samples']:,}  per class min/median/max "
-               f"{i['per_class_min']}/{i['per_class_median']:g}/{i['per_class_max']}")
-    click.echo(f"  bytes     {i['bytes'] / 1e6:,.1f} MB in {i['num_tars']:,} tars; "
-               f"median image {i['median_width']}x{i['median_height']}")
-    click.echo(f"  converted {i['converted']:,}  skipped {i['skipped']:,}")
-    for reason, n in sorted(i["skipped_by_reason"].items(), key=lambda kv: -kv[1]):
-        click.echo(f"    {n:,}: {reason}")
+    click.echo(json.dumps(i) if as_json else render_info(i))
 
 
 @main.command()
@@ -424,7 +356,7 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
     from .config import check_config, make_config
     from .index import ShardIndex
     from .probe import read_suite
-    from .sweep import feasible, grid, prepare, sweep as run_sweep
+    from .sweep import dry_run_text, feasible, grid, prepare, sweep as run_sweep
 
     pairs = grid(sizes=sizes, classes=classes_grid, ratios=ratios, points=points)
     gpus = options.pop("gpus") or 1
@@ -438,7 +370,7 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
     if not todo:
         raise UserError("no feasible point in the grid")
     if dry_run:
-        _dry_run(todo, ShardIndex.load(data), cfg, gpus, img_per_s, plan_gpus)
+        click.echo(dry_run_text(todo, ShardIndex.load(data), cfg, gpus, img_per_s, plan_gpus))
         return
     spec, slots = prepare(cfg, suite=suite, out=out, repeats=repeats, gpus=gpus,
                           launcher=launcher, given=given, skipped=skipped)
@@ -457,38 +389,6 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
         for f in r["failed"]:
             click.echo(f"  failed {f['run']}: {f['error']}", err=True)
         sys.exit(1)
-
-
-def _dry_run(points, index, cfg, gpus_per_run: int, img_per_s: float | None,
-             plan_gpus: int | None) -> None:
-    """`sweep --dry-run`: the plan's table and total, from `sweep.plan`."""
-    import torch
-
-    from .sweep import measured_throughput, plan
-
-    gpus = plan_gpus or torch.cuda.device_count()
-    device = "cuda" if gpus else "cpu"
-    source = "--img-per-s"
-    if img_per_s is None:
-        found = measured_throughput(cfg.arch, cfg.res, device)
-        img_per_s, source = found if found else (None, None)
-    slots = max(1, gpus // gpus_per_run) if gpus else 1
-    p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s)
-    click.echo(f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'est. time':>10s}")
-    for r in p["runs"]:
-        t = f"{r['seconds'] / 60:.1f} min" if r["seconds"] is not None else "-"
-        click.echo(f"{r['run']:>18s} {r['K']:6d} {r['n']:6d} {r['N']:9,d} {r['images']:12,d} "
-                   f"{t:>10s}")
-    where = (f"{gpus} GPU(s), {slots} run(s) at a time, {gpus_per_run} GPU(s) each" if gpus
-             else "this CPU, one run at a time")
-    click.echo(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training, on {where}")
-    if p["seconds"] is None:
-        click.echo(f"no throughput for --arch {cfg.arch} at --res {cfg.res} on {device} in "
-                   "benchmarks/results: give --img-per-s to estimate the time")
-    else:
-        click.echo(f"estimated wall time: {p['seconds'] / 3600:.2f} h at "
-                   f"{img_per_s:,.0f} img/s per {'GPU' if gpus else 'run'} ({source}); "
-                   "probing not counted")
 
 
 @main.command()

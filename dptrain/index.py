@@ -186,3 +186,21 @@ def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
         for job in jobs:
             problems += job.result()
     return problems
+
+
+def render_info(i: dict) -> str:
+    """`dptrain info`'s text, from ShardIndex.info()."""
+    split = f", {i['split']} split" if i["split"] else ""
+    lines = [f"{i['path']}: format v{i['format_version']}, from {i['source']} "
+             f"({i['source_format']}{split}), seed {i['seed']}"]
+    if i["source_encoding"]:
+        lines.append(f"  stored as {i['source_encoding']}")
+    lines += [f"  classes   {i['num_classes']:,} ({i['empty_classes']} empty)",
+              f"  samples   {i['num_samples']:,}  per class min/median/max "
+              f"{i['per_class_min']}/{i['per_class_median']:g}/{i['per_class_max']}",
+              f"  bytes     {i['bytes'] / 1e6:,.1f} MB in {i['num_tars']:,} tars; "
+              f"median image {i['median_width']}x{i['median_height']}",
+              f"  converted {i['converted']:,}  skipped {i['skipped']:,}"]
+    lines += [f"    {n:,}: {reason}" for reason, n in
+              sorted(i["skipped_by_reason"].items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)

@@ -26,9 +26,9 @@ from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .models import build_model
-from .runfolder import atomic_path, save_torch, write_json
+from .runfolder import atomic_path, load_checkpoint, save_torch, write_json
 from .subset import select
-from .train import load_checkpoint, resolve_device, to_model_input
+from .device import resolve_device, to_model_input
 
 L2_GRID = np.logspace(-6, 5, 45)  # Kornblith et al. 2019: 45 values in [1e-6, 1e5]
 
@@ -329,3 +329,34 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
             summary["probe_random_init"] = _brief(merged["random_init"])
         write_json(summary_path, summary)
     return out
+
+
+def downstream_sets(train_data: list[str], test_data: list[str], names: list[str],
+                    suite: Path | None) -> list[tuple[str, str, str]]:
+    """(name, train shards, test shards) from `probe`'s --data/--test-data/--name and --suite."""
+    if len(train_data) != len(test_data) or (names and len(names) != len(train_data)):
+        raise DataError("give one --test-data (and one --name, if any) per --data")
+    datasets = list(zip(names or [Path(d).name for d in train_data], train_data, test_data))
+    datasets += read_suite(suite) if suite else []
+    if not datasets:
+        raise DataError("no downstream dataset: give --data and --test-data, or --suite FILE")
+    names = [d[0] for d in datasets]
+    if len(set(names)) != len(names):
+        raise DataError(f"dataset names must differ: {', '.join(names)} (use --name)")
+    return datasets
+
+
+def render(out: dict) -> str:
+    """`dptrain probe`'s table: top-1 per set, next to the random init's when it was probed."""
+    ref = out.get("random_init", {})
+    lines = [f"{'dataset':24s} {'top-1':>8s} {'std':>7s} {'error':>7s}"
+             + (f" {'random-init top-1':>18s} {'gain':>7s}" if ref else "") + "  l2 (per repeat)"]
+    for name, r in out["datasets"].items():
+        l2s = " ".join(f"{x['l2']:.0e}" for x in r["repeats"])
+        vs = ""
+        if ref:
+            base = ref[name]["top1_mean"]
+            vs = f" {base:11.4f} +-{ref[name]['top1_std']:.3f} {r['top1_mean'] - base:+7.4f}"
+        lines.append(f"{name:24s} {r['top1_mean']:8.4f} {r['top1_std']:7.4f} "
+                     f"{r['error_mean']:7.4f}{vs}  {l2s}  ({r['cache_hits']}/2 cached)")
+    return "\n".join(lines)

@@ -70,3 +70,16 @@ def must_replace(folder: Path, old: dict | None, new: dict, *, overwrite: bool,
         raise DataError(f"{folder} holds {holds} with other options ({', '.join(differ)} "
                         "differ): use --overwrite to replace it, or another --out")
     return old != new
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
+    """A dptrain checkpoint (weights_only: loading runs no code), or a DataError saying the
+    file is not one (damaged, truncated, or something else)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt["config"]["arch"], ckpt["model"], ckpt["num_classes"]
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
+    return ckpt

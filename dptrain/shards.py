@@ -428,3 +428,22 @@ def _totals(meta: dict) -> dict:
             "skipped": len(meta["skipped"]), "skipped_by_reason": reasons,
             "inputs": meta["num_samples"] + len(meta["skipped"]),
             "bytes": sum(t["bytes"] for t in meta["tars"])}
+
+
+def render_results(results: list[tuple[Path, dict]]) -> str:
+    """`dptrain shard`'s report: per output, what was written and skipped, and this run's speed."""
+    lines = []
+    for where, s in results:
+        if s["up_to_date"]:
+            lines.append(f"{where} is up to date: {s['written']:,} images in {s['classes']:,} "
+                         "classes")
+            continue
+        run = s["this_run"]
+        lines.append(f"{where}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, "
+                     f"{s['written']:,} written, {s['converted']:,} converted, "
+                     f"{s['skipped']:,} skipped, {s['bytes'] / 1e6:,.1f} MB")
+        lines += [f"  skipped {n:,}: {reason}" for reason, n in
+                  sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1])]
+        lines.append(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "
+                     f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
+    return "\n".join(lines)

@@ -165,6 +165,37 @@ def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_ru
             "slots": slots, "gpus_per_run": gpus_per_run, "img_per_s": img_per_s}
 
 
+def dry_run_text(points: list[Point], index: ShardIndex, cfg, gpus_per_run: int,
+                 img_per_s: float | None, plan_gpus: int | None) -> str:
+    """`sweep --dry-run`: `plan`'s table and total on the visible GPUs (or `plan_gpus`), from
+    `img_per_s` or the newest matching benchmark."""
+    import torch
+
+    gpus = plan_gpus or torch.cuda.device_count()
+    device = "cuda" if gpus else "cpu"
+    source = "--img-per-s"
+    if img_per_s is None:
+        found = measured_throughput(cfg.arch, cfg.res, device)
+        img_per_s, source = found if found else (None, None)
+    slots = max(1, gpus // gpus_per_run) if gpus else 1
+    p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s)
+    lines = [f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'est. time':>10s}"]
+    for r in p["runs"]:
+        t = f"{r['seconds'] / 60:.1f} min" if r["seconds"] is not None else "-"
+        lines.append(f"{r['run']:>18s} {r['K']:6d} {r['n']:6d} {r['N']:9,d} "
+                     f"{r['images']:12,d} {t:>10s}")
+    where = (f"{gpus} GPU(s), {slots} run(s) at a time, {gpus_per_run} GPU(s) each" if gpus
+             else "this CPU, one run at a time")
+    lines.append(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training, on {where}")
+    if p["seconds"] is None:
+        lines.append(f"no throughput for --arch {cfg.arch} at --res {cfg.res} on {device} in "
+                     "benchmarks/results: give --img-per-s to estimate the time")
+    else:
+        lines.append(f"estimated wall time: {p['seconds'] / 3600:.2f} h at {img_per_s:,.0f} "
+                     f"img/s per {'GPU' if gpus else 'run'} ({source}); probing not counted")
+    return "\n".join(lines)
+
+
 def finished(run: Path, datasets: list[str]) -> bool:
     try:
         summary = json.loads((run / "summary.json").read_text())

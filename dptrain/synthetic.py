@@ -41,6 +41,7 @@ LATENT = _n  # 25 numbers per class
 POOL = 0  # group 0 is the pre-training pool, groups 1, 2, ... the downstream tasks
 TRAIN, TEST = 0, 1  # splits
 DEFAULT_DIR = Path("shards/synthetic")  # tools/make_shards.py and `dptrain pretrain` use it
+DEFAULT_POOL = DEFAULT_DIR / "pretrain"
 POOL_CLASSES, POOL_PER_CLASS = 1000, 300  # the default pool
 
 
@@ -207,3 +208,16 @@ def _star(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rotation: float, r
         power = power * turn
     r = radius * wobble
     return np.clip((r - rho) * res / 2 + 0.5, 0, 1), u, v
+
+
+def ensure_pool(classes: int | None, per_class: int | None, progress: bool = True) -> str:
+    """`dptrain pretrain` without --data: the built-in pool (DEFAULT_POOL), built or extended
+    to hold a classes x per_class subset. Returns what it did, for the user."""
+    r = write_pool(DEFAULT_POOL, classes or POOL_CLASSES, per_class or POOL_PER_CLASS,
+                   progress=progress)
+    if r["up_to_date"]:
+        return (f"no --data: using the built-in synthetic pool {DEFAULT_POOL} ({r['classes']} "
+                f"classes x {r['per_class']} images)")
+    return (f"no --data: built the synthetic pool {DEFAULT_POOL} ({r['classes']} classes x "
+            f"{r['per_class']} images, {r['seconds']:.0f} s); it is what K x n subsets are "
+            "drawn from, so keep it fixed within an experiment")

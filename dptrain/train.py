@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,36 +26,9 @@ from .errors import DataError
 from .index import ShardIndex
 from .loader import Loader
 from .models import build_model
-from .runfolder import must_replace, save_torch, write_json
+from .device import resolve_amp, resolve_device, to_model_input
+from .runfolder import load_checkpoint, must_replace, save_torch, write_json
 from .subset import read_class_list, select, steps_per_epoch as epoch_steps
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]) * 255
-
-
-def resolve_device(name: str) -> str:
-    """"cuda" or "cpu" for --device: "auto" takes the GPU when there is one; "cuda" without
-    one is refused."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise DataError(f"--device must be auto, cpu or cuda, not {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but CUDA is not available here: use --device cpu")
-    return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def resolve_amp(amp: str, cuda: bool) -> str:
-    """"auto": bf16 where the hardware computes in it, else fp16 (GPU) or fp32 (CPU). A CPU
-    without AVX-512 BF16 or AMX emulates bf16 and trains ResNet-18 ~3x slower than in fp32."""
-    if amp != "auto":
-        return amp
-    if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # private helpers: if they go away, assume no native bf16
-        native = False
-    return "bf16" if native else "off"
-
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
     """Warm-up linearly to `peak` over `warmup` steps, then decay to 0 by step `total`."""
@@ -81,35 +54,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_bn_wd: bool) ->
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def to_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC from the loader -> normalised float NCHW, on the device (never on the CPU
-    loader). NHWC permuted to NCHW already has channels-last strides."""
-    x = images.permute(0, 3, 1, 2).float()
-    x = (x - MEAN.to(x.device).view(1, 3, 1, 1)) / STD.to(x.device).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else
-                        torch.contiguous_format)
-
-
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
-    """A dptrain checkpoint (weights_only: loading runs no code), or a DataError saying the
-    file is not one (damaged, truncated, or something else)."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        ckpt["config"]["arch"], ckpt["model"], ckpt["num_classes"]
-    except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
-    return ckpt
-
-
 class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _check_finite(finite: torch.Tensor, step: int, epoch: int) -> None:
-    if not finite.item():
-        raise NonFiniteLoss(f"the loss became non-finite by step {step}: stopped, keeping the "
-                            f"last good checkpoint ({epoch} epoch(s) done). Lower --lr, or try "
-                            "--amp off")
+    """The loss became inf or nan: the run stops and keeps its last good checkpoint."""
 
 
 @torch.no_grad()
@@ -135,6 +81,159 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int,
                   prefetch=cfg.prefetch)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a run, from torchrun's environment (one process without it)."""
+
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_ranks(cfg: TrainConfig) -> Ranks:
+    """Check the options, pick the device, and join the process group of a DDP run."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = resolve_device(cfg.device) == "cuda"
+    check_config(cfg, world, cuda)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Ranks(rank, local_rank, world, device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's length, from the subset: epochs end where a rank's share runs out."""
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    warmup_steps: int
+
+
+def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
+    per_epoch = epoch_steps(num_samples, cfg.batch_size // world, world)
+    if per_epoch == 0:
+        raise DataError(f"{num_samples} images make no full batch of {cfg.batch_size}: use a "
+                        "smaller --batch-size")
+    total = cfg.steps or cfg.epochs * per_epoch
+    return Plan(per_epoch, total, math.ceil(total / per_epoch),
+                int(cfg.warmup_epochs * per_epoch))
+
+
+def open_run_folder(out: Path, record: dict, overwrite: bool, ranks: Ranks) -> dict | None:
+    """Prepare `out` for this run: refuse one made with other options (unless --overwrite,
+    which starts it over), keep a checkpoint to resume from, and return the summary of a run
+    that finished already (None otherwise)."""
+    if (out / "config.json").is_file():
+        old = json.loads((out / "config.json").read_text())
+        replace = must_replace(out, {**old["config"], "subset": old["subset"]},
+                               {**record["config"], "subset": record["subset"]},
+                               overwrite=overwrite, holds="a run")
+        if (overwrite or replace) and ranks.is_main:
+            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+        elif not (overwrite or replace) and (out / "summary.json").is_file():
+            return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", record)
+    if ranks.world > 1:
+        torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
+    return None
+
+
+def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
+    """The model, its SGD optimiser, and the precision: an autocast context and a gradient
+    scaler (active for fp16 only)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_bn_wd), lr=cfg.lr,
+                                momentum=cfg.momentum)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return model, optimizer, autocast, scaler
+
+
+def resume(path: Path, model, optimizer, scaler, device: torch.device) -> tuple[int, int]:
+    """(step, epoch) to go on from: the checkpoint's, or (0, 0) without one."""
+    if not path.is_file():
+        return 0, 0
+    try:
+        ckpt = load_checkpoint(path, device)
+    except DataError as e:
+        raise DataError(f"cannot resume: {e}; use --overwrite to start the run again, or "
+                        "another --out") from None
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    return ckpt["step"], ckpt["epoch"]
+
+
+class Meter:
+    """What the loop measures. Loss, accuracy and finiteness stay on the device between log
+    steps (a .item() syncs host and device); a log window may span an epoch's end."""
+
+    def __init__(self, device: torch.device, world: int):
+        self.world, self.start = world, time.perf_counter()
+        self.loss_sum = torch.zeros((), device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen_epoch = self.images = self.window_steps = 0
+        self.wait_total = self.wait_window = 0.0
+        self.window_start, self.last_loss = time.perf_counter(), float("nan")
+
+    def batches(self, loader):
+        """The loader's batches, timing how long the loop waited for each."""
+        self.correct.zero_()
+        self.seen_epoch = 0
+        t = time.perf_counter()
+        for batch in loader:
+            wait = time.perf_counter() - t
+            self.wait_window += wait
+            self.wait_total += wait
+            yield batch
+            t = time.perf_counter()
+
+    def step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.finite &= torch.isfinite(loss.detach())
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen_epoch += len(labels)
+        self.images += len(labels) * self.world
+        self.window_steps += 1
+
+    def check_finite(self, step: int, epoch: int) -> None:
+        if not self.finite.item():
+            raise NonFiniteLoss(f"the loss became non-finite by step {step}: stopped, keeping "
+                                f"the last good checkpoint ({epoch} epoch(s) done). Lower --lr, "
+                                "or try --amp off")
+
+    def window(self, step: int, epoch: int, lr: float, res: int, batch_size: int) -> dict:
+        """The metrics line of the steps since the last one; starts the next window."""
+        self.last_loss = self.loss_sum.item() / self.window_steps
+        self.check_finite(step, epoch)
+        dt = time.perf_counter() - self.window_start
+        line = {"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr, "res": res,
+                "images_per_s": self.window_steps * batch_size / dt,
+                "data_wait": self.wait_window / dt}
+        self.loss_sum.zero_()
+        self.window_start, self.wait_window, self.window_steps = time.perf_counter(), 0.0, 0
+        return line
+
+
 def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
           make_loader=train_loader) -> dict:
     """Train (or resume, or return the summary of a finished run in `out`). `make_loader`
@@ -145,114 +244,49 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     # 10,263 against 13,263 img/s; benchmarks/README.md).
     if resolve_device(cfg.device) == "cuda":
         with torch.cuda.stream(torch.cuda.Stream(int(os.environ.get("LOCAL_RANK", 0)))):
-            return _train(cfg, out, overwrite, progress, make_loader)
-    return _train(cfg, out, overwrite, progress, make_loader)
+            return _train(cfg, Path(out), overwrite, progress, make_loader)
+    return _train(cfg, Path(out), overwrite, progress, make_loader)
 
 
-def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool,
-           make_loader) -> dict:
-    # -- distributed: torchrun's environment, a few explicit lines
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = resolve_device(cfg.device) == "cuda"
-    check_config(cfg, world, cuda)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    is_main = rank == 0
-
-    # -- data: the subset, from the index alone
-    index = ShardIndex.load(cfg.data)
+def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_loader) -> dict:
+    ranks = setup_ranks(cfg)
+    device, cuda = ranks.device, ranks.device.type == "cuda"
     names = read_class_list(cfg.class_list) if cfg.class_list else None
-    subset = select(index, cfg.classes, cfg.per_class, seed=cfg.seed, class_names=names,
-                    allow_fewer=cfg.allow_fewer)
-    per_rank_batch = cfg.batch_size // world
-    steps_per_epoch = epoch_steps(len(subset), per_rank_batch, world)
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(subset)} images make no full batch of {cfg.batch_size}: use a "
-                        "smaller --batch-size")
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-
-    # -- the run folder: resume, refuse other options, or report a finished run
-    out = Path(out)
+    subset = select(ShardIndex.load(cfg.data), cfg.classes, cfg.per_class, seed=cfg.seed,
+                    class_names=names, allow_fewer=cfg.allow_fewer)  # from the index alone
+    plan = plan_steps(cfg, len(subset), ranks.world)
     amp = resolve_amp(cfg.amp, cuda)
-    record = {"config": asdict(cfg), "subset": subset.describe(), "world_size": world, "amp": amp,
-              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-              "torch": torch.__version__, "device": str(device) if not cuda
-              else torch.cuda.get_device_name(device)}
-    if (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text())
-        options = {**record["config"], "subset": record["subset"]}
-        replace = must_replace(out, {**old["config"], "subset": old["subset"]}, options,
-                               overwrite=overwrite, holds="a run")
-        if (overwrite or replace) and is_main:  # --overwrite: start over, whatever is there
-            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
-                (out / name).unlink(missing_ok=True)
-        elif not (overwrite or replace) and (out / "summary.json").is_file():
-            return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", record)
-    if world > 1:
-        torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
-
-    # -- model, optimiser, precision: one step written once
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, subset.num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_bn_wd), lr=cfg.lr,
-                                momentum=cfg.momentum)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    step, epoch = 0, 0
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.is_file():
-        try:
-            ckpt = load_checkpoint(ckpt_path, device)
-        except DataError as e:
-            raise DataError(f"cannot resume: {e}; use --overwrite to start the run again, or "
-                            "another --out") from None
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, epoch = ckpt["step"], ckpt["epoch"]
-        torch.set_rng_state(ckpt["rng_cpu"])
+    record = {"config": asdict(cfg), "subset": subset.describe(), "world_size": ranks.world,
+              "amp": amp, "steps_per_epoch": plan.steps_per_epoch,
+              "total_steps": plan.total_steps, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(device) if cuda else str(device)}
+    finished = open_run_folder(out, record, overwrite, ranks)
+    if finished:
+        return finished
+    model, optimizer, autocast, scaler = build(cfg, subset.num_classes, amp, device)
+    step, epoch = resume(out / "checkpoint.pt", model, optimizer, scaler, device)
     net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    if ranks.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ranks.local_rank] if cuda else None)
     if cfg.compile:
         net = torch.compile(net)
 
     # -- the loop
     loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
-    log = open(out / "metrics.jsonl", "a") if is_main else None
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and is_main))
-    t_start, images_seen, wait_total = time.perf_counter(), 0, 0.0
-    loss_sum = torch.zeros((), device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)  # checked without a sync per step
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen_epoch, last_loss = 0, float("nan")
-    t_log, wait_log, n_log = time.perf_counter(), 0.0, 0  # a log window spans epoch ends
-    while step < total_steps:
-        res = res_at(epoch, epochs, cfg)
+    log = open(out / "metrics.jsonl", "a") if ranks.is_main else None
+    bar = tqdm(total=plan.total_steps, initial=step, unit="step",
+               disable=not (progress and ranks.is_main))
+    meter = Meter(device, ranks.world)
+    while step < plan.total_steps:
+        res = res_at(epoch, plan.epochs, cfg)
         if loader is None or loader.res != res:  # resolutions only grow: the last is done
             if loader is not None:
                 loader.close()
-            loader = make_loader(subset, cfg, res, str(device), rank, world)
+            loader = make_loader(subset, cfg, res, str(device), ranks.rank, ranks.world)
         loader.set_epoch(epoch)
-        correct.zero_()
-        seen_epoch = 0
-        t_fetch = time.perf_counter()
-        for images, labels in loader:
-            wait = time.perf_counter() - t_fetch
-            wait_log += wait
-            lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.schedule)
+        for images, labels in meter.batches(loader):
+            lr = lr_at(step, plan.total_steps, plan.warmup_steps, cfg.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -262,68 +296,72 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool,
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            finite &= torch.isfinite(loss.detach())
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen_epoch += len(labels)
-            step, n_log = step + 1, n_log + 1
-            images_seen += len(labels) * world
-            if step % cfg.log_every == 0 or step == total_steps:
-                last_loss = loss_sum.item() / n_log  # .item() syncs host and device: log steps only
-                _check_finite(finite, step, epoch)
-                dt = time.perf_counter() - t_log
-                metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
-                           "res": loader.res, "images_per_s": n_log * cfg.batch_size / dt,
-                           "data_wait": wait_log / dt}
+            meter.step(loss, logits, labels)
+            step += 1
+            if step % cfg.log_every == 0 or step == plan.total_steps:
+                line = meter.window(step, epoch, lr, loader.res, cfg.batch_size)
                 if log:
-                    log.write(json.dumps(metrics) + "\n")
+                    log.write(json.dumps(line) + "\n")
                     log.flush()
-                bar.set_postfix(epoch=epoch, loss=f"{last_loss:.3f}",
-                                img_s=f"{metrics['images_per_s']:.0f}")
-                loss_sum.zero_()
-                t_log, wait_log, n_log = time.perf_counter(), 0.0, 0
+                bar.set_postfix(epoch=epoch, loss=f"{line['loss']:.3f}",
+                                img_s=f"{line['images_per_s']:.0f}")
             bar.update(1)
-            wait_total += wait
-            if step >= total_steps:
+            if step >= plan.total_steps:
                 break
-            t_fetch = time.perf_counter()
-        _check_finite(finite, step, epoch)  # never checkpoint a diverged model
+        meter.check_finite(step, epoch)  # never checkpoint a diverged model
         epoch += 1
-        if is_main:  # the unwrapped module's state: no key surgery when loading
+        if ranks.is_main:  # the unwrapped module's state: no key surgery when loading
             save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                         "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
-                         "num_classes": subset.num_classes, "class_names": subset.class_names},
-                        ckpt_path)
+                        "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                        "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
+                        "num_classes": subset.num_classes, "class_names": subset.class_names},
+                       out / "checkpoint.pt")
     bar.close()
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - meter.start
     loader_threads = loader.pipeline["threads"] if loader else None
     loader_ms = loader.stage_ms() if loader else {}
     if loader is not None:
         loader.close()  # its feeder has read ahead into an epoch that will not run
 
     # -- the end: validation on held-out images of the same classes, then the summary
-    val_top1 = None
-    if cfg.val_data and is_main:
-        val = select(ShardIndex.load(cfg.val_data), class_names=subset.class_names,
-                     allow_fewer=True)
-        val_loader = Loader(val, batch_size=per_rank_batch, train=False,
-                            res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers,
-                            decode=cfg.decode)
-        val_top1 = evaluate(model, val_loader, autocast, cfg.channels_last)
-        val_loader.close()
-    summary = {"steps": step, "epochs": epoch, "train_loss": last_loss,
-               "train_top1_last_epoch": correct.item() / max(1, seen_epoch),
+    val_top1 = validate(cfg, model, subset, autocast, device, ranks) if cfg.val_data else None
+    summary = {"steps": step, "epochs": epoch, "train_loss": meter.last_loss,
+               "train_top1_last_epoch": meter.correct.item() / max(1, meter.seen_epoch),
                "val_top1": val_top1, "wall_s": wall,
-               "images_per_s": images_seen / wall if wall > 0 else None,
-               "data_wait_fraction": wait_total / wall if wall > 0 else None,
-               "device": record["device"], "world_size": world, "amp": amp,
+               "images_per_s": meter.images / wall if wall > 0 else None,
+               "data_wait_fraction": meter.wait_total / wall if wall > 0 else None,
+               "device": record["device"], "world_size": ranks.world, "amp": amp,
                "loader_threads": loader_threads, "loader_ms_per_batch": loader_ms,
                "num_classes": subset.num_classes, "num_samples": len(subset)}
-    if is_main:
+    if ranks.is_main:
         write_json(out / "summary.json", summary)
         log.close()
-    if world > 1:
+    if ranks.world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation
         torch.distributed.destroy_process_group()
     return summary
+
+
+def validate(cfg: TrainConfig, model, subset, autocast, device: torch.device,
+             ranks: Ranks) -> float | None:
+    """Top-1 on --val-data's images of the run's classes (rank 0 only)."""
+    if not ranks.is_main:
+        return None
+    val = select(ShardIndex.load(cfg.val_data), class_names=subset.class_names, allow_fewer=True)
+    loader = Loader(val, batch_size=cfg.batch_size // ranks.world, train=False,
+                    res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers,
+                    decode=cfg.decode)
+    try:
+        return evaluate(model, loader, autocast, cfg.channels_last)
+    finally:
+        loader.close()
+
+
+def summary_line(out: Path, s: dict) -> str:
+    """`dptrain pretrain`'s last words, from the summary."""
+    head = f"{out} is finished already ({s['steps']} steps); its summary:\n" \
+        if s.get("already_finished") else ""
+    val = "-" if s["val_top1"] is None else f"{s['val_top1']:.4f}"
+    return (f"{head}{out}: {s['steps']} steps, {s['epochs']} epochs, train loss "
+            f"{s['train_loss']:.4f}, val top-1 {val}, {s['images_per_s'] or 0:,.0f} img/s, data "
+            f"wait {(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
