@@ -72,6 +72,37 @@ def _allow_open_files(n: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def crop_windows(heights: np.ndarray, widths: np.ndarray, rng: np.random.Generator,
+                 scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 attempts: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random-resized-crop windows and coin flips for a batch of images of these sizes, as
+    torchvision's RandomResizedCrop draws them: up to `attempts` tries at an area in `scale`
+    of the image and an aspect ratio in `ratio` (log-uniform), else the central crop with the
+    ratio clamped. Returns (top-left (y, x), size (h, w), flips) as int32 arrays.
+
+    Drawn here from a generator seeded per batch, not inside DALI, so a batch's augmentation
+    depends only on (seed, rank, epoch, step): a resumed run sees the crops it would have."""
+    h, w = heights.astype(np.float64), widths.astype(np.float64)
+    n = len(h)
+    target = (h * w)[:, None] * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts)))
+    cw, ch = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
+    fits = (cw >= 1) & (ch >= 1) & (cw <= w[:, None]) & (ch <= h[:, None])
+    first = fits.argmax(1)
+    found = fits[np.arange(n), first]
+    image_ratio = w / h
+    fw = np.where(image_ratio > ratio[1], np.round(h * ratio[1]), w)  # too wide: full height
+    fh = np.where(image_ratio < ratio[0], np.round(w / ratio[0]), h)  # too tall: full width
+    cw = np.where(found, cw[np.arange(n), first], fw)
+    ch = np.where(found, ch[np.arange(n), first], fh)
+    y = np.where(found, rng.integers(0, (h - ch + 1).astype(np.int64)), (h - ch) // 2)
+    x = np.where(found, rng.integers(0, (w - cw + 1).astype(np.int64)), (w - cw) // 2)
+    flips = rng.random(n) < 0.5
+    return (np.stack([y, x], 1).astype(np.int32), np.stack([ch, cw], 1).astype(np.int32),
+            flips.astype(np.int32))
+
+
 class _Reader:
     """DALI's batch source: the next planned batch's JPEGs, as views of the memory-mapped tars.
 
@@ -105,14 +136,16 @@ class _Reader:
             self.bytes.append(np.frombuffer(m, dtype=np.uint8) if m else np.zeros(0, np.uint8))
         self.offset = np.asarray(table["offset"])
         self.size = np.asarray(table["size"])
-        self.plans: Iterator[np.ndarray] = iter(())
+        self.height, self.width = np.asarray(table["height"]), np.asarray(table["width"])
+        self.augment_seed: int | None = None  # set for training: crops are drawn here
+        self.plans: Iterator[tuple[int, int, np.ndarray]] = iter(())
         self.pending: deque[np.ndarray] = deque()  # fed to DALI, output not yet taken
 
     def _name(self, p: int) -> str:
         return f"{self.paths[self.tar[p]]}: sample at offset {self.offset[p]}"
 
-    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
-        positions = next(self.plans)
+    def __call__(self, info) -> tuple:
+        epoch, step, positions = next(self.plans)
         tars, offsets, sizes = self.tar[positions], self.offset[positions], self.size[positions]
         cut = np.flatnonzero(offsets + sizes > self.tar_size[tars])
         if len(cut):  # checked here: a mapped page past the end of the file is a crash (SIGBUS)
@@ -126,7 +159,15 @@ class _Reader:
             self.maps[t].madvise(mmap.MADV_WILLNEED, start, o + n - start)
             jpegs.append(self.bytes[t][o:o + n])
         self.pending.append(positions)
-        return jpegs, self.subset.labels[positions]
+        labels = self.subset.labels[positions]
+        if self.augment_seed is None:
+            return jpegs, labels
+        heights, widths = self.height[positions], self.width[positions]
+        if not (heights.all() and widths.all()):
+            raise DataError(f"{self._name(positions[np.argmin(heights * widths)])} has no image "
+                            "size in the index: re-shard it with this version of dptrain")
+        rng = np.random.default_rng((self.augment_seed, epoch, step))
+        return (jpegs, labels, *crop_windows(heights, widths, rng))
 
     def explain(self, error: Exception) -> Exception:
         """The decoder failed on a batch in flight: name the sample that is not a JPEG (a wrong
@@ -150,30 +191,32 @@ class _Reader:
 
 
 def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, decode: str,
-              hw_decoder_load: float, batch_size: int, threads: int, seed: int, prefetch: int):
-    """The DALI graph. Train: decoded random-resized crops (+ coin flips); on a GPU resized to
-    res x res and mirrored there too. Eval: whole decoded images (the feeder resizes them)."""
+              hw_decoder_load: float, batch_size: int, threads: int, prefetch: int):
+    """The DALI graph. Train: decoded random-resized crops (windows and flips drawn by the
+    reader); on a GPU resized to res x res and mirrored there too. Eval: whole decoded images
+    (the feeder resizes them)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, seed=seed,
+    @pipeline_def(batch_size=batch_size, num_threads=threads,
                   device_id=torch.cuda.current_device() if gpu else None,
                   prefetch_queue_depth=prefetch)
     def pipe():
         # no_copy: DALI decodes straight from the mapped tars (they outlive the pipeline)
-        jpegs, labels = fn.external_source(source=reader, num_outputs=2, batch=True,
-                                           batch_info=True, dtype=[types.UINT8, types.INT64],
-                                           no_copy=True)
+        kinds = [types.UINT8, types.INT64] + ([types.INT32] * 3 if train else [])
+        jpegs, labels, *window = fn.external_source(source=reader, num_outputs=len(kinds),
+                                                    batch=True, batch_info=True, dtype=kinds,
+                                                    no_copy=True)
         on_gpu = gpu and decode == "gpu"
         # affine=False: the decoder's threads are not pinned to the first cores, which the
         # pipelines of two processes on one machine would otherwise share.
         decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, affine=False) \
             if on_gpu else dict(device="cpu")
         if train:
-            # Fused decode + random-resized-crop: only the crop window is decoded.
-            images = fn.decoders.image_random_crop(
-                jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder)
-            flip = fn.random.coin_flip()
+            # Fused decode + crop: only the window (drawn by the reader) is decoded.
+            anchor, shape, flip = window
+            images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW",
+                                             normalized_anchor=False, normalized_shape=False,
+                                             output_type=types.RGB, **decoder)
             if not gpu:  # the feeder resizes and flips the crops (see the module docstring)
                 return images, labels, flip
             # Resize with the flip folded in: a region whose start lies past its end is
@@ -314,11 +357,15 @@ class _Feeder:
         self.thread.join()
 
 
-def _plans(first_epoch: int, first_step: int, epoch_batches) -> Iterator[np.ndarray]:
-    """Every batch from (epoch, step) on, epoch after epoch: the feeder reads ahead."""
+def _plans(first_epoch: int, first_step: int,
+           epoch_batches) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(epoch, step, positions) of every batch from (epoch, step) on, epoch after epoch: the
+    feeder reads ahead."""
     epoch, step = first_epoch, first_step
     while True:
-        yield from epoch_batches(epoch)[step:]
+        batches = epoch_batches(epoch)
+        for s in range(step, len(batches)):
+            yield epoch, s, batches[s]
         epoch, step = epoch + 1, 0
 
 
@@ -386,9 +433,7 @@ class Loader:
         self.pipeline = dict(train=train, res=res, gpu=gpu,
                              decode=("gpu" if gpu else "cpu") if decode == "auto" else decode,
                              hw_decoder_load=hw_decoder_load, batch_size=batch_size,
-                             threads=threads or default_threads(),
-                             # the epoch order is shared by all ranks; augmentation is not
-                             seed=seed * 1009 + rank, prefetch=prefetch)
+                             threads=threads or default_threads(), prefetch=prefetch)
         # One epoch's batches (positions in the subset): plain values, no reference to the
         # loader, so the feeder can plan from it.
         self.plan = partial(epoch_batches, len(subset), batch_size=batch_size, train=train,
@@ -397,6 +442,8 @@ class Loader:
         self.epoch, self.start_step = 0, 0
         self.bytes_read = 0  # JPEG bytes of the batches handed out (benchmarks and tests)
         self._reader = _Reader(subset)
+        if train:  # the epoch order is shared by all ranks; augmentation is not
+            self._reader.augment_seed = seed * 1009 + rank
         self._running: list[_Feeder] = []  # the feeder, once started
         self._next = (0, 0)  # the (epoch, step) it hands out next
         # The feeder's thread holds no reference to the loader: a loader dropped without

@@ -179,6 +179,8 @@ def resume(path: Path, model, optimizer, scaler, device: torch.device) -> tuple[
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng_cpu"])
+    if "rng_cuda" in ckpt and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     return ckpt["step"], ckpt["epoch"]
 
 
@@ -314,6 +316,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                         "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
+                        **({"rng_cuda": torch.cuda.get_rng_state(device)} if cuda else {}),
                         "num_classes": subset.num_classes, "class_names": subset.class_names},
                        out / "checkpoint.pt")
     bar.close()

@@ -286,3 +286,30 @@ def test_gpu_batches_survive_a_slow_consumer_on_another_stream(index):
     assert all((x.float() - reference[i % len(reference)].float()).abs().mean() < 1
                for i, x in enumerate(seen))
     loader.close()
+
+
+def test_crop_windows_are_torchvisions_random_resized_crop_and_seeded():
+    from dptrain.loader import crop_windows
+
+    rng = np.random.default_rng(0)
+    h, w = rng.integers(20, 600, 5000), rng.integers(20, 600, 5000)
+    anchor, shape, flips = crop_windows(h, w, np.random.default_rng(1))
+    assert (anchor >= 0).all() and (shape >= 1).all()
+    assert (anchor[:, 0] + shape[:, 0] <= h).all() and (anchor[:, 1] + shape[:, 1] <= w).all()
+    area, ratio = shape.prod(1) / (h * w), shape[:, 1] / shape[:, 0]
+    big = (h > 200) & (w > 200)  # where rounding cannot move the area or ratio much
+    assert area[big].min() >= 0.079 and area[big].max() <= 1
+    assert ratio[big].min() >= 0.74 and ratio[big].max() <= 1.35
+    assert 0.45 < flips.mean() < 0.55
+    from torchvision.transforms import RandomResizedCrop  # the same draw, by torchvision
+
+    torch.manual_seed(0)
+    tv = [np.prod(RandomResizedCrop.get_params(torch.empty(1, a, b), (0.08, 1.0),
+                                               (3 / 4, 4 / 3))[2:]) / (a * b)
+          for a, b in zip(h[:2000].tolist(), w[:2000].tolist())]
+    assert abs(np.mean(area) - np.mean(tv)) < 0.02 and abs(np.median(area) - np.median(tv)) < 0.03
+    same = crop_windows(h, w, np.random.default_rng(1))  # a batch's crops: its seed alone
+    assert all(np.array_equal(a, b) for a, b in zip((anchor, shape, flips), same))
+    # No window fits a 1000 x 10 image: the central crop at the nearest allowed ratio.
+    anchor, shape, _ = crop_windows(np.array([1000]), np.array([10]), np.random.default_rng(2))
+    assert shape.tolist() == [[13, 10]] and anchor.tolist() == [[493, 0]]
