@@ -13,6 +13,7 @@ import click
 
 from .config import TRAIN, TrainConfig, default_in_recipes
 from .errors import DataError
+from .progress import plural
 
 
 class UserError(click.ClickException):
@@ -234,8 +235,9 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
 @click.option("--random-init", is_flag=True,
               help="Also probe the same architecture as initialised (the reference any "
                    "pre-training must beat) and print both.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache, device,
-          workers, seed, random_init):
+          workers, seed, random_init, progress):
     """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
 
     Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
@@ -248,7 +250,7 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
     datasets = downstream_sets(train_data, test_data, names, suite)
     out = probe_run(run, datasets, res=res, cache=cache, repeats=repeats,
                     val_fraction=val_fraction, seed=seed, device=device, threads=workers,
-                    random_init=random_init)
+                    random_init=random_init, progress=progress)
     click.echo(render(out))
 
 
@@ -266,20 +268,30 @@ def info(out, as_json):
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: all cores).")
-def verify(out, workers):
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify(out, workers, as_json):
     """Re-hash every tar and index in OUT and check samples.npy against the tars.
 
-    Exits 1 and names each damaged or missing file.
+    One verdict: OK (exit 0), or a DAMAGED line per bad or missing file, with how to rebuild
+    the set (exit 1). Exit 2 is for usage errors only.
     """
-    from .index import ShardIndex, verify as verify_set
+    from .index import ShardIndex, repair_hint, verify as verify_set
 
     problems = verify_set(out, workers)
-    for p in problems:
-        click.echo(f"DAMAGED {out / p}", err=True)
+    hint = repair_hint(out) if problems else None
+    if as_json:
+        click.echo(json.dumps({"path": str(out), "ok": not problems, "problems": problems,
+                               "hint": hint}))
+    else:
+        for p in problems:
+            click.echo(f"DAMAGED {out / p}", err=True)
+        if problems:
+            click.echo(f"{out}: {len(problems)} problem(s); {hint}", err=True)
+        else:
+            meta = ShardIndex.load(out).meta
+            click.echo(f"{out}: OK ({len(meta['tars']):,} tars, {meta['num_samples']:,} samples)")
     if problems:
         sys.exit(1)
-    index = ShardIndex.load(out)
-    click.echo(f"{out}: OK ({len(index.meta['tars']):,} tars, {index.meta['num_samples']:,} samples)")
 
 
 def _numbers(kind):
@@ -344,8 +356,11 @@ def _pairs(ctx, param, value):
                    "benchmarks/results/train_step-*.json of the same --arch and --res].")
 @click.option("--plan-gpus", type=click.IntRange(min=1),
               help="With --dry-run: GPUs to plan for [the visible ones].")
+@click.option("--progress/--no-progress", default=True,
+              help="A bar over the points on stderr, with failures and an ETA.")
 def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats, launcher,
-          slurm_partition, slurm_time, slurm_cpus, dry_run, img_per_s, plan_gpus, **options):
+          slurm_partition, slurm_time, slurm_cpus, dry_run, img_per_s, plan_gpus, progress,
+          **options):
     """Pre-train and probe every (K, n, seed) of a grid: the paper's experiment.
 
     Each point is `dptrain pretrain` + `dptrain probe --suite`, in OUT/runs/K{K}-n{n}-s{seed}.
@@ -379,11 +394,12 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
         slurm["slurm_partition"] = slurm_partition
     try:
         r = run_sweep(spec, todo, datasets, launcher=launcher, slots=slots, slurm=slurm,
-                      log=lambda m: click.echo(m, err=True))
+                      log=lambda m: click.echo(m, err=True), progress=progress)
     except KeyboardInterrupt:
         click.echo(f"interrupted: run the same command again to complete {out}", err=True)
         sys.exit(130)
-    click.echo(f"{out}: {r['points']} points, {r['ran']} run now, {len(r['failed'])} failed; "
+    click.echo(f"{out}: {plural(r['points'], 'point')}, {r['ran']} run now, "
+               f"{len(r['failed'])} failed; "
                f"results in {out / 'results.csv'}")
     if r["failed"]:
         for f in r["failed"]:

@@ -67,6 +67,11 @@ class ShardIndex:
         path = root / INDEX_FILE
         if not path.is_file() and (root / PROGRESS_DIR).is_dir():
             raise DataError(f"{root} is unfinished: run the dptrain shard command again to finish it")
+        inside = [d.name for d in sorted(root.glob(f"*/{INDEX_FILE}")) for d in [d.parent]] \
+            if not path.is_file() and root.is_dir() else []
+        if inside:  # the parent of a cifar or splits source's train/ and test/
+            raise DataError(f"{root} holds the shard sets {', '.join(inside)}, not one itself: "
+                            f"give {root / inside[0]}")
         if not path.is_file():
             raise DataError(f"{root} is not a dptrain shard set (no {INDEX_FILE})")
         try:
@@ -167,9 +172,19 @@ def _verify_tar(root: Path, tar_id: int, tar: dict, rows: np.ndarray) -> list[st
 
 
 def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
-    """Re-hash every file and check the table against the tars; returns the problems found."""
-    index = ShardIndex.load(root)
-    root = index.root
+    """Re-hash every file and check the table against the tars; returns the problems found,
+    each naming its file. A missing or unreadable index is a problem like a damaged tar."""
+    root = Path(root)
+    if not (root / INDEX_FILE).is_file():
+        unfinished = " (an interrupted dptrain shard: run it again)" \
+            if (root / PROGRESS_DIR).is_dir() else ""
+        return [f"{INDEX_FILE}: missing{unfinished}"]
+    if not (root / SAMPLES_FILE).is_file():
+        return [f"{SAMPLES_FILE}: missing"]
+    try:
+        index = ShardIndex.load(root)
+    except DataError as e:  # unreadable, another format version, or the two do not match
+        return [f"{INDEX_FILE}: {e}"]
     problems = []
     if sha256_file(root / SAMPLES_FILE) != index.meta["samples_sha256"]:
         problems.append(f"{SAMPLES_FILE}: sha256 mismatch (file damaged)")
@@ -186,6 +201,30 @@ def verify(root: str | os.PathLike, workers: int | None = None) -> list[str]:
         for job in jobs:
             problems += job.result()
     return problems
+
+
+def repair_hint(root: str | os.PathLike) -> str:
+    """How to mend a damaged shard set: shard its source again into it."""
+    try:
+        source = json.loads((Path(root) / INDEX_FILE).read_text()).get("source", "SRC")
+    except (OSError, ValueError):
+        source = "SRC"
+    if str(source).startswith("{"):  # generated data: its generator's own command
+        return f"rebuild it: python tools/make_shards.py (or remove {root} and run again)"
+    return f"rebuild it: dptrain shard {source} {root} --overwrite"
+
+
+def sizes_differ(index: ShardIndex) -> list[str]:
+    """Tars and their .idx files that are missing or not the size the index recorded: the
+    cheap check a rerun of `dptrain shard` makes before calling a set up to date."""
+    bad = []
+    for tar in index.meta["tars"]:
+        path = index.root / tar["file"]
+        if not path.is_file() or path.stat().st_size != tar["bytes"]:
+            bad.append(tar["file"])
+        elif not (index.root / idx_name(tar["file"])).is_file():
+            bad.append(idx_name(tar["file"]))
+    return bad
 
 
 def render_info(i: dict) -> str:

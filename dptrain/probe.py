@@ -26,6 +26,7 @@ from .errors import DataError
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .models import build_model
+from .progress import bar as progress_bar
 from .runfolder import atomic_path, load_checkpoint, save_torch, write_json
 from .subset import select
 from .device import resolve_device, to_model_input
@@ -114,8 +115,10 @@ def _accuracy(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, l2_grid: np.ndarray = L2_GRID, val_fraction: float = 0.2,
-                 repeats: int = 5, seed: int = 0, device: str = "cpu") -> dict:
-    """Choose l2 on a validation split, refit on train + val, score test; `repeats` times."""
+                 repeats: int = 5, seed: int = 0, device: str = "cpu",
+                 on_repeat=None) -> dict:
+    """Choose l2 on a validation split, refit on train + val, score test; `repeats` times
+    (`on_repeat()` after each, for a progress bar)."""
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
     if len(train_y) < 2 or len(test_y) == 0:
@@ -150,6 +153,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
             refits[l2] = _accuracy(final, x_test, yt)
         runs.append({"seed": r, "l2": l2, "val_top1": scores[best], "test_top1": refits[l2],
                      "seconds": time.perf_counter() - t0})
+        if on_repeat:
+            on_repeat()
     accs = np.array([x["test_top1"] for x in runs])
     return {"top1_mean": float(accs.mean()), "top1_std": float(accs.std()),
             "error_mean": float(1 - accs.mean()), "error_std": float(accs.std()),
@@ -210,12 +215,14 @@ def dataset_fingerprint(index: ShardIndex) -> str:
 def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = None,
              eval_resize: float = EVAL_RESIZE, cache: Path, device: str = "cpu",
              batch_size: int = 256, threads: int | None = None, decode: str = "auto",
-             class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+             class_names: list[str] | None = None,
+             on_batch=None) -> tuple[np.ndarray, np.ndarray, bool]:
     """Penultimate features (fp16) and labels of a shard set; (features, labels, cache hit).
 
     Cached per (checkpoint content, dataset content, resolution, resize ratio, layer). Labels
     follow `class_names` when given (a test split's classes in its train split's order).
     `config` is the checkpoint's training config (its resolution is the default).
+    `on_batch(images)` after each batch, for a progress bar.
     """
     index = ShardIndex.load(shards)
     subset = select(index, class_names=class_names)
@@ -235,6 +242,8 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
         # The same normalisation as training; fp16 on disk halves the cache.
         feats.append(model(to_model_input(images, True)).float().cpu().half().numpy())
         labels.append(y.cpu().numpy())
+        if on_batch:
+            on_batch(len(y))
     loader.close()
     out_f, out_l = np.concatenate(feats), np.concatenate(labels)
     cache.mkdir(parents=True, exist_ok=True)
@@ -268,7 +277,7 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
 
 def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]], *,
            res: int | None, cache: Path, repeats: int, val_fraction: float, seed: int,
-           device: str, threads: int | None) -> dict:
+           device: str, threads: int | None, progress: bool = False, what: str = "") -> dict:
     results = {}
     for name, train_shards, test_shards in datasets:
         train_index, test_index = ShardIndex.load(train_shards), ShardIndex.load(test_shards)
@@ -279,13 +288,21 @@ def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]],
                             f"({len(test_names)} vs {len(names)}); shard the test split with "
                             f"--classes-from {train_shards}")
         t0 = time.perf_counter()
-        xtr, ytr, hit_tr = features(checkpoint, config, train_shards, res=res, cache=cache,
-                                    device=device, threads=threads, class_names=names)
-        xte, yte, hit_te = features(checkpoint, config, test_shards, res=res, cache=cache,
-                                    device=device, threads=threads, class_names=names)
+        images = int(train_index.counts.sum() + test_index.counts.sum())
+        with progress_bar(total=images, unit="img", desc=f"{what}{name}: features",
+                          enabled=progress, leave=False) as bar:
+            xtr, ytr, hit_tr = features(checkpoint, config, train_shards, res=res, cache=cache,
+                                        device=device, threads=threads, class_names=names,
+                                        on_batch=bar.update)
+            xte, yte, hit_te = features(checkpoint, config, test_shards, res=res, cache=cache,
+                                        device=device, threads=threads, class_names=names,
+                                        on_batch=bar.update)
         t1 = time.perf_counter()
-        result = linear_probe(xtr, ytr, xte, yte, repeats=repeats, val_fraction=val_fraction,
-                              seed=seed, device=device)
+        with progress_bar(total=repeats, unit="fit", desc=f"{what}{name}: probes",
+                          enabled=progress, leave=False) as bar:
+            result = linear_probe(xtr, ytr, xte, yte, repeats=repeats,
+                                  val_fraction=val_fraction, seed=seed, device=device,
+                                  on_repeat=bar.update)
         results[name] = {**result, "train_data": str(train_shards), "test_data": str(test_shards),
                          "cache_hits": int(hit_tr) + int(hit_te), "feature_seconds": t1 - t0,
                          "probe_seconds": time.perf_counter() - t1}
@@ -300,7 +317,7 @@ def _brief(results: dict) -> dict:
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
               cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
               seed: int = 0, device: str = "auto", threads: int | None = None,
-              random_init: bool = False) -> dict:
+              random_init: bool = False, progress: bool = False) -> dict:
     """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
     with `random_init`, also the run's architecture as initialised, the reference."""
     checkpoint = run / "checkpoint.pt" if run.is_dir() else run
@@ -310,7 +327,7 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
     run_dir = checkpoint.parent
     cache = cache or run_dir / "features"
     kw = dict(res=res, cache=cache, repeats=repeats, val_fraction=val_fraction, seed=seed,
-              device=resolve_device(device), threads=threads)
+              device=resolve_device(device), threads=threads, progress=progress)
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
            "datasets": _probe(checkpoint, config, datasets, **kw)}
     old_path = run_dir / "probe.json"
@@ -318,9 +335,10 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
     merged = {**old, **out, "datasets": {**old.get("datasets", {}), **out["datasets"]}}
     if random_init:
         out["random_init"] = _probe(random_init_checkpoint(checkpoint, cache), config, datasets,
-                                    **kw)
+                                    what="random init, ", **kw)
         merged["random_init"] = {**old.get("random_init", {}), **out["random_init"]}
     write_json(run_dir / "probe.json", merged)
+    out["written"] = str(run_dir / "probe.json")
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -359,4 +377,6 @@ def render(out: dict) -> str:
             vs = f" {base:11.4f} +-{ref[name]['top1_std']:.3f} {r['top1_mean'] - base:+7.4f}"
         lines.append(f"{name:24s} {r['top1_mean']:8.4f} {r['top1_std']:7.4f} "
                      f"{r['error_mean']:7.4f}{vs}  {l2s}  ({r['cache_hits']}/2 cached)")
+    if "written" in out:
+        lines.append(f"wrote {out['written']}")
     return "\n".join(lines)

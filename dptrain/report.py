@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import plural
 from .runfolder import write_atomic
 from .results import AVERAGE, best_per_size, errors_by_point, read_results
 from .theory import FitError, data_limits, fit_line, fit_points, holdout_check, residual_line
@@ -188,8 +189,9 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
           f"- recipe: {spec.get('recipe', '?')}, options: "
           f"`{' '.join(spec.get('options', spec.get('pretrain_args', [])))}`",
           f"- budget: {spec.get('budget', '?')}",
-          f"- {len({r['run'] for r in rows})} runs, {len(by_set) - (AVERAGE in by_set)} "
-          "downstream set(s) and their average "
+          f"- {plural(len({r['run'] for r in rows}), 'run')}, "
+          f"{plural(len(by_set) - (AVERAGE in by_set), 'downstream set')}"
+          f"{' and their average' if AVERAGE in by_set else ''} "
           f"(error = 1 - top-1 of the linear probe, mean over probe repeats; +- is the std "
           "over pre-training seeds)", "", "## Mean error per point", "", table(by_set),
           "## Best split per budget", ""]

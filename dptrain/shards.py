@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import DataError
 from .images import BadImage, store_image
 from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMPLES_FILE,
-                    ShardIndex, idx_name, sha256_file, tar_name)
+                    ShardIndex, idx_name, sha256_file, sizes_differ, tar_name)
+from .progress import bar as progress_bar
 from .runfolder import PARTIAL, atomic_path, must_replace, write_atomic, write_json
 from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
 
@@ -163,6 +163,13 @@ def sample_keys(label: int, items: list[Item]) -> list[str]:
     return keys
 
 
+def renamed(name: str, key: str) -> bool:
+    """Whether an input's key is not its own file name: characters replaced, cut, made unique,
+    or a name that climbed out of its folder ("../../x.jpg")."""
+    base = re.split(r"[/:]", name)[-1]
+    return ".." in re.split(r"[/:]", name) or key.split("_", 1)[1] != os.path.splitext(base)[0]
+
+
 def _names_sha(items: list[Item]) -> str:
     return hashlib.sha1("\n".join(it.name for it in items).encode()).hexdigest()
 
@@ -175,7 +182,7 @@ def write_class(out: Path, label: int, items: list[Item], opts: ShardOptions,
     """
     keys = sample_keys(label, items)
     order = np.random.default_rng([opts.seed, label]).permutation(len(items))
-    tars, rows, converted = [], [], []
+    tars, rows, converted, renames = [], [], [], []
     skipped = [list(s) for s in skipped]
     writer, part = None, 0
     buf = bytearray(16 << 20)  # larger inputs are read into a buffer of their own
@@ -202,6 +209,8 @@ def write_class(out: Path, label: int, items: list[Item], opts: ShardOptions,
                 writer = TarWriter(out / tar_name(label, part))
             offset = writer.add(keys[i], stored.data, label)
             rows.append([part, offset, len(stored.data), stored.height, stored.width])
+            if renamed(item.name, keys[i]):
+                renames.append([item.name, keys[i]])
         if writer is not None:
             tars.append(writer.close())
             writer = None
@@ -209,7 +218,7 @@ def write_class(out: Path, label: int, items: list[Item], opts: ShardOptions,
         if writer is not None:
             writer.abort()
     return {"label": label, "inputs": len(items), "names_sha1": _names_sha(items), "tars": tars,
-            "rows": rows, "skipped": skipped, "converted": converted}
+            "rows": rows, "skipped": skipped, "converted": converted, "renamed": renames}
 
 
 def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: ShardOptions,
@@ -238,13 +247,30 @@ def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
     if out.is_dir() and not ours and any(out.iterdir()):
         raise DataError(f"OUT {out} is not empty and is not a dptrain shard set: choose another OUT")
     if must_replace(out, old, job, overwrite=overwrite, holds="a shard set"):
-        for p in out.iterdir():
-            if p.name == PROGRESS_DIR:
-                shutil.rmtree(p)
-            elif p.suffix in (".tar", ".idx", PARTIAL) or p.name in (INDEX_FILE, SAMPLES_FILE):
-                p.unlink()
+        _clear(out)
         return False
-    return ours and (out / INDEX_FILE).is_file()
+    if not (ours and (out / INDEX_FILE).is_file()):
+        return False
+    # Finished: but a tar cut short or deleted since must not pass as up to date.
+    bad = sizes_differ(ShardIndex.load(out))
+    if bad and overwrite:
+        _clear(out)
+        return False
+    if bad:
+        raise DataError(f"OUT {out} is finished but damaged ({', '.join(bad[:3])}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: missing or not "
+                        "the size recorded): add --overwrite to rebuild it; dptrain verify lists "
+                        "every problem")
+    return True
+
+
+def _clear(out: Path) -> None:
+    """Remove what dptrain shard wrote in OUT, and nothing else."""
+    for p in out.iterdir():
+        if p.name == PROGRESS_DIR:
+            shutil.rmtree(p)
+        elif p.suffix in (".tar", ".idx", PARTIAL) or p.name in (INDEX_FILE, SAMPLES_FILE):
+            p.unlink()
 
 
 def _load_manifests(progress: Path, out: Path) -> dict[int, dict]:
@@ -264,7 +290,7 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
               scan_skipped: list[tuple[str, str]]) -> dict:
     tars, classes, tables = [], [], []
     skipped = [{"input": n, "reason": r} for n, r in scan_skipped]
-    converted = []
+    converted, renames = [], []
     for label, name in enumerate(class_names):
         m = manifests.get(label, {"tars": [], "rows": [], "skipped": [], "converted": []})
         first = len(tars)
@@ -279,6 +305,7 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
                         "tars": [t["file"] for t in m["tars"]]})
         skipped += [{"input": n, "reason": r} for n, r in m["skipped"]]
         converted += [{"input": n, "action": a} for n, a in m["converted"]]
+        renames += [{"input": n, "key": k} for n, k in m.get("renamed", [])]
     samples = np.concatenate(tables) if tables else np.zeros(0, SAMPLE_DTYPE)
     with atomic_path(out / SAMPLES_FILE) as tmp, open(tmp, "wb") as f:
         np.save(f, samples)
@@ -288,7 +315,7 @@ def _assemble(out: Path, job: dict, class_names: list[str], manifests: dict[int,
             "num_classes": len(classes), "num_samples": int(len(samples)),
             "samples_file": SAMPLES_FILE, "samples_sha256": sha256_file(out / SAMPLES_FILE),
             "sample_dtype": SAMPLE_DTYPE.descr, "classes": classes, "tars": tars,
-            "skipped": skipped, "converted": converted}
+            "skipped": skipped, "converted": converted, "renamed": renames}
     write_json(out / INDEX_FILE, meta)  # last: marks it complete
     return meta
 
@@ -354,8 +381,10 @@ def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names
             del done[label_of[name]]
     todo = {n for n in source.class_names if label_of[n] not in done}
     this_run = {"images": 0, "inputs": 0, "bytes": 0}
-    bar = tqdm(total=source.num_inputs, unit="img", unit_scale=True, disable=not progress,
-               desc="shard", initial=sum(m["inputs"] for m in done.values()) if source.num_inputs else 0)
+    bar = progress_bar(total=source.num_inputs, unit="img", enabled=progress,
+                       unit_scale=(source.num_inputs or 10**6) >= 10**5,  # 1.28M, but 34 is 34
+                       desc="shard", initial=sum(m["inputs"] for m in done.values())
+                       if source.num_inputs else 0)
 
     def finished(m: dict) -> None:
         write_atomic(progress_dir / f"{m['label']:05d}.json", json.dumps(m).encode())
@@ -364,7 +393,8 @@ def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names
         this_run["images"] += len(m["rows"])
         this_run["bytes"] += sum(t["bytes"] for t in m["tars"])
         bar.update(m["inputs"])
-        bar.set_postfix_str(f"{this_run['bytes'] / 1e6 / (time.perf_counter() - t0):.0f} MB/s")
+        bar.set_postfix_str(f"{this_run['bytes'] / 1e6 / (time.perf_counter() - t0):.0f} MB/s",
+                            refresh=False)
 
     # Processes, not threads: per-sample Python work and hashing scale ~1.5x better without
     # the GIL, and only item lists and manifests cross the process boundary (as FFCV's writer).
@@ -425,6 +455,7 @@ def _totals(meta: dict) -> dict:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     return {"source": meta["source"], "classes": meta["num_classes"],
             "written": meta["num_samples"], "converted": len(meta["converted"]),
+            "renamed": len(meta.get("renamed", [])),
             "skipped": len(meta["skipped"]), "skipped_by_reason": reasons,
             "inputs": meta["num_samples"] + len(meta["skipped"]),
             "bytes": sum(t["bytes"] for t in meta["tars"])}
@@ -441,7 +472,9 @@ def render_results(results: list[tuple[Path, dict]]) -> str:
         run = s["this_run"]
         lines.append(f"{where}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, "
                      f"{s['written']:,} written, {s['converted']:,} converted, "
-                     f"{s['skipped']:,} skipped, {s['bytes'] / 1e6:,.1f} MB")
+                     f"{s['skipped']:,} skipped"
+                     + (f", {s['renamed']:,} renamed" if s["renamed"] else "")
+                     + f", {s['bytes'] / 1e6:,.1f} MB")
         lines += [f"  skipped {n:,}: {reason}" for reason, n in
                   sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1])]
         lines.append(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "

@@ -124,14 +124,18 @@ def _read_labels(labels: Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read labels file {labels}: {e}") from None
     rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    # Kaggle's LOC_val_solution.csv (ImageId,PredictionString) puts "wnid x y x y ..." in
+    # the second column: there the class is its first word. Elsewhere the whole field is the
+    # class, spaces included ("golden retriever").
+    kaggle = bool(rows) and [c.strip().lower() for c in rows[0][:2]] == ["imageid",
+                                                                         "predictionstring"]
     if rows and rows[0][0].strip().lower() in ("filename", "file", "imageid", "image"):
         rows = rows[1:]
     out = []
     for lineno, r in enumerate(rows, 1):
-        if len(r) < 2 or not r[0].strip() or not r[1].split():
+        if len(r) < 2 or not r[0].strip() or not r[1].strip():
             raise DataError(f"{labels}: row {lineno} is not 'filename,class': {','.join(r)!r}")
-        # Kaggle's solution file puts "wnid x y x y ..." in the second column: take the wnid.
-        out.append((r[0].strip(), r[1].split()[0]))
+        out.append((r[0].strip(), r[1].split()[0] if kaggle else r[1].strip()))
     if not out:
         raise DataError(f"labels file {labels} has no rows (expected CSV 'filename,class')")
     return out
@@ -174,7 +178,7 @@ def _wds(src: Path, tars: list[Path]) -> Source:
             with tarfile.open(tar, "r:") as tf:
                 for m in tf:
                     match = _WDS_KEY.match(m.name)
-                    if m.isfile() and match:
+                    if (m.isfile() or m.issym() or m.islnk()) and match:
                         samples.setdefault(match[1], {})[match[2].lower()] = m
                     elif m.isfile():
                         skipped.append((f"{tar.name}:{m.name}", "member name has no extension"))
@@ -184,7 +188,10 @@ def _wds(src: Path, tars: list[Path]) -> Source:
                         img = next((parts[e] for e in WDS_IMAGE_EXTS if e in parts), None)
                         if img is None:
                             skipped.append((where, "no .jpg/.jpeg/.png in sample"))
-                        elif "cls" not in parts:
+                        elif not img.isfile():
+                            skipped.append((where, f"{img.name} is a {_link_kind(img)}, not a "
+                                                   "file: links are not followed"))
+                        elif "cls" not in parts or not parts["cls"].isfile():
                             skipped.append((where, "no .cls in sample"))
                         else:
                             cls = os.pread(f.fileno(), parts["cls"].size, parts["cls"].offset_data)
@@ -201,6 +208,10 @@ def _wds(src: Path, tars: list[Path]) -> Source:
     source = Source("wds", src, labels, skipped)
     source.items = {c: sorted(v, key=lambda it: it.name) for c, v in per_label.items()}
     return source
+
+
+def _link_kind(m: tarfile.TarInfo) -> str:
+    return "symbolic link" if m.issym() else "hard link"
 
 
 def _tar_of_tars_names(path: Path) -> list[str]:
@@ -229,6 +240,9 @@ def _stream_tar_of_tars(path: Path, wanted: set[str]):
                         items.append(Item(f"{name}/{im.name}", data=data))
                     elif im.isfile():
                         skipped.append((f"{name}/{im.name}", NOT_IMAGE_NAME))
+                    elif im.issym() or im.islnk():
+                        skipped.append((f"{name}/{im.name}", f"a {_link_kind(im)}, not a "
+                                                             "file: links are not followed"))
             yield name, sorted(items, key=lambda it: it.name), sorted(skipped)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .index import ShardIndex
+from .progress import bar as progress_bar, plural
 from .results import write_results
 from .runfolder import write_json
 from .subset import select, steps_per_epoch
@@ -300,7 +301,7 @@ def submit_slurm(points: list[Point], spec: SweepSpec, *, cluster: str = "slurm"
 
 def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
           launcher: str = "local", slots: list | None = None, slurm: dict | None = None,
-          log=print) -> dict:
+          log=print, progress: bool = False) -> dict:
     """Run the points not finished yet; write pretrain.json, sweep.json, failures.json and
     results.csv."""
     out = Path(spec.out)
@@ -315,21 +316,29 @@ def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
     write_json(out / "sweep.json", {**asdict(spec),
                                     "points": [{"run": r, "N": n} for r, n in known.items()]})
     todo = [p for p in points if not finished(out / "runs" / p.name, datasets)]
-    log(f"{len(points)} points, {len(points) - len(todo)} finished already, {len(todo)} to run")
+    log(f"{plural(len(points), 'point')}, {len(points) - len(todo)} finished already, "
+        f"{len(todo)} to run")
     if launcher == "local":
         slots = slots or [None]
         lock = threading.Lock()
+        bar = progress_bar(total=len(todo), unit="point", desc="sweep", enabled=progress)
+        failed = 0
 
         def run(point: Point, slot) -> dict:
+            nonlocal failed
             r = run_point(point, spec, slot)
             where = f" on GPU {slot}" if slot is not None else ""
             with lock:
-                log(f"{point.name}: {r['status']}{where} in {r['seconds']:.0f} s"
-                    + (f": {r['error']}" if r["error"] else ""))
+                bar.write(f"{point.name}: {r['status']}{where} in {r['seconds']:.0f} s"
+                          + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
                 write_results(out)  # after every point: a partial sweep is readable
+                failed += r["status"] != "done"
+                bar.set_postfix_str(f"last {point.name}, {failed} failed", refresh=False)
+                bar.update(1)  # with the ETA from the points so far
             return r
 
-        results = schedule(todo, slots, run)
+        with bar:
+            results = schedule(todo, slots, run)
     else:
         results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
                                else "slurm", slurm=slurm)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .config import TrainConfig, check_config
 from .errors import DataError
 from .index import ShardIndex
 from .loader import Loader
 from .models import build_model
+from .progress import bar as progress_bar, plural
 from .device import resolve_amp, resolve_device, to_model_input
 from .runfolder import load_checkpoint, must_replace, save_torch, write_json
 from .subset import read_class_list, select, steps_per_epoch as epoch_steps
@@ -277,8 +277,8 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     # -- the loop
     loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
     log = open(out / "metrics.jsonl", "a") if ranks.is_main else None
-    bar = tqdm(total=plan.total_steps, initial=step, unit="step",
-               disable=not (progress and ranks.is_main))
+    bar = progress_bar(total=plan.total_steps, initial=step, unit="step",
+                       enabled=progress and ranks.is_main)
     meter = Meter(device, ranks.world)
     while step < plan.total_steps:
         res = res_at(epoch, plan.epochs, cfg)
@@ -306,7 +306,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                     log.write(json.dumps(line) + "\n")
                     log.flush()
                 bar.set_postfix(epoch=epoch, loss=f"{line['loss']:.3f}",
-                                img_s=f"{line['images_per_s']:.0f}")
+                                img_s=f"{line['images_per_s']:.0f}", refresh=False)
             bar.update(1)
             if step >= plan.total_steps:
                 break
@@ -362,9 +362,9 @@ def validate(cfg: TrainConfig, model, subset, autocast, device: torch.device,
 
 def summary_line(out: Path, s: dict) -> str:
     """`dptrain pretrain`'s last words, from the summary."""
-    head = f"{out} is finished already ({s['steps']} steps); its summary:\n" \
+    head = f"{out} is finished already ({plural(s['steps'], 'step')}); its summary:\n" \
         if s.get("already_finished") else ""
     val = "-" if s["val_top1"] is None else f"{s['val_top1']:.4f}"
-    return (f"{head}{out}: {s['steps']} steps, {s['epochs']} epochs, train loss "
+    return (f"{head}{out}: {plural(s['steps'], 'step')}, {plural(s['epochs'], 'epoch')}, train loss "
             f"{s['train_loss']:.4f}, val top-1 {val}, {s['images_per_s'] or 0:,.0f} img/s, data "
             f"wait {(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")

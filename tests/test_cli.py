@@ -194,3 +194,44 @@ def test_second_writer_is_refused(tmp_path, big_folder):
     finally:
         proc.wait()
     assert proc.returncode == 0
+
+
+def test_verify_gives_one_verdict_with_a_hint_and_json(tmp_path, folder):
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress")
+    ok = json.loads(run_cli("verify", out, "--json").stdout)
+    assert ok["ok"] is True and ok["problems"] == [] and ok["hint"] is None
+    tar = sorted(out.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:-1024])  # cut short
+    for damage in ("tar", "samples.npy", "index.json"):  # each: exit 1, never 2
+        if damage != "tar":
+            (out / damage).unlink()
+        p = run_cli("verify", out, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, (damage, p.stderr)
+        source = "SRC" if damage == "index.json" else folder.resolve()  # where it was recorded
+        assert "DAMAGED" in p.stderr and f"dptrain shard {source} {out} --overwrite" \
+            in p.stderr, p.stderr
+        j = json.loads(run_cli("verify", out, "--json", check=False).stdout)
+        assert j["ok"] is False and j["problems"] and "--overwrite" in j["hint"]
+    assert "index.json: missing" in p.stderr
+    assert run_cli("verify", tmp_path / "nowhere", check=False).returncode == 2  # usage
+
+
+def test_shard_rerun_notices_a_truncated_tar(tmp_path, folder):
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress")
+    reference = tree_bytes(out)
+    tar = sorted(out.glob("*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:-512])
+    p = run_cli("shard", folder, out, "--no-progress", check=False)
+    assert p.returncode == 2 and "up to date" not in p.stdout
+    assert f"finished but damaged ({tar.name}" in p.stderr and "--overwrite" in p.stderr
+    run_cli("shard", folder, out, "--no-progress", "--overwrite")
+    assert tree_bytes(out) == reference  # rebuilt, byte for byte
+
+
+def test_progress_in_a_log_is_whole_lines(tmp_path, folder):
+    p = run_cli("shard", folder, tmp_path / "out")  # stderr is a pipe here, as in a log file
+    lines = p.stderr.splitlines()
+    assert "\r" not in p.stderr and lines and "100%" in lines[-1], p.stderr
+    assert len(lines) <= 3  # the start, the end, and at most one line per 10 s between

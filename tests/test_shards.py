@@ -261,3 +261,49 @@ def test_bad_image_checks(texture):
     assert store_image(garbage).action == "copied"
     with pytest.raises(BadImage, match="not a decodable image"):
         store_image(garbage, check="decode")
+
+
+def test_a_plain_labels_csv_keeps_class_names_with_spaces(tmp_path, folder):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"a{i}.jpg").write_bytes((folder / "class_1" / f"img_1_{i}.JPEG").read_bytes())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,class\na0.jpg,golden retriever\na1.jpg, golden retriever\n"
+                      "a2.jpg,tabby cat\n")
+    shard_dataset(flat, tmp_path / "out", labels=labels, progress=False)
+    index = ShardIndex.load(tmp_path / "out")
+    assert index.class_names == ["golden retriever", "tabby cat"]
+    assert index.counts.tolist() == [2, 1]
+
+
+def test_hostile_and_linked_tar_members_are_named_in_the_index(tmp_path, texture):
+    from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
+    from dptrain.shards import render_results
+
+    src = tmp_path / "wds"
+    src.mkdir()
+
+    def member(tf, name, data=b"", link=None):
+        info = tarfile.TarInfo(name)
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, link
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(src / "shard-0000.tar", "w") as tf:
+        for key, i in (("../../evil", 0), ("ok", 1), ("a b", 2)):
+            member(tf, f"{key}.jpg", imagenet_like_jpeg(texture, 0, 0, i, width=40, height=32))
+            member(tf, f"{key}.cls", b"0")
+        member(tf, "linked.jpg", link="/etc/passwd")
+        member(tf, "linked.cls", b"0")
+    out = tmp_path / "out"
+    summary = shard_dataset(src, out, progress=False)
+    index = ShardIndex.load(out)
+    assert sorted((r["input"], r["key"]) for r in index.meta["renamed"]) == [
+        ("shard-0000.tar:../../evil", "00000_evil"), ("shard-0000.tar:a b", "00000_a_b")]
+    assert "2 renamed" in render_results([(out, {**summary, "this_run": summary["this_run"]})])
+    reasons = {s["input"]: s["reason"] for s in index.meta["skipped"]}
+    assert reasons["shard-0000.tar:linked"] == ("linked.jpg is a symbolic link, not a file: "
+                                                 "links are not followed")
+    assert all(not p.is_symlink() and p.parent == out for p in out.rglob("*"))

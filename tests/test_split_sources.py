@@ -98,6 +98,8 @@ def test_cifar_pickles_round_trip(tmp_path, kind):
                      for _, d, lab in stored if lab == label]
             assert min(diffs) < 1.5  # quality 95 with 4:4:4 chroma: ~0.6 of 255
     assert "cifar" in run_cli("info", out / "test").stdout
+    p = run_cli("info", out, check=False)  # the parent: it says where the sets are
+    assert p.returncode == 2 and "holds the shard sets test, train" in p.stderr
 
 
 def test_train_test_folders(tmp_path, texture):
