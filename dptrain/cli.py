@@ -107,12 +107,10 @@ def config_options(group: str | None = None):
         m = f.metadata
         if group and m["group"] != group:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, off = _flags(f.name)
         shown = default_in_recipes(f.name)
         text = m["help"] + (f" [{shown}]" if shown and not m["help"].endswith("]") else "")
-        if "bool" in f.type:  # --x/--no-x; a "no_" field's opposite drops the "no-"
-            off = "--" + f.name[3:].replace("_", "-") if f.name.startswith("no_") else \
-                "--no-" + flag[2:]
+        if "bool" in f.type:
             options.append(click.option(f"{flag}/{off}", f.name, default=None, help=text))
             continue
         low, high, low_open, high_open = m["range"]
@@ -131,19 +129,22 @@ def config_options(group: str | None = None):
     return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
 
 
-def passthrough(options: dict) -> list[str]:
-    """The command-line form of given TrainConfig values (None: not given), for a sweep's
-    children."""
+def _flags(name: str) -> tuple[str, str]:
+    """A field's option and, for a yes/no field, its opposite: --x/--no-x, and a "no_" field's
+    opposite drops the "no-" (--no-bn-wd/--bn-wd)."""
+    flag = "--" + name.replace("_", "-")
+    return flag, "--" + flag[5:] if name.startswith("no_") else "--no-" + flag[2:]
+
+
+def given_options(options: dict) -> list[str]:
+    """The command-line form of the TrainConfig values given (None: not given): what a sweep
+    records for its report."""
     argv = []
     for name, value in options.items():
         if value is None:
             continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            off = "--" + name[3:].replace("_", "-") if name.startswith("no_") else "--no-" + flag[2:]
-            argv.append(flag if value else off)
-        else:
-            argv += [flag, str(value)]
+        flag, off = _flags(name)
+        argv += [flag if value else off] if isinstance(value, bool) else [flag, str(value)]
     return argv
 
 
@@ -375,7 +376,7 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
 
     pairs = grid(sizes=sizes, classes=classes_grid, ratios=ratios, points=points)
     gpus = options.pop("gpus") or 1
-    given = passthrough(options)
+    given = given_options(options)
     cfg = make_config(options.pop("recipe") or "fast", data=str(Path(data).resolve()), **options)
     check_config(cfg, 1, torch.cuda.is_available())
     datasets = [d[0] for d in read_suite(Path(suite))]

@@ -1,6 +1,7 @@
 """The rules of a folder a command fills (`shard`, `pretrain`, `probe`, `sweep`, `report`), in
 one place: a file appears whole or not at all, and a folder made with other options is refused
-unless --overwrite. So an interrupted command can simply be run again.
+unless --overwrite. So an interrupted command can simply be run again. Checkpoints are written
+(`save_torch`) and read (`load_checkpoint`) here too.
 """
 
 from __future__ import annotations
