@@ -32,7 +32,7 @@ def bar(*, enabled: bool = True, **kw) -> tqdm:
     if not enabled or sys.stderr.isatty():
         return tqdm(disable=not enabled, **kw)
     # In a log a bar's last line is its result: it stays (leave), whatever a terminal would do.
-    return tqdm(file=_Lines(sys.stderr), mininterval=10, ncols=80, **{**kw, "leave": True})
+    return tqdm(file=_Lines(sys.stderr), mininterval=10, ncols=100, **{**kw, "leave": True})
 
 
 def plural(n: int, word: str) -> str:
