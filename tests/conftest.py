@@ -112,8 +112,10 @@ def interrupt(args, ready: Callable[[], bool], sig: int = signal.SIGKILL, *, del
     """Start `dptrain ARGS`, wait until `ready()` (or until it ends, or `timeout` s), wait
     `delay` s more, and send `sig`: to the process, or with `group` to its whole process group
     as a terminal's Ctrl-C does. Returns its exit status and stderr."""
+    # SIGINT as in a terminal: a background job (cmd &) would start it ignored.
     proc = subprocess.Popen([*DPTRAIN, *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=group)
+                            stderr=subprocess.PIPE, text=True, start_new_session=group,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + timeout
     while not ready() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
