@@ -380,13 +380,14 @@ def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats,
     cfg = make_config(options.pop("recipe") or "fast", data=str(Path(data).resolve()), **options)
     check_config(cfg, 1, torch.cuda.is_available())
     datasets = [d[0] for d in read_suite(Path(suite))]
-    todo, skipped = feasible(ShardIndex.load(data), pairs, list(range(seeds)), cfg.allow_fewer)
+    index = ShardIndex.load(data)
+    todo, skipped = feasible(index, pairs, list(range(seeds)), cfg.allow_fewer)
     for reason in skipped:
         click.echo(f"skipped (infeasible) {reason}", err=True)
     if not todo:
         raise UserError("no feasible point in the grid")
     if dry_run:
-        click.echo(dry_run_text(todo, ShardIndex.load(data), cfg, gpus, img_per_s, plan_gpus))
+        click.echo(dry_run_text(todo, index, cfg, gpus, img_per_s, plan_gpus))
         return
     spec, slots = prepare(cfg, suite=suite, out=out, repeats=repeats, gpus=gpus,
                           launcher=launcher, given=given, skipped=skipped)

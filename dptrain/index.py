@@ -67,7 +67,7 @@ class ShardIndex:
         path = root / INDEX_FILE
         if not path.is_file() and (root / PROGRESS_DIR).is_dir():
             raise DataError(f"{root} is unfinished: run the dptrain shard command again to finish it")
-        inside = [d.name for d in sorted(root.glob(f"*/{INDEX_FILE}")) for d in [d.parent]] \
+        inside = sorted(p.parent.name for p in root.glob(f"*/{INDEX_FILE}")) \
             if not path.is_file() and root.is_dir() else []
         if inside:  # the parent of a cifar or splits source's train/ and test/
             raise DataError(f"{root} holds the shard sets {', '.join(inside)}, not one itself: "

@@ -166,8 +166,8 @@ def sample_keys(label: int, items: list[Item]) -> list[str]:
 def renamed(name: str, key: str) -> bool:
     """Whether an input's key is not its own file name: characters replaced, cut, made unique,
     or a name that climbed out of its folder ("../../x.jpg")."""
-    base = re.split(r"[/:]", name)[-1]
-    return ".." in re.split(r"[/:]", name) or key.split("_", 1)[1] != os.path.splitext(base)[0]
+    parts = re.split(r"[/:]", name)
+    return ".." in parts or key.split("_", 1)[1] != os.path.splitext(parts[-1])[0]
 
 
 def _names_sha(items: list[Item]) -> str:
