@@ -48,8 +48,11 @@ step train-resnet50 75 "$PY" benchmarks/train_step.py --arch resnet50 --res 224 
     --batch-size 256 --steps 200 --images 20000 --variant decode=cpu
 step eval-decode 45 "$PY" benchmarks/eval_decode.py
 step loader 60 "$PY" benchmarks/loader.py
-step probe 60 "$PY" benchmarks/probe.py
-# This run's result files only (a transfer back may cap the number of files).
-[ "$LOG" != benchmarks/results ] && find benchmarks/results -name '*.json' -newer "$started" \
-    -exec cp {} "$LOG"/ \;
+step probe 60 "$PY" benchmarks/probe.py --extraction-only  # the solver's figures are the CPU's
+# This run's result files only, logs and JSON in one archive (a transfer back may cap the
+# number of files).
+if [ "$LOG" != benchmarks/results ]; then
+    find benchmarks/results -name '*.json' -newer "$started" -exec cp {} "$LOG"/ \;
+    (cd "$LOG" && tar -czf gpu-results.tgz --remove-files ./*.log ./*.json)
+fi
 exit $status

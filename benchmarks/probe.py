@@ -68,8 +68,8 @@ def sklearn_probe(xs, ys, xt, yt) -> list[float]:
 
 def extraction_rates() -> dict:
     """Feature extraction img/s through `features` (cold: the first call; warm: again with an
-    empty cache, so every image is loaded and run again). A GPU gets 20,000 JPEGs and both
-    decoders; a CPU 1,000 JPEGs, cold only (~40 img/s there)."""
+    empty cache, so every image is loaded and run again). A GPU gets 20,000 JPEGs, both
+    decoders, and fp32 beside its autocast type; a CPU 1,000 JPEGs, cold only (~40 img/s)."""
     from torchvision.models import resnet18
 
     gpu = torch.cuda.is_available()
@@ -80,12 +80,12 @@ def extraction_rates() -> dict:
         torch.save({"model": resnet18(num_classes=10).state_dict(), "num_classes": 10,
                     "config": {"arch": "resnet18", "res": 224}}, ckpt)
         config = {"arch": "resnet18", "res": 224}
-        runs = [("cold", "auto"), ("warm", "auto"), ("warm, decode=cpu", "cpu")] if gpu else \
-            [("cold", "auto")]
-        for i, (name, decode) in enumerate(runs):
+        runs = [("cold", "auto", None), ("warm", "auto", None), ("warm, decode=cpu", "cpu", None),
+                ("warm, fp32", "auto", "off")] if gpu else [("cold", "auto", None)]
+        for i, (name, decode, amp) in enumerate(runs):
             t = time.perf_counter()
             x, _, hit = features(ckpt, config, str(out), cache=Path(tmp) / f"cache{i}",
-                                 device="cuda" if gpu else "cpu", decode=decode)
+                                 device="cuda" if gpu else "cpu", decode=decode, amp=amp)
             assert not hit
             rates[name] = len(x) / (time.perf_counter() - t)
         rates["images"] = len(x)

@@ -5,6 +5,8 @@ the device, as in FFCV).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import DataError
@@ -37,10 +39,24 @@ def resolve_amp(amp: str, cuda: bool) -> str:
     return "bf16" if native else "off"
 
 
+def amp_context(device_type: str, amp: str) -> torch.autocast:
+    """The autocast context of a resolved --amp value ("off" disables it)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
+    return torch.autocast(device_type, dtype=dtype, enabled=amp != "off")
+
+
 def to_model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """uint8 NHWC from the loader -> normalised float NCHW, on the device (never on the CPU
     loader). NHWC permuted to NCHW already has channels-last strides."""
-    x = images.permute(0, 3, 1, 2).float()
-    x = (x - MEAN.to(x.device).view(1, 3, 1, 1)) / STD.to(x.device).view(1, 3, 1, 1)
+    mean, std = _normalisation(images.device)
+    x = (images.permute(0, 3, 1, 2).float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last if channels_last else
                         torch.contiguous_format)
+
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on `device`, copied there once. torch follows a blocking copy from host
+    memory with a wait for the stream, so copying them every step kept the host from queueing
+    the next step while the GPU ran this one."""
+    return MEAN.to(device).view(1, 3, 1, 1), STD.to(device).view(1, 3, 1, 1)

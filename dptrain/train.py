@@ -26,7 +26,7 @@ from .index import ShardIndex
 from .loader import Loader
 from .models import build_model
 from .progress import bar as progress_bar, plural
-from .device import resolve_amp, resolve_device, to_model_input
+from .device import amp_context, resolve_amp, resolve_device, to_model_input
 from .runfolder import load_checkpoint, must_replace, save_torch, write_json
 from .subset import read_class_list, select, steps_per_epoch as epoch_steps
 
@@ -160,10 +160,8 @@ def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_bn_wd), lr=cfg.lr,
                                 momentum=cfg.momentum)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}[amp]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=amp != "off")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    return model, optimizer, autocast, scaler
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    return model, optimizer, amp_context(device.type, amp), scaler
 
 
 def resume(path: Path, model, optimizer, scaler, device: torch.device) -> tuple[int, int]:

@@ -261,6 +261,40 @@ def test_gpu_run_bf16_then_probe_on_gpu(shards, tmp_path):
     assert json.loads((out / "probe.json").read_text())["datasets"]["self"]["top1_mean"] > 0.25
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_training_steps_never_make_the_host_wait(shards):
+    """Between log lines the loop only queues work on the GPU: no copy or read that waits for
+    the device, so the host runs ahead and a late batch or a slow launch costs no GPU time.
+    (Moving the normalisation constants to the GPU every step once made it wait twice.)"""
+    import torch.nn.functional as F
+
+    from dptrain.device import to_model_input
+    from dptrain.train import Meter, build
+
+    cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cuda")
+    device = torch.device("cuda")
+    subset = select(ShardIndex.load(shards), 4, 16, seed=0)
+    model, optimizer, autocast, scaler = build(cfg, subset.num_classes, "bf16", device)
+    meter = Meter(device, 1)
+    loader = train_loader(subset, cfg, 32, "cuda", 0, 1)
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for i, (images, labels) in enumerate(meter.batches(loader)):
+            # the first step (cuDNN's set-up, the allocator's first blocks) may wait
+            torch.cuda.set_sync_debug_mode("error" if i else "default")
+            with autocast:
+                logits = model(to_model_input(images, cfg.channels_last))
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            meter.step(loss, logits, labels)
+        torch.cuda.set_sync_debug_mode("default")
+    loader.close()
+    assert meter.window_steps == len(loader) == 4
+
+
 def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tmp_path):
     import click
 
