@@ -9,8 +9,9 @@
 # under its own time limit (together 7 min 30 s) and a failing step does not stop the others;
 # the exit status is that of the first failure. Results go to benchmarks/results/ as usual.
 # The training-step runs measure the loader's settings against one memory-fed run each:
-# DALI's default hw_decoder_load (0.65), a deeper prefetch and CPU decoding beside the
-# defaults; eval_decode.py measures which decoder settings reproduce PIL's pixels.
+# hw_decoder_load 0.65 (DALI's default) and 0.8 and a deeper prefetch beside the defaults
+# (ResNet-18), CPU decoding (ResNet-50); eval_decode.py measures which decoder settings
+# reproduce PIL's pixels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -43,7 +44,8 @@ from common import imagenet_like; from loader import shards; print(shards(imagen
 step tests 70 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 step train-resnet18 80 "$PY" benchmarks/train_step.py --arch resnet18 --res 176 \
     --batch-size 256 --steps 240 --images 20000 --variant hw_decoder_load=0.65 \
-    --variant prefetch=4 --variant decode=cpu
+    --variant hw_decoder_load=0.8 --variant hw_decoder_load=0.8,prefetch=4 \
+    --variant prefetch=4
 step train-resnet50 75 "$PY" benchmarks/train_step.py --arch resnet50 --res 224 \
     --batch-size 256 --steps 200 --images 20000 --variant decode=cpu
 step eval-decode 45 "$PY" benchmarks/eval_decode.py
