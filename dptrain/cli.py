@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from .config import TRAIN, TrainConfig, default_in_recipes
 from .errors import DataError
-from .progress import plural
+from .options import click_options
+from .shards import ShardOptions
+from .sweep import SweepOptions
+from .theory import PredictOptions
 
 
 class UserError(click.ClickException):
@@ -39,10 +41,6 @@ def main() -> None:
     """
 
 
-def _mb(ctx, param, value: float) -> int:
-    return int(value * 2**20)
-
-
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path), required=False)
@@ -57,24 +55,12 @@ def _mb(ctx, param, value: float) -> int:
               help="CSV 'filename,class' for a flat folder (Kaggle's LOC_val_solution.csv works).")
 @click.option("--classes-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Use the class list and ids of this shard set (for val/test splits).")
-@click.option("--seed", default=0, show_default=True, help="Seeds the stored order in each class.")
-@click.option("--shard-size", default=256.0, show_default=True, type=click.FloatRange(min=0.01),
-              callback=_mb, help="MB per tar; a larger class is split over several tars.")
-@click.option("--max-side", type=click.IntRange(min=16),
-              help="Re-encode images whose longer side exceeds this (px); default: copy all.")
-@click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
-              help="JPEG quality of re-encoded images.")
-@click.option("--check", default="header", show_default=True,
-              type=click.Choice(["header", "decode"]),
-              help="header: validate JPEG structure (fast); decode: also decode every JPEG.")
-@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
-              help="Skip larger images as decompression bombs.")
+@click_options(ShardOptions)
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace a shard set of another source/options.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar on stderr.")
-def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quality, check,
-          max_pixels, workers, overwrite, progress):
+def shard(src, out, fmt, labels, classes_from, workers, overwrite, progress, **options):
     """Write SRC as class-indexed WebDataset shards in OUT (default: shards/<SRC name>).
 
     Per class, tars of `<key>.jpg` + `<key>.cls` in a seeded random order (the first n samples
@@ -83,15 +69,13 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
     images a decoder would choke on are converted, broken files skipped and recorded.
     Interrupted? Run the same command again: it resumes.
     """
-    from .shards import ShardOptions, render_results, shard_source
+    from .shards import render_results, shard_source
 
     out = out or Path("shards") / src.name.split(".")[0]
-    opts = ShardOptions(seed=seed, shard_size=shard_size, max_side=max_side, quality=quality,
-                        check=check, max_pixels=max_pixels)
     try:
         results = shard_source(src, out, fmt=fmt, labels=labels, classes_from=classes_from,
-                               options=opts, workers=workers, overwrite=overwrite,
-                               progress=progress)
+                               options=ShardOptions(**options), workers=workers,
+                               overwrite=overwrite, progress=progress)
     except KeyboardInterrupt:
         click.echo(f"interrupted: run the same command again to resume {out}", err=True)
         sys.exit(130)
@@ -99,53 +83,8 @@ def shard(src, out, fmt, labels, classes_from, seed, shard_size, max_side, quali
 
 
 def config_options(group: str | None = None):
-    """One click option per TrainConfig field (of `group`, or all), generated from the field:
-    its help, its type and range, and its value in each recipe. Every option defaults to None,
-    which keeps the recipe's value."""
-    options = []
-    for f in fields(TrainConfig):
-        m = f.metadata
-        if group and m["group"] != group:
-            continue
-        flag, off = _flags(f.name)
-        shown = default_in_recipes(f.name)
-        text = m["help"] + (f" [{shown}]" if shown and not m["help"].endswith("]") else "")
-        if "bool" in f.type:
-            options.append(click.option(f"{flag}/{off}", f.name, default=None, help=text))
-            continue
-        low, high, low_open, high_open = m["range"]
-        if m["choices"]:
-            kind = click.Choice(m["choices"])
-        elif m["path"]:
-            kind = click.Path(exists=True, file_okay=m["path"] == "file",
-                              dir_okay=m["path"] == "dir")
-        elif "int" in f.type:
-            kind = click.IntRange(low, high) if low is not None or high is not None else int
-        elif "float" in f.type:
-            kind = click.FloatRange(low, high, min_open=low_open, max_open=high_open)
-        else:
-            kind = str
-        options.append(click.option(flag, f.name, type=kind, default=None, help=text))
-    return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
-
-
-def _flags(name: str) -> tuple[str, str]:
-    """A field's option and, for a yes/no field, its opposite: --x/--no-x, and a "no_" field's
-    opposite drops the "no-" (--no-bn-wd/--bn-wd)."""
-    flag = "--" + name.replace("_", "-")
-    return flag, "--" + flag[5:] if name.startswith("no_") else "--no-" + flag[2:]
-
-
-def given_options(options: dict) -> list[str]:
-    """The command-line form of the TrainConfig values given (None: not given): what a sweep
-    records for its report."""
-    argv = []
-    for name, value in options.items():
-        if value is None:
-            continue
-        flag, off = _flags(name)
-        argv += [flag if value else off] if isinstance(value, bool) else [flag, str(value)]
-    return argv
+    """TrainConfig's fields as options; None keeps the recipe's value, which --help shows."""
+    return click_options(TrainConfig, group, shown=default_in_recipes)
 
 
 _GPUS = click.option("--gpus", type=click.IntRange(min=1),
@@ -174,40 +113,30 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
     folder. Run the same command again to resume an interrupted run; a finished run is not
     retrained. Multi-GPU: --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
     """
-    from .config import load_config, make_config
+    from .config import load_config
     from .launch import relaunch, under_torchrun
 
     if options["data"] is None and not config_file:  # the built-in synthetic pool
-        if "RANK" in os.environ and not gpus:
-            raise UserError("under torchrun, give --data (build the synthetic pool first: "
-                            "python tools/make_shards.py)")
         from .synthetic import DEFAULT_POOL, ensure_pool
 
-        options["data"] = str(DEFAULT_POOL)
         if not print_config:
             click.echo(ensure_pool(options["classes"], options["per_class"], progress), err=True)
+        options["data"], recipe = str(DEFAULT_POOL), recipe or "synthetic"
         sys.argv += ["--data", options["data"]]  # what --gpus re-runs, once per GPU
-        recipe = recipe or "synthetic"
-    if config_file:
-        cfg = load_config(config_file, recipe=recipe, res=res, **options)
-    else:
-        cfg = make_config(recipe or "fast", res=res, **options)
+    cfg = load_config(config_file, recipe, res=res, **options)
     if print_config:
-        click.echo(json.dumps(asdict(cfg), indent=1))
-        return
+        return click.echo(json.dumps(asdict(cfg), indent=1))
     if gpus and not under_torchrun():
         relaunch(gpus, sys.argv[1:])
-    from .train import NonFiniteLoss, summary_line, train
+    from .train import NonFiniteLoss, default_run_folder, summary_line, train
 
-    out = out or Path("runs") / (f"{Path(cfg.data).name}-K{cfg.classes or 'all'}-"
-                                 f"n{cfg.per_class or 'all'}-s{cfg.seed}")
+    out = out or default_run_folder(cfg)
     try:
         s = train(cfg, out, overwrite=overwrite, progress=progress)
     except NonFiniteLoss as e:
         raise click.ClickException(str(e)) from None
-    if int(os.environ.get("RANK", 0)) != 0:
-        return  # one summary per run, from rank 0
-    click.echo(summary_line(out, s))
+    if int(os.environ.get("RANK", 0)) == 0:  # one summary per run
+        click.echo(summary_line(out, s))
 
 
 @main.command(context_settings={"show_default": True})
@@ -276,137 +205,44 @@ def verify(out, workers, as_json):
     One verdict: OK (exit 0), or a DAMAGED line per bad or missing file, with how to rebuild
     the set (exit 1). Exit 2 is for usage errors only.
     """
-    from .index import ShardIndex, repair_hint, verify as verify_set
+    from .index import render_verify, repair_hint, verify as verify_set
 
     problems = verify_set(out, workers)
-    hint = repair_hint(out) if problems else None
     if as_json:
         click.echo(json.dumps({"path": str(out), "ok": not problems, "problems": problems,
-                               "hint": hint}))
+                               "hint": repair_hint(out) if problems else None}))
     else:
-        for p in problems:
-            click.echo(f"DAMAGED {out / p}", err=True)
-        if problems:
-            click.echo(f"{out}: {len(problems)} problem(s); {hint}", err=True)
-        else:
-            meta = ShardIndex.load(out).meta
-            click.echo(f"{out}: OK ({len(meta['tars']):,} tars, {meta['num_samples']:,} samples)")
-    if problems:
-        sys.exit(1)
+        click.echo(render_verify(out, problems), err=bool(problems))
+    sys.exit(1 if problems else 0)
 
 
-def _numbers(kind):
-    def parse(ctx, param, value):
-        if value is None:
-            return []
-        try:
-            out = [kind(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
-                                     f"{kind.__name__}s") from None
-        if any(v <= 0 for v in out):
-            raise click.BadParameter("values must be positive")
-        return out
-    return parse
-
-
-def _pairs(ctx, param, value):
-    if value is None:
-        return []
-    try:
-        out = [tuple(int(x) for x in v.split(":")) for v in value.split(",") if v.strip()]
-    except ValueError:
-        out = [()]
-    if any(len(p) != 2 or min(p) < 1 for p in out):
-        raise click.BadParameter(f"{value!r}: expected K:n pairs of positive integers, e.g. "
-                                 "100:64,400:16")
-    return out
-
-
-@main.command(context_settings={"show_default": True})
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Shard set to pre-train on.")
-@click.option("--suite", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Downstream sets to probe every run on (TOML/JSON, as probe --suite).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Sweep folder: runs/, results.csv, sweep.json, failures.json.")
-@click.option("--sizes", callback=_numbers(int), help="Budgets N, e.g. 64000,256000.")
-@click.option("--classes", "classes_grid", callback=_numbers(int),
-              help="K values per size (n = N / K, rounded).")
-@click.option("--ratios", callback=_numbers(float), help="K / n values per size.")
-@click.option("--points", callback=_pairs, help="Explicit K:n points, e.g. 100:64,400:16.")
-@click.option("--seeds", default=3, type=click.IntRange(min=1), help="Seeds 0..S-1 per point.")
-@click.option("--repeats", default=5, type=click.IntRange(min=1), help="Probe repeats.")
+@main.command()
+@click_options(SweepOptions)
 @click.option("--allow-fewer", is_flag=True, default=None,
               help="Keep classes smaller than n whole instead of skipping the point.")
 @config_options(TRAIN)
 @_GPUS
-@click.option("--launcher", default="local", type=click.Choice(["local", "slurm",
-                                                                 "submitit-local"]),
-              help="local: one run per visible GPU (one at a time on a CPU); slurm: one job per "
-                   "point through submitit (submitit-local: the same path, run here).")
-@click.option("--slurm-partition", help="Slurm partition.")
-@click.option("--slurm-time", default=240, type=click.IntRange(min=1),
-              help="Slurm time limit per point, minutes.")
-@click.option("--slurm-cpus", default=16, type=click.IntRange(min=1), help="CPUs per job.")
-@click.option("--dry-run", is_flag=True,
-              help="Run nothing: print every feasible point, the images its pre-training "
-                   "processes and its estimated wall time, and the sweep's total.")
-@click.option("--img-per-s", type=click.FloatRange(min=0, min_open=True),
-              help="With --dry-run: training throughput per GPU (or per CPU run) [the newest "
-                   "benchmarks/results/train_step-*.json of the same --arch and --res].")
-@click.option("--plan-gpus", type=click.IntRange(min=1),
-              help="With --dry-run: GPUs to plan for [the visible ones].")
-@click.option("--progress/--no-progress", default=True,
+@click.option("--progress/--no-progress", default=True, show_default=True,
               help="A bar over the points on stderr, with failures and an ETA.")
-def sweep(data, suite, out, sizes, classes_grid, ratios, points, seeds, repeats, launcher,
-          slurm_partition, slurm_time, slurm_cpus, dry_run, img_per_s, plan_gpus, progress,
-          **options):
+def sweep(gpus, progress, **options):
     """Pre-train and probe every (K, n, seed) of a grid: the paper's experiment.
 
     Each point is `dptrain pretrain` + `dptrain probe --suite`, in OUT/runs/K{K}-n{n}-s{seed}.
     Run the same command again to finish an interrupted or partly failed sweep.
     """
-    import torch
+    from .sweep import run_sweep
 
-    from .config import check_config, make_config
-    from .index import ShardIndex
-    from .probe import read_suite
-    from .sweep import dry_run_text, feasible, grid, prepare, sweep as run_sweep
-
-    pairs = grid(sizes=sizes, classes=classes_grid, ratios=ratios, points=points)
-    gpus = options.pop("gpus") or 1
-    given = given_options(options)
-    cfg = make_config(options.pop("recipe") or "fast", data=str(Path(data).resolve()), **options)
-    check_config(cfg, 1, torch.cuda.is_available())
-    datasets = [d[0] for d in read_suite(Path(suite))]
-    index = ShardIndex.load(data)
-    todo, skipped = feasible(index, pairs, list(range(seeds)), cfg.allow_fewer)
-    for reason in skipped:
-        click.echo(f"skipped (infeasible) {reason}", err=True)
-    if not todo:
-        raise UserError("no feasible point in the grid")
-    if dry_run:
-        click.echo(dry_run_text(todo, index, cfg, gpus, img_per_s, plan_gpus))
-        return
-    spec, slots = prepare(cfg, suite=suite, out=out, repeats=repeats, gpus=gpus,
-                          launcher=launcher, given=given, skipped=skipped)
-    slurm = {"timeout_min": slurm_time, "cpus_per_task": slurm_cpus, "gpus_per_node": gpus}
-    if slurm_partition:
-        slurm["slurm_partition"] = slurm_partition
+    o = SweepOptions(**{k: options.pop(k) for k in SweepOptions.__dataclass_fields__})
     try:
-        r = run_sweep(spec, todo, datasets, launcher=launcher, slots=slots, slurm=slurm,
-                      log=lambda m: click.echo(m, err=True), progress=progress)
+        text, failed = run_sweep(o, options, gpus=gpus or 1, progress=progress,
+                                 log=lambda m: click.echo(m, err=True))
     except KeyboardInterrupt:
-        click.echo(f"interrupted: run the same command again to complete {out}", err=True)
+        click.echo(f"interrupted: run the same command again to complete {o.out}", err=True)
         sys.exit(130)
-    click.echo(f"{out}: {plural(r['points'], 'point')}, {r['ran']} run now, "
-               f"{len(r['failed'])} failed; "
-               f"results in {out / 'results.csv'}")
-    if r["failed"]:
-        for f in r["failed"]:
-            click.echo(f"  failed {f['run']}: {f['error']}", err=True)
-        sys.exit(1)
+    click.echo(text)
+    for f in failed:
+        click.echo(f"  failed {f['run']}: {f['error']}", err=True)
+    sys.exit(1 if failed else 0)
 
 
 @main.command()
@@ -423,22 +259,9 @@ def report(sweep_dir):
 @main.command(context_settings={"show_default": True})
 @click.argument("sweep_dir", metavar="SWEEP", type=click.Path(exists=True, file_okay=False,
                                                              path_type=Path))
-@click.option("--size", required=True, type=click.IntRange(min=1),
-              help="The budget N to predict the best split for.")
-@click.option("--fit-sizes", callback=_numbers(int),
-              help="Fit only the points of these budgets [all], e.g. the small ones, to check "
-                   "the prediction against the sweep's own runs at --size.")
-@click.option("--max-classes", type=click.IntRange(min=1),
-              help="Classes available [the sweep's shard set].")
-@click.option("--max-per-class", type=click.IntRange(min=1),
-              help="Images per class available [the smallest class of the shard set].")
-@click.option("--bootstrap", "samples", default=200, type=click.IntRange(min=0),
-              help="Bootstrap fits over seeds for the uncertainty (0: none).")
-@click.option("--fit-near", "near", type=click.FloatRange(min=1),
-              help="Fit only the points whose K/n is within this factor of their budget's "
-                   "best measured K/n [all points].")
+@click_options(PredictOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def predict(sweep_dir, size, fit_sizes, max_classes, max_per_class, samples, near, as_json):
+def predict(sweep_dir, as_json, **options):
     """Fit err(K, n) = c0 + a K^-alpha + b n^-beta to a sweep and predict the best K, n for N.
 
     Per downstream set and their average: the free fit and the alpha = beta fit (the paper's
@@ -448,8 +271,7 @@ def predict(sweep_dir, size, fit_sizes, max_classes, max_per_class, samples, nea
     """
     from .theory import predict_sweep, render
 
-    out = predict_sweep(sweep_dir, size, fit_sizes=fit_sizes, max_classes=max_classes,
-                        max_per_class=max_per_class, samples=samples, near=near)
+    out = predict_sweep(sweep_dir, **options)
     click.echo(json.dumps(out, indent=1) if as_json else render(out))
     if out["failures"]:
         sys.exit(1)

@@ -1,28 +1,24 @@
 """What a pre-training run is told: `TrainConfig`, one field per option, and the recipes, which
 are tables of values (as torchvision's presets). The command line is generated from the fields
-(`dptrain pretrain --help` shows each with its help and its value in every recipe), so an option
-is declared once, here. No torch: `--help` stays fast.
+(`dptrain pretrain --help` shows each with its help and its value in every recipe; see
+options.py), so an option is declared once, here. No torch: `--help` stays fast.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import DataError
+from .options import option
 
 SUBSET, TRAIN = "subset", "train"  # which options `sweep` sets per point, and which it passes on
 
 
-def _opt(default, help: str, *, group: str = TRAIN, choices: tuple = (), path: str = "",
-         low: float | None = None, high: float | None = None, low_open: bool = False,
-         high_open: bool = False):
-    """A field and what its command-line option needs: help, allowed values, and for a path
-    whether it names a "dir" or a "file" that must exist."""
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
-                                            "path": path,
-                                            "range": (low, high, low_open, high_open)})
+# A field and its option (help, allowed values); most are training options a sweep passes on.
+_opt = functools.partial(option, group=TRAIN)
 
 
 @dataclass(frozen=True)
@@ -140,9 +136,13 @@ def make_config(recipe: str = "fast", **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **given})
 
 
-def load_config(path: str | Path, **overrides) -> TrainConfig:
+def load_config(path: str | Path | None, recipe: str | None = None, **overrides) -> TrainConfig:
     """A resolved config (`pretrain --print-config`, a sweep's pretrain.json) used as it is,
-    with `overrides` (None: keep the file's) replacing its values: no recipe applies."""
+    with `overrides` (None: keep the file's) replacing its values: no recipe applies. Without
+    a file: the recipe's values (make_config)."""
+    if path is None:
+        return make_config(recipe or "fast", **overrides)
+    overrides["recipe"] = recipe
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:

@@ -214,6 +214,16 @@ def repair_hint(root: str | os.PathLike) -> str:
     return f"rebuild it: dptrain shard {source} {root} --overwrite"
 
 
+def render_verify(root: str | os.PathLike, problems: list[str]) -> str:
+    """`dptrain verify`'s verdict: OK and the set's size, or a DAMAGED line per bad or missing
+    file and how to rebuild the set."""
+    if not problems:
+        meta = ShardIndex.load(root).meta
+        return f"{root}: OK ({len(meta['tars']):,} tars, {meta['num_samples']:,} samples)"
+    return "\n".join([f"DAMAGED {Path(root) / p}" for p in problems]
+                     + [f"{root}: {len(problems)} problem(s); {repair_hint(root)}"])
+
+
 def sizes_differ(index: ShardIndex) -> list[str]:
     """Tars and their .idx files that are missing or not the size the index recorded: the
     cheap check a rerun of `dptrain shard` makes before calling a set up to date."""

@@ -48,8 +48,8 @@ def default_hw_decoder_load(device: torch.device) -> float:
     """Share of JPEGs the mixed decoder sends to the GPU's hardware JPEG decoder (the rest go
     to nvJPEG on the SMs, Huffman-decoded on the CPU). H100 and H200 have 7 hardware JPEG
     engines: on an H200 training ResNet-18, 1.0 ran 7% faster than DALI's default 0.65 (29%
-    on the legacy default stream; benchmarks/README.md). Other GPUs keep DALI's 0.65 (an A100
-    has one engine; unmeasured)."""
+    on the legacy default stream); on an H100 the two were within the noise
+    (benchmarks/README.md). Other GPUs keep DALI's 0.65 (an A100 has one engine; unmeasured)."""
     return 1.0 if torch.cuda.get_device_capability(device)[0] == 9 else 0.65
 
 

@@ -36,6 +36,7 @@ from .errors import DataError
 from .images import BadImage, store_image
 from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMPLES_FILE,
                     ShardIndex, idx_name, sha256_file, sizes_differ, tar_name)
+from .options import option
 from .progress import bar as progress_bar
 from .runfolder import PARTIAL, atomic_path, must_replace, write_atomic, write_json
 from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
@@ -43,12 +44,17 @@ from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
 
 @dataclass(frozen=True)
 class ShardOptions:
-    seed: int = 0  # seeds each class's stored order
-    shard_size: int = 256 * 2**20  # bytes; a class passing it continues in a new tar
-    max_side: int | None = None  # px; inputs with a longer side are re-encoded down to it
-    quality: int = 90  # JPEG quality of re-encoded images
-    check: str = "header"  # "header": walk JPEG markers; "decode": also decode every JPEG
-    max_pixels: int = 100_000_000  # larger inputs are skipped as decompression bombs
+    """How a shard set is written; the index records them (rerun with others: --overwrite)."""
+
+    seed: int = option(0, "Seeds the stored order in each class.")
+    shard_size: int = option(256 * 2**20, "MB per tar; a larger class is split over several "
+                             "tars.", low=0.01, scale=2**20)
+    max_side: int | None = option(None, "Re-encode images whose longer side exceeds this (px); "
+                                  "default: copy all.", low=16)
+    quality: int = option(90, "JPEG quality of re-encoded images.", low=1, high=100)
+    check: str = option("header", "header: validate JPEG structure (fast); decode: also decode "
+                        "every JPEG.", choices=("header", "decode"))
+    max_pixels: int = option(100_000_000, "Skip larger images as decompression bombs.", low=1)
 
 
 def _init_worker(parent: int) -> None:

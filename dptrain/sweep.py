@@ -22,15 +22,83 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import DataError
 from .index import ShardIndex
+from .options import as_argv, option
 from .progress import bar as progress_bar, plural
 from .results import write_results
 from .runfolder import write_json
 from .subset import select, steps_per_epoch
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """`dptrain sweep`'s own options (the training options are TrainConfig's)."""
+
+    data: str = option(MISSING, "Shard set to pre-train on.", path="dir")
+    suite: str = option(MISSING, "Downstream sets to probe every run on (TOML/JSON, as probe "
+                        "--suite).", path="file")
+    out: str = option(MISSING, "Sweep folder: runs/, results.csv, sweep.json, failures.json.",
+                      path="out")
+    sizes: tuple = option((), "Budgets N, e.g. 64000,256000.", kind="ints")
+    classes: tuple = option((), "K values per size (n = N / K, rounded).", kind="ints")
+    ratios: tuple = option((), "K / n values per size.", kind="floats")
+    points: tuple = option((), "Explicit K:n points, e.g. 100:64,400:16.", kind="pairs")
+    seeds: int = option(3, "Seeds 0..S-1 per point.", low=1)
+    repeats: int = option(5, "Probe repeats.", low=1)
+    launcher: str = option("local", "local: one run per visible GPU (one at a time on a CPU); "
+                           "slurm: one job per point through submitit (submitit-local: the same "
+                           "path, run here).", choices=("local", "slurm", "submitit-local"))
+    slurm_partition: str | None = option(None, "Slurm partition.")
+    slurm_time: int = option(240, "Slurm time limit per point, minutes.", low=1)
+    slurm_cpus: int = option(16, "CPUs per job.", low=1)
+    dry_run: bool = option(False, "Run nothing: print every feasible point, the images its "
+                           "pre-training processes and its estimated wall time, and the "
+                           "sweep's total.")
+    img_per_s: float | None = option(None, "With --dry-run: training throughput per GPU (or per "
+                                     "CPU run) [the newest benchmarks/results/train_step-*.json "
+                                     "of the same --arch and --res].", low=0, low_open=True)
+    plan_gpus: int | None = option(None, "With --dry-run: GPUs to plan for [the visible ones].",
+                                   low=1)
+
+
+def run_sweep(o: SweepOptions, train_options: dict, *, gpus: int, progress: bool,
+              log=print) -> tuple[str, list[dict]]:
+    """`dptrain sweep`: the grid's feasible points run (with `dry_run`, planned) as one sweep;
+    (the closing line, the failed runs). `train_options`: TrainConfig values given (None: the
+    recipe's)."""
+    import torch
+
+    from .config import TrainConfig, check_config, make_config
+    from .probe import read_suite
+
+    pairs = grid(sizes=o.sizes, classes=o.classes, ratios=o.ratios, points=o.points)
+    given = as_argv(TrainConfig, train_options)
+    cfg = make_config(**{**train_options, "recipe": train_options.get("recipe") or "fast",
+                         "data": str(Path(o.data).resolve())})
+    check_config(cfg, 1, torch.cuda.is_available())
+    datasets = [d[0] for d in read_suite(Path(o.suite))]
+    index = ShardIndex.load(o.data)
+    todo, skipped = feasible(index, pairs, list(range(o.seeds)), cfg.allow_fewer)
+    for reason in skipped:
+        log(f"skipped (infeasible) {reason}")
+    if not todo:
+        raise DataError("no feasible point in the grid")
+    if o.dry_run:
+        return dry_run_text(todo, index, cfg, gpus, o.img_per_s, o.plan_gpus), []
+    out = Path(o.out)
+    spec, slots = prepare(cfg, suite=o.suite, out=out, repeats=o.repeats, gpus=gpus,
+                          launcher=o.launcher, given=given, skipped=skipped)
+    slurm = {"timeout_min": o.slurm_time, "cpus_per_task": o.slurm_cpus, "gpus_per_node": gpus}
+    if o.slurm_partition:
+        slurm["slurm_partition"] = o.slurm_partition
+    r = sweep(spec, todo, datasets, launcher=o.launcher, slots=slots, slurm=slurm, log=log,
+              progress=progress)
+    return (f"{out}: {plural(r['points'], 'point')}, {r['ran']} run now, {len(r['failed'])} "
+            f"failed; results in {out / 'results.csv'}"), r["failed"]
+
 
 @dataclass(frozen=True)
 class SweepSpec:

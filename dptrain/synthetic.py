@@ -212,7 +212,11 @@ def _star(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rotation: float, r
 
 def ensure_pool(classes: int | None, per_class: int | None, progress: bool = True) -> str:
     """`dptrain pretrain` without --data: the built-in pool (DEFAULT_POOL), built or extended
-    to hold a classes x per_class subset. Returns what it did, for the user."""
+    to hold a classes x per_class subset. Returns what it did, for the user. Refused under
+    torchrun, whose ranks would all build it at once."""
+    if "RANK" in os.environ:
+        raise DataError("under torchrun, give --data (build the synthetic pool first: "
+                        "python tools/make_shards.py)")
     r = write_pool(DEFAULT_POOL, classes or POOL_CLASSES, per_class or POOL_PER_CLASS,
                    progress=progress)
     if r["up_to_date"]:

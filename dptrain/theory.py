@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
 from .index import ShardIndex
+from .options import option
 from .results import best_per_size, errors_by_point, read_results
 
 PARAMS = ("c0", "a", "alpha", "b", "beta")
@@ -310,6 +311,24 @@ def data_limits(sweep_dir, max_classes: int | None = None,
         max_classes = max_classes or len(counts)
         max_per_class = max_per_class or int(counts.min())
     return {"max_classes": max_classes, "max_per_class": max_per_class}
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """`dptrain predict`'s options."""
+
+    size: int = option(MISSING, "The budget N to predict the best split for.", low=1)
+    fit_sizes: tuple = option((), "Fit only the points of these budgets [all], e.g. the small "
+                              "ones, to check the prediction against the sweep's own runs at "
+                              "--size.", kind="ints")
+    max_classes: int | None = option(None, "Classes available [the sweep's shard set].", low=1)
+    max_per_class: int | None = option(None, "Images per class available [the smallest class "
+                                       "of the shard set].", low=1)
+    samples: int = option(200, "Bootstrap fits over seeds for the uncertainty (0: none).",
+                          low=0, flag="--bootstrap")
+    near: float | None = option(None, "Fit only the points whose K/n is within this factor of "
+                                "their budget's best measured K/n [all points].", low=1,
+                                flag="--fit-near")
 
 
 def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),

@@ -358,6 +358,12 @@ def validate(cfg: TrainConfig, model, subset, autocast, device: torch.device,
         loader.close()
 
 
+def default_run_folder(cfg: TrainConfig) -> Path:
+    """runs/<data>-K<K>-n<n>-s<seed>: a run's folder when --out is not given."""
+    return Path("runs") / (f"{Path(cfg.data).name}-K{cfg.classes or 'all'}-"
+                           f"n{cfg.per_class or 'all'}-s{cfg.seed}")
+
+
 def summary_line(out: Path, s: dict) -> str:
     """`dptrain pretrain`'s last words, from the summary."""
     head = f"{out} is finished already ({plural(s['steps'], 'step')}); its summary:\n" \

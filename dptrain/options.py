@@ -1,0 +1,117 @@
+"""Command-line options declared once, as dataclass fields: `option()` gives a field its help,
+allowed values and flag, and `click_options` turns a dataclass into click options. Each command's
+options live beside the code that uses them (TrainConfig in config, ShardOptions in shards,
+ProbeOptions in probe, SweepOptions in sweep, PredictOptions in theory); cli.py only stacks them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import MISSING, field, fields
+
+import click
+
+# Comma-separated values, checked where click parses them (a bad one is a usage error).
+LISTS = {"ints": int, "floats": float, "pairs": None}
+
+
+def option(default, help: str, *, group: str = "", choices: tuple = (), path: str = "",
+           low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, flag: str = "", kind: str = "", scale: int = 1):
+    """A field and what its option needs: help, allowed values (choices, a range), a `path`
+    that must exist ("dir" or "file") or a folder to write ("out"), its own `flag` where the field's name would not do, a
+    comma-separated `kind` of LISTS, and a `scale` from what is typed to what is stored (MB ->
+    bytes). A field without a default is a required option."""
+    return field(default=default, metadata={
+        "help": help, "group": group, "choices": choices, "path": path, "flag": flag,
+        "range": (low, high, low_open, high_open), "kind": kind, "scale": scale})
+
+
+def flags(f) -> tuple[str, str]:
+    """A field's option and, for a yes/no field, its opposite: --x/--no-x, and a "no_" field's
+    opposite drops the "no-" (--no-bn-wd/--bn-wd)."""
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return flag, "--" + flag[5:] if f.name.startswith("no_") else "--no-" + flag[2:]
+
+
+def as_argv(cls, values: dict) -> list[str]:
+    """The command-line form of the values given (None: not given), in field order."""
+    argv = []
+    for f in fields(cls):
+        value = values.get(f.name)
+        if value is None:
+            continue
+        flag, off = flags(f)
+        argv += [flag if value else off] if isinstance(value, bool) else [flag, str(value)]
+    return argv
+
+
+def click_options(cls, group: str | None = None, shown=None):
+    """A decorator adding one click option per field of the dataclass `cls` (of `group`, or
+    all). `shown(name)`: the default to show, for options whose default is None and means
+    "the recipe's value" (TrainConfig's); without it each field's own default is the option's."""
+    options = []
+    for f in fields(cls):
+        m = f.metadata
+        if group and m["group"] != group:
+            continue
+        flag, off = flags(f)
+        required = f.default is MISSING
+        default = None if shown or required else f.default
+        text = m["help"]
+        if shown and shown(f.name) and not text.endswith("]"):
+            text += f" [{shown(f.name)}]"
+        if "bool" in f.type:  # a switch, or a flag that is off unless given
+            options.append(click.option(f"{flag}/{off}", f.name, default=default, help=text,
+                                        show_default=not shown) if shown or default else
+                           click.option(flag, f.name, is_flag=True, help=text))
+            continue
+        kw = dict(type=_type(f), required=required, help=text,
+                  default=default / m["scale"] if m["scale"] > 1 else default,
+                  show_default=not shown and default is not None)
+        if m["kind"]:
+            kw.update(type=str, callback=_parse_list(m["kind"]), default=None, show_default=False)
+        elif m["scale"] > 1:
+            kw["callback"] = lambda ctx, param, value, s=m["scale"]: int(value * s)
+        options.append(click.option(flag, f.name, **kw))
+    return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
+
+
+def _type(f):
+    m = f.metadata
+    low, high, low_open, high_open = m["range"]
+    if m["choices"]:
+        return click.Choice(m["choices"])
+    if m["path"]:
+        return click.Path(exists=m["path"] != "out", file_okay=m["path"] == "file",
+                          dir_okay=m["path"] != "file")
+    if "int" in f.type and m["scale"] == 1:
+        return click.IntRange(low, high) if low is not None or high is not None else int
+    if "float" in f.type or m["scale"] > 1:
+        return click.FloatRange(low, high, min_open=low_open, max_open=high_open)
+    return str
+
+
+def _parse_list(kind: str):
+    def parse(ctx, param, value):
+        if value is None:
+            return []
+        items = [v for v in value.split(",") if v.strip()]
+        if kind == "pairs":
+            try:
+                out = [tuple(int(x) for x in v.split(":")) for v in items]
+            except ValueError:
+                out = [()]
+            if any(len(p) != 2 or min(p) < 1 for p in out):
+                raise click.BadParameter(f"{value!r}: expected K:n pairs of positive integers, "
+                                         "e.g. 100:64,400:16")
+            return out
+        try:
+            out = [LISTS[kind](v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of "
+                                     f"{LISTS[kind].__name__}s") from None
+        if any(v <= 0 for v in out):
+            raise click.BadParameter("values must be positive")
+        return out
+    return parse
