@@ -223,8 +223,8 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
     precision). Labels follow `class_names` when given (a test split's classes in its train
     split's order). `config` is the checkpoint's training config (its resolution is the
     default). `amp` ("off", "bf16", "fp16"): by default the GPU's autocast type, as training
-    uses there (fp32 ResNet-18 ran ~4,800 img/s on an H100, whatever decoded), and fp32 on a
-    CPU. `on_batch(images)` after each batch, for a progress bar.
+    uses there, and fp32 on a CPU (on an H100, bf16 extracted only ~5% faster than fp32:
+    benchmarks/README.md). `on_batch(images)` after each batch, for a progress bar.
     """
     index = ShardIndex.load(shards)
     subset = select(index, class_names=class_names)

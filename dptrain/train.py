@@ -234,6 +234,19 @@ class Meter:
         return line
 
 
+def train_step(net, optimizer, autocast, scaler, images: torch.Tensor, labels: torch.Tensor,
+               cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch; (loss, logits), left on the device."""
+    with autocast:
+        logits = net(to_model_input(images, cfg.channels_last))
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, logits
+
+
 def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
           make_loader=train_loader) -> dict:
     """Train (or resume, or return the summary of a finished run in `out`). `make_loader`
@@ -289,13 +302,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             lr = lr_at(step, plan.total_steps, plan.warmup_steps, cfg.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                logits = net(to_model_input(images, cfg.channels_last))
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss, logits = train_step(net, optimizer, autocast, scaler, images, labels, cfg)
             meter.step(loss, logits, labels)
             step += 1
             if step % cfg.log_every == 0 or step == plan.total_steps:

@@ -267,10 +267,7 @@ def test_gpu_training_steps_never_make_the_host_wait(shards):
     """Between log lines the loop only queues work on the GPU: no copy or read that waits for
     the device, so the host runs ahead and a late batch or a slow launch costs no GPU time.
     (Moving the normalisation constants to the GPU every step once made it wait twice.)"""
-    import torch.nn.functional as F
-
-    from dptrain.device import to_model_input
-    from dptrain.train import Meter, build
+    from dptrain.train import Meter, build, train_step
 
     cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cuda")
     device = torch.device("cuda")
@@ -282,13 +279,7 @@ def test_gpu_training_steps_never_make_the_host_wait(shards):
         for i, (images, labels) in enumerate(meter.batches(loader)):
             # the first step (cuDNN's set-up, the allocator's first blocks) may wait
             torch.cuda.set_sync_debug_mode("error" if i else "default")
-            with autocast:
-                logits = model(to_model_input(images, cfg.channels_last))
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss, logits = train_step(model, optimizer, autocast, scaler, images, labels, cfg)
             meter.step(loss, logits, labels)
         torch.cuda.set_sync_debug_mode("default")
     loader.close()
