@@ -70,9 +70,9 @@ def save(name: str, figures: dict) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table of dicts with the same keys."""
-    keys = list(rows[0])
+    """A Markdown table of dicts: a column per key of any of them ("-" where a row lacks it)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     cell = lambda v: f"{v:,.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(k, "-")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

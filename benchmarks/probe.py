@@ -67,12 +67,23 @@ def sklearn_probe(xs, ys, xt, yt) -> list[float]:
 
 
 def extraction_rates() -> dict:
-    """Feature extraction img/s through `features` (cold: the first call; warm: again with an
-    empty cache, so every image is loaded and run again). A GPU gets 20,000 JPEGs, both
-    decoders, and fp32 beside its autocast type; a CPU 1,000 JPEGs, cold only (~40 img/s)."""
+    """Feature extraction img/s through `features`, each call with an empty feature cache:
+    "fill": the first call, which decodes every JPEG and fills the eval pixel cache; "cached":
+    again, reading the cache; "streamed": decoding every JPEG, no pixel cache. Against
+    "model": the backbone's own forward rate on the same uint8 batches, already on the device
+    (the ceiling). A GPU gets 20,000 JPEGs, also CPU decoding and fp32 beside its autocast
+    type; a CPU 1,000 JPEGs (~40 img/s)."""
     from torchvision.models import resnet18
 
+    from dptrain.device import amp_context, resolve_amp, to_model_input
+    from dptrain.evalcache import EvalCache
+    from dptrain.index import ShardIndex
+    from dptrain.loader import Loader
+    from dptrain.probe import load_backbone
+    from dptrain.subset import select
+
     gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
     out = shards(imagenet_like(100, 200) if gpu else imagenet_like(10, 100))
     rates = {}
     with tempfile.TemporaryDirectory(dir=DATA) as tmp:
@@ -80,15 +91,39 @@ def extraction_rates() -> dict:
         torch.save({"model": resnet18(num_classes=10).state_dict(), "num_classes": 10,
                     "config": {"arch": "resnet18", "res": 224}}, ckpt)
         config = {"arch": "resnet18", "res": 224}
-        runs = [("cold", "auto", None), ("warm", "auto", None), ("warm, decode=cpu", "cpu", None),
-                ("warm, fp32", "auto", "off")] if gpu else [("cold", "auto", None)]
-        for i, (name, decode, amp) in enumerate(runs):
+        pixels = Path(tmp) / "pixels"
+        runs = [("fill", "auto", None, pixels), ("cached", "auto", None, pixels),
+                ("streamed", "auto", None, None)]
+        if gpu:
+            runs += [("streamed, decode=cpu", "cpu", None, None), ("cached, fp32", "auto", "off",
+                                                                   pixels)]
+        for i, (name, decode, amp, where) in enumerate(runs):
             t = time.perf_counter()
             x, _, hit = features(ckpt, config, str(out), cache=Path(tmp) / f"cache{i}",
-                                 device="cuda" if gpu else "cpu", decode=decode, amp=amp)
+                                 pixels=where, device=device, decode=decode, amp=amp)
             assert not hit
             rates[name] = len(x) / (time.perf_counter() - t)
+            print(f"{name}: {rates[name]:,.0f} img/s", flush=True)
+        # The ceiling: the same forward passes on batches already on the device.
+        index = ShardIndex.load(out)
+        loader = Loader(select(index), batch_size=256, train=False, res=224, device=device,
+                        eval_cache=EvalCache(pixels, index, 224, 256 / 224))
+        batches = [b.clone() for b, _ in loader]
+        loader.close()
+        model = load_backbone(ckpt, torch.device(device))
+        precision = amp_context(device, resolve_amp("auto", True) if gpu else "off")
+        for timed in (False, True):  # a warm-up pass, then the timed one
+            if gpu:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.inference_mode(), precision:
+                for b in batches:
+                    model(to_model_input(b, True))
+            if gpu:
+                torch.cuda.synchronize()
+        rates["model"] = sum(len(b) for b in batches) / (time.perf_counter() - t)
         rates["images"] = len(x)
+    rates["cached / model"] = rates["cached"] / rates["model"]
     return rates
 
 
@@ -97,9 +132,10 @@ def main() -> None:
     rates = extraction_rates()  # first: on a GPU it is the number most wanted
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"feature extraction ({rates['images']:,} JPEGs, ResNet-18 at 224 px, {where}): "
-          + ", ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items() if k != "images")
-          + (" (target >= 10,000 warm on a GPU)" if torch.cuda.is_available() else ""),
-          flush=True)
+          + ", ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items() if k != "images"
+                      and "/" not in k)
+          + f"; cached / model = {rates['cached / model']:.2f} (target >= 0.9; on a GPU also "
+            "cached >= 15,000 and fill >= 10,000 img/s)", flush=True)
     if "--extraction-only" in sys.argv[1:]:
         print(f"wrote {save('probe_extraction', {'extraction_img_per_s': rates})}")
         return
@@ -134,7 +170,9 @@ def main() -> None:
                           "dptrain_l2": [r["l2"] for r in ours["repeats"]],
                           "speedup": speedup, "top1_gap_points": gap,
                           "dptrain_gpu_s": gpu_s, "extraction_img_per_s": rates,
-                          "targets": {"speedup": 5, "gap": 0.5, "warm_extraction_gpu": 10_000}})
+                          "targets": {"speedup": 5, "gap": 0.5, "cached_vs_model": 0.9,
+                                      "cached_extraction_gpu": 15_000,
+                                      "fill_extraction_gpu": 10_000}})
     print(f"wrote {path}")
 
 

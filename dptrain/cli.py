@@ -155,8 +155,12 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
 @click.option("--val-fraction", default=0.2, type=click.FloatRange(0, 1, min_open=True,
                                                                     max_open=True),
               help="Part of train held out to choose the L2 strength.")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="Feature cache [RUN/features].")
+@click.option("--feature-cache", "--cache", "cache",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the features cache [RUN/features].")
+@click.option("--cache-dir", help="Folder of eval pixel caches: each downstream set's images, "
+              "decoded and resized once, for every probe [$XDG_CACHE_HOME/dptrain or "
+              "~/.cache/dptrain; off: decode every time].")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where features are computed [auto: the GPU when there is one].")
 @click.option("--workers", type=click.IntRange(min=1),
@@ -166,8 +170,8 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
               help="Also probe the same architecture as initialised (the reference any "
                    "pre-training must beat) and print both.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
-def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache, device,
-          workers, seed, random_init, progress):
+def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache,
+          cache_dir, device, workers, seed, random_init, progress):
     """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
 
     Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
@@ -175,10 +179,12 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
     1e-6..1e5), refit on train+val, scored on test. Writes probe.json and adds the results
     to the run's summary.json.
     """
+    from .evalcache import cache_dir_option
     from .probe import downstream_sets, probe_run, render
 
     datasets = downstream_sets(train_data, test_data, names, suite)
-    out = probe_run(run, datasets, res=res, cache=cache, repeats=repeats,
+    out = probe_run(run, datasets, res=res, cache=cache, pixels=cache_dir_option(cache_dir),
+                    repeats=repeats,
                     val_fraction=val_fraction, seed=seed, device=device, threads=workers,
                     random_init=random_init, progress=progress)
     click.echo(render(out))

@@ -15,6 +15,8 @@ from .errors import DataError
 from .options import option
 
 SUBSET, TRAIN = "subset", "train"  # which options `sweep` sets per point, and which it passes on
+# Options that change how fast a run goes, not what it computes: a resume may change them.
+SPEED_ONLY = ("workers", "prefetch", "log_every", "cache", "cache_dir")
 
 
 # A field and its option (help, allowed values); most are training options a sweep passes on.
@@ -83,6 +85,16 @@ class TrainConfig:
                          low=1)
     log_every: int = _opt(50, "Steps between metrics lines (each one syncs host and device).",
                           low=1)
+    cache: str = _opt("auto", "Pixel cache: decode the subset once and crop every epoch from the "
+                      "decoded images, kept on the gpu, in host memory (pinned on a GPU run), or "
+                      "off (decode every epoch) [auto: the GPU if it fits beside training, else "
+                      "host memory, else off]. Unless off, --val-data is read through the eval "
+                      "pixel cache in --cache-dir.", choices=("auto", "gpu", "host", "off"))
+    cache_side: int | None = _opt(None, "Longer side, px, at most, of the images the pixel cache "
+                                  "stores (never enlarged) [2 x --res].", low=16)
+    cache_dir: str | None = _opt(None, "Folder of eval pixel caches (--val-data here; probes and "
+                                 "sweeps use it too) [$XDG_CACHE_HOME/dptrain or "
+                                 "~/.cache/dptrain; off: none].")
 
 
 # Recipes are tables of values; any of them can be overridden on the command line.
@@ -171,6 +183,8 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise DataError(f"--min-res {cfg.min_res} is above --res {cfg.res}")
     if cfg.amp == "fp16" and not cuda:
         raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
+    if cfg.cache == "gpu" and not cuda:
+        raise DataError("--cache gpu needs a GPU; on the CPU use auto, host or off")
     if cfg.decode == "gpu" and not cuda:
         raise DataError("--decode must be auto or cpu, or gpu on a GPU run, not 'gpu'")
     if cfg.prefetch < 1:

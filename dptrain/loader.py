@@ -7,22 +7,24 @@ reads through `fn.external_source` (a sequential tar reader's shuffle buffer giv
 near-single-class batches on class-sorted shards). Batches stay uint8, NHWC (channels-last);
 conversion to float and normalisation belong to the training step, on its device.
 
-A feeder thread owns the pipeline: it hands DALI each batch's JPEGs (views of the mapped
-tars), waits for its outputs and finishes each batch, then queues it. The training thread's share of a batch is one queue
-hand-off and, on a GPU, one stream wait (an event recorded by the feeder): it never blocks on
-the decoder's GPU work, which the DALI iterators did (a host sync per batch). The feeder also
-plans across epoch ends: epoch e+1's first batches are read and decoded while epoch e's last
-ones train, so an epoch end does not drain the pipeline.
+A feeder thread makes the batches: it runs a producer (decoding with DALI here, or reading a
+pixel cache: pixelcache, evalcache) on a CUDA stream of its own and queues each finished
+batch. The training thread's share of a batch is one queue hand-off and, on a GPU, one stream
+wait (an event recorded by the feeder): it never blocks on the decoder's GPU work, which the
+DALI iterators did (a host sync per batch). The feeder also plans across epoch ends: epoch
+e+1's first batches are made while epoch e's last ones train, so an epoch end does not drain
+the pipeline.
 
 Resizes that must match PIL (the eval transform on either device; every resize on the CPU)
-are torch's antialiased bilinear kernel, PIL's filter, applied by the feeder. On the
-CPU, DALI's own resize (antialiased, linear) measured 1.37 ms per 224 px image on one core,
-more than decoding the crop (1.26 ms), against torch's 0.26 ms.
+are torch's antialiased bilinear kernel, PIL's filter (transforms.resize), applied by the
+feeder. On the CPU, DALI's own resize (antialiased, linear) measured 1.37 ms per 224 px image
+on one core, more than decoding the crop (1.26 ms), against torch's 0.26 ms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import queue
@@ -31,15 +33,17 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import DataError
 from .subset import Subset, epoch_order, steps_per_epoch
+from .transforms import batch_augmentation, resize
 
 EVAL_RESIZE = 256 / 224  # default eval: shorter side to res * 256/224, then center-crop res
 
@@ -70,37 +74,6 @@ def _allow_open_files(n: int) -> None:
             raise DataError(f"the subset spans {n} tars but only {hard} files may be open: "
                             "re-shard with a larger --shard-size")
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def crop_windows(heights: np.ndarray, widths: np.ndarray, rng: np.random.Generator,
-                 scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 attempts: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random-resized-crop windows and coin flips for a batch of images of these sizes, as
-    torchvision's RandomResizedCrop draws them: up to `attempts` tries at an area in `scale`
-    of the image and an aspect ratio in `ratio` (log-uniform), else the central crop with the
-    ratio clamped. Returns (top-left (y, x), size (h, w), flips) as int32 arrays.
-
-    Drawn here from a generator seeded per batch, not inside DALI, so a batch's augmentation
-    depends only on (seed, rank, epoch, step): a resumed run sees the crops it would have."""
-    h, w = heights.astype(np.float64), widths.astype(np.float64)
-    n = len(h)
-    target = (h * w)[:, None] * rng.uniform(scale[0], scale[1], (n, attempts))
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts)))
-    cw, ch = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
-    fits = (cw >= 1) & (ch >= 1) & (cw <= w[:, None]) & (ch <= h[:, None])
-    first = fits.argmax(1)
-    found = fits[np.arange(n), first]
-    image_ratio = w / h
-    fw = np.where(image_ratio > ratio[1], np.round(h * ratio[1]), w)  # too wide: full height
-    fh = np.where(image_ratio < ratio[0], np.round(w / ratio[0]), h)  # too tall: full width
-    cw = np.where(found, cw[np.arange(n), first], fw)
-    ch = np.where(found, ch[np.arange(n), first], fh)
-    y = np.where(found, rng.integers(0, (h - ch + 1).astype(np.int64)), (h - ch) // 2)
-    x = np.where(found, rng.integers(0, (w - cw + 1).astype(np.int64)), (w - cw) // 2)
-    flips = rng.random(n) < 0.5
-    return (np.stack([y, x], 1).astype(np.int32), np.stack([ch, cw], 1).astype(np.int32),
-            flips.astype(np.int32))
 
 
 class _Reader:
@@ -166,8 +139,8 @@ class _Reader:
         if not (heights.all() and widths.all()):
             raise DataError(f"{self._name(positions[np.argmin(heights * widths)])} has no image "
                             "size in the index: re-shard it with this version of dptrain")
-        rng = np.random.default_rng((self.augment_seed, epoch, step))
-        return (jpegs, labels, *crop_windows(heights, widths, rng))
+        return (jpegs, labels,
+                *batch_augmentation(self.augment_seed, epoch, step, heights, widths))
 
     def explain(self, error: Exception) -> Exception:
         """The decoder failed on a batch in flight: name the sample that is not a JPEG (a wrong
@@ -234,65 +207,46 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, decode: str,
     return pipe()
 
 
-def _resize(images: list[torch.Tensor], res: int, flips: np.ndarray | None = None,
-            shorter: int | None = None) -> torch.Tensor:
-    """HWC uint8 images (CPU or GPU) -> one (B, res, res, 3) uint8 batch on their device.
+Produce = Callable[[Any, Callable[[str], None]], Iterator[tuple]]
+"""A feeder's source of batches: called in the feeder's thread with its CUDA stream (None on
+the CPU) and a `tick(stage)` that books the time since the last tick to a stage, it yields
+(images, labels, JPEG bytes read) per batch, made on that stream. Closing it (in the same
+thread) releases what it holds."""
 
-    Train (`flips` given): each crop resized to res x res and mirrored where flagged. Eval
-    (`shorter` given): the shorter side resized to `shorter`, then the centre res x res, the
-    origin rounded half up (as DALI does). torch's antialiased bilinear is PIL's filter; its
-    uint8 kernel exists only on the CPU, so a GPU image is resized in float and rounded.
-    Images of one size are resized together, one kernel per size: eval images often share a
-    few sizes, while train crops all differ.
-    """
-    device = images[0].device
-    out = torch.empty((len(images), res, res, 3), dtype=torch.uint8, device=device)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(im.shape), []).append(i)
-    for (h, w, _), members in groups.items():
-        if shorter is None:
-            size = (res, res)
-        elif h <= w:
-            size = (shorter, round(w * shorter / h))
-        else:
-            size = (round(h * shorter / w), shorter)
-        x = images[members[0]].unsqueeze(0) if len(members) == 1 else \
-            torch.stack([images[i] for i in members])
-        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: the channels-last kernel
-        if device.type == "cuda":
-            x = x.float()
-        y = F.interpolate(x, size=size, mode="bilinear", antialias=True).permute(0, 2, 3, 1)
-        if shorter is not None:
-            top, left = int((size[0] - res) / 2 + 0.5), int((size[1] - res) / 2 + 0.5)
-            y = y[:, top : top + res, left : left + res]
-        if y.is_floating_point():
-            y = y.round_().clamp_(0, 255)
-        for j, i in enumerate(members):
-            out[i] = y[j].flip(1) if flips is not None and flips[i] else y[j]
-    return out
+
+def single_threaded_pool(threads: int) -> ThreadPoolExecutor:
+    """Threads for torch's CPU kernels, each running them on its own thread (torch's thread
+    count is per thread: OpenMP teams within each would oversubscribe the cores DALI uses)."""
+    return ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+
+
+@contextlib.contextmanager
+def on_stream(stream):
+    """Work queued inside runs on `stream` (the feeder's), or as usual on the CPU."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        yield
 
 
 class _Feeder:
-    """A thread that runs the pipeline over a stream of planned batches and queues them
-    finished: (images, labels, ready event or None, JPEG bytes), or the error that stopped it."""
+    """A thread that runs one producer and queues what it finishes, each item with an event
+    recorded on the thread's stream once its GPU work is queued (None on the CPU), or the error
+    that stopped it."""
 
-    def __init__(self, reader: _Reader, plans: Iterator[np.ndarray], pipeline: dict,
-                 device: torch.device, shorter: int | None):
-        self.queue: queue.Queue = queue.Queue(maxsize=pipeline["prefetch"])
+    def __init__(self, produce: Produce, prefetch: int, device: torch.device):
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         # Seconds in each stage, summed over the batches queued: where a slow loader's time goes.
-        self.seconds = dict.fromkeys(("read + feed", "wait for DALI", "finish", "queue full"), 0.0)
+        self.seconds: dict[str, float] = {}
         self.queued = 0
-        reader.plans, reader.pending = plans, deque()
+        self._clock = time.perf_counter()
         self.thread = threading.Thread(target=self._run, name="dptrain-loader", daemon=True,
-                                       args=(reader, pipeline, device, shorter))
+                                       args=(produce, device))
         self.thread.start()
 
-    def _tick(self, stage: str, since: float) -> float:
+    def tick(self, stage: str) -> None:
         now = time.perf_counter()
-        self.seconds[stage] += now - since
-        return now
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._clock
+        self._clock = now
 
     def _put(self, item) -> bool:
         while not self.stop.is_set():
@@ -303,58 +257,109 @@ class _Feeder:
                 pass
         return False
 
-    def _run(self, reader: _Reader, pipeline: dict, device: torch.device,
-             shorter: int | None) -> None:
+    def _run(self, produce: Produce, device: torch.device) -> None:
         # One image is too little work to split over threads, and torch's idle OpenMP workers
         # spin on the cores DALI's threads decode on (645 against 1,020 img/s on 2 cores,
         # measured). The setting is this thread's own.
         torch.set_num_threads(1)
-        gpu, train, res = device.type == "cuda", pipeline["train"], pipeline["res"]
         stream = None
-        if gpu:
+        if device.type == "cuda":
             torch.cuda.set_device(device)
             stream = torch.cuda.Stream(device)
+        items = None
         try:
-            pipe = _pipeline(reader, **pipeline)
-            pipe.build()
-            pipe.schedule_run()  # fills DALI's prefetch queue
-            clock = time.perf_counter()
-            while not self.stop.is_set():
-                # Bound to our stream, the outputs come back once their GPU work is queued;
-                # the training stream then waits for `ready`, the host never does.
-                outs = pipe.share_outputs(cuda_stream=stream)
-                clock = self._tick("wait for DALI", clock)
-                positions = reader.pending.popleft()
-                # On the GPU nothing here waits for the device: every copy and kernel is queued
-                # on our stream, behind DALI's work, and tensors are copied out of DALI's buffers.
-                with torch.cuda.stream(stream) if gpu else contextlib.nullcontext():
-                    labels = torch.from_dlpack(outs[1].as_tensor()).reshape(-1).clone()
-                    if gpu and train:  # resized by DALI
-                        images = torch.from_dlpack(outs[0].as_tensor()).clone()
-                    else:
-                        flips = np.asarray(outs[2].as_tensor()).reshape(-1) if train else None
-                        images = _resize([torch.from_dlpack(t) for t in outs[0]], res,
-                                         flips=flips, shorter=shorter)
-                    ready = None
-                    if gpu:
-                        ready = torch.cuda.Event()
-                        ready.record(stream)
-                del outs
-                pipe.release_outputs()
-                clock = self._tick("finish", clock)
-                if not self._put((images, labels, ready, int(reader.size[positions].sum()))):
+            self._clock = time.perf_counter()
+            items = produce(stream, self.tick)
+            for item in items:
+                ready = None
+                if stream is not None:  # the training stream waits for it; the host never does
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                if not self._put((*item, ready)):
                     break
                 self.queued += 1
-                clock = self._tick("queue full", clock)
-                pipe.schedule_run()  # reads the next planned batch and feeds it to DALI
-                clock = self._tick("read + feed", clock)
+                self.tick("queue full")
+            else:
+                raise DataError("the loader ran out of planned batches")  # plans never end
         except BaseException as e:  # handed to the training thread, which raises it
-            self._put(reader.explain(e) if isinstance(e, RuntimeError) else e)
-        # DALI's threads shut down when `pipe` goes out of scope, here in this thread.
+            self._put(e)
+        finally:
+            if items is not None:
+                items.close()  # the producer's clean-up (DALI's threads, a cache writer) runs here
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def _decoded(reader: _Reader, plans: Iterator[tuple[int, int, np.ndarray]], pipeline: dict,
+             finish: Callable[[Any, np.ndarray], Any], tee: Callable | None = None) -> Produce:
+    """The producer that decodes: DALI runs the pipeline over the planned batches (the reader
+    hands it their JPEGs), `finish(outputs, positions)` makes the batch's images, and
+    `tee(positions, images)`, if given, sees each batch (an eval cache being filled)."""
+    def produce(stream, tick):
+        reader.plans, reader.pending = plans, deque()
+        pipe = _pipeline(reader, **pipeline)
+        try:
+            pipe.build()
+            pipe.schedule_run()  # fills DALI's prefetch queue
+            while True:
+                # Bound to our stream, the outputs come back once their GPU work is queued.
+                outs = pipe.share_outputs(cuda_stream=stream)
+                tick("wait for DALI")
+                positions = reader.pending.popleft()
+                # Nothing here waits for the device: every copy and kernel is queued on our
+                # stream, behind DALI's work, and tensors are copied out of DALI's buffers.
+                with on_stream(stream):
+                    labels = torch.from_dlpack(outs[1].as_tensor()).reshape(-1).clone()
+                    images = finish(outs, positions)
+                    if tee is not None:  # on our stream: after the work that made the images
+                        tee(positions, images)
+                del outs
+                pipe.release_outputs()
+                tick("finish")
+                yield images, labels, int(reader.size[positions].sum())
+                pipe.schedule_run()  # reads the next planned batch and feeds it to DALI
+                tick("read + feed")
+        except RuntimeError as e:
+            raise reader.explain(e) from None
+        finally:
+            del pipe  # DALI's threads shut down here, in the feeder's thread
+            if tee is not None and hasattr(tee, "close"):
+                tee.close()
+
+    return produce
+
+
+def whole_images(reader: _Reader, batches: list[np.ndarray], pipeline: dict, stream,
+                 tick) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+    """Each batch of positions decoded whole by DALI (the eval graph, on the pipeline's
+    device, in the feeder's thread): (positions, images), the images views of DALI's buffers,
+    lent until the next item is asked for. What fills a pixel cache as the first epoch
+    trains. `reader` must draw no augmentation (its augment_seed None)."""
+    if not batches:
+        return
+    # The plans never end (DALI reads ahead): after the last batch, the last batch again.
+    padded = itertools.chain(((0, i, b) for i, b in enumerate(batches)),
+                             itertools.repeat((0, len(batches), batches[-1])))
+    reader.plans, reader.pending = padded, deque()
+    pipe = _pipeline(reader, **{**pipeline, "train": False})
+    try:
+        pipe.build()
+        pipe.schedule_run()
+        for i in range(len(batches)):
+            outs = pipe.share_outputs(cuda_stream=stream)
+            tick("wait for DALI")
+            positions = reader.pending.popleft()
+            yield positions, [torch.from_dlpack(t) for t in outs[0]]
+            del outs
+            pipe.release_outputs()
+            if i + 1 < len(batches):
+                pipe.schedule_run()
+    except RuntimeError as e:
+        raise reader.explain(e) from None
+    finally:
+        del pipe
 
 
 def _plans(first_epoch: int, first_step: int,
@@ -369,11 +374,11 @@ def _plans(first_epoch: int, first_step: int,
         epoch, step = epoch + 1, 0
 
 
-def _shutdown(reader: _Reader, running: list[_Feeder], close_reader: bool) -> None:
+def _shutdown(reader: list, running: list[_Feeder], close_reader: bool) -> None:
     while running:
         running.pop().close()
-    if close_reader:
-        reader.close()
+    if close_reader and reader:
+        reader.pop().close()
 
 
 def epoch_batches(num_samples: int, epoch: int, *, batch_size: int, train: bool, seed: int,
@@ -397,15 +402,21 @@ class Loader:
     batches per epoch, the same on every rank. `decode`: "auto" (the GPU's decoders on a GPU),
     "gpu", or "cpu" (DALI's CPU threads; on a GPU the rest still runs there);
     `hw_decoder_load`: the share of JPEGs the GPU's hardware decoder takes (default:
-    `default_hw_decoder_load`). `threads`: DALI's
-    (default: this process's share of the cores). Call `close()` when done.
+    `default_hw_decoder_load`). `threads`: DALI's (default: this process's share of the
+    cores). Call `close()` when done.
+
+    Decoded pixels instead of JPEGs: `cache` (training; a `pixelcache.PixelCache` holding this
+    rank's part) crops every batch from memory; `eval_cache` (evaluation; an
+    `evalcache.EvalCache`) reads the eval-transformed images from disk when it holds them all,
+    and otherwise decodes and fills it.
     """
 
     def __init__(self, subset: Subset, *, batch_size: int, train: bool, res: int = 224,
                  eval_resize: float = EVAL_RESIZE, device: str = "cpu", seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
                  threads: int | None = None, prefetch: int = 2, decode: str = "auto",
-                 hw_decoder_load: float | None = None):
+                 hw_decoder_load: float | None = None, cache: Any = None,
+                 eval_cache: Any = None):
         if len(subset) == 0:
             raise DataError("the subset is empty")
         if eval_resize < 1:
@@ -423,8 +434,10 @@ class Loader:
             hw_decoder_load = default_hw_decoder_load(self.device) if gpu else 0.0
         if not 0 <= hw_decoder_load <= 1:
             raise ValueError(f"hw_decoder_load must be in 0..1, not {hw_decoder_load}")
+        if (cache is not None and not train) or (eval_cache is not None and train):
+            raise ValueError("cache is for training, eval_cache for evaluation")
         self.subset, self.batch_size, self.train, self.res = subset, batch_size, train, res
-        self.eval_resize = eval_resize
+        self.eval_resize, self.cache, self.eval_cache = eval_resize, cache, eval_cache
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.drop_last = train if drop_last is None else drop_last
         if len(self) == 0:
@@ -441,9 +454,9 @@ class Loader:
                             drop_last=self.drop_last)
         self.epoch, self.start_step = 0, 0
         self.bytes_read = 0  # JPEG bytes of the batches handed out (benchmarks and tests)
-        self._reader = _Reader(subset)
-        if train:  # the epoch order is shared by all ranks; augmentation is not
-            self._reader.augment_seed = seed * 1009 + rank
+        # The epoch order is shared by all ranks; augmentation is not.
+        self.augment_seed = seed * 1009 + rank
+        self._reader: list[_Reader] = []  # the tars' maps, once something is decoded
         self._running: list[_Feeder] = []  # the feeder, once started
         self._next = (0, 0)  # the (epoch, step) it hands out next
         # The feeder's thread holds no reference to the loader: a loader dropped without
@@ -457,14 +470,47 @@ class Loader:
         """The next iteration yields this epoch's batches from `start_step` on (to resume)."""
         self.epoch, self.start_step = epoch, start_step
 
+    def _producer(self, plans: Iterator[tuple[int, int, np.ndarray]]) -> Produce:
+        """Where this iteration's batches come from: a pixel cache, a full eval cache, or the
+        JPEGs (decoded by DALI, and filling the eval cache if there is one)."""
+        if self.cache is not None:  # it fills as the first epoch is read (whole images)
+            decode = partial(whole_images, self._tars(), pipeline=self.pipeline) \
+                if not self.cache.full else None
+            return self.cache.producer(plans, self.plan(self.epoch)[self.start_step:],
+                                       self.augment_seed, self.res, decode)
+        if self.eval_cache is not None and self.eval_cache.holds(self.subset):
+            return self.eval_cache.producer(self.subset, plans, self.device)
+        reader = self._tars()
+        if self.train:
+            reader.augment_seed = self.augment_seed
+        # Values, not the loader: the feeder's thread must hold no reference to it.
+        res, shorter = self.res, round(self.res * self.eval_resize)
+        if self.train and self.pipeline["gpu"]:  # resized and mirrored by DALI
+            finish = lambda outs, _: torch.from_dlpack(outs[0].as_tensor()).clone()  # noqa: E731
+        elif self.train:
+            finish = lambda outs, _: resize(  # noqa: E731
+                [torch.from_dlpack(t) for t in outs[0]], res,
+                flips=np.asarray(outs[2].as_tensor()).reshape(-1))
+        else:
+            finish = lambda outs, _: resize([torch.from_dlpack(t) for t in outs[0]],  # noqa: E731
+                                            res, shorter=shorter)
+        tee = self.eval_cache.writer(self.subset) if self.eval_cache is not None else None
+        return _decoded(reader, plans, self.pipeline, finish, tee)
+
+    def _tars(self) -> _Reader:
+        """The subset's tars, mapped when something is first decoded."""
+        if not self._reader:
+            self._reader.append(_Reader(self.subset))
+        return self._reader[0]
+
     def _feeder(self) -> _Feeder:
         """The running feeder if it is where this iteration starts, else a new one there."""
         if self._running and self._next == (self.epoch, self.start_step):
             return self._running[0]
         _shutdown(self._reader, self._running, False)
-        shorter = None if self.train else round(self.res * self.eval_resize)
-        self._running.append(_Feeder(self._reader, _plans(self.epoch, self.start_step, self.plan),
-                                     self.pipeline, self.device, shorter))
+        plans = _plans(self.epoch, self.start_step, self.plan)
+        self._running.append(_Feeder(self._producer(plans), self.pipeline["prefetch"],
+                                     self.device))
         self._next = (self.epoch, self.start_step)
         return self._running[0]
 
@@ -475,7 +521,7 @@ class Loader:
             if isinstance(item, BaseException):
                 _shutdown(self._reader, self._running, False)
                 raise item
-            images, labels, ready, nbytes = item
+            images, labels, nbytes, ready = item
             if ready is not None:  # a wait on the GPU, not on the host
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(ready)

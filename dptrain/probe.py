@@ -22,7 +22,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .datakey import checked_fingerprint
 from .errors import DataError
+from .evalcache import EvalCache
 from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .models import build_model
@@ -203,27 +205,22 @@ def random_init_checkpoint(checkpoint: Path, cache: Path) -> Path:
     return path
 
 
-def dataset_fingerprint(index: ShardIndex) -> str:
-    """Content of a shard set, from its index: the sample table and every tar's hash."""
-    h = hashlib.sha256(index.meta["samples_sha256"].encode())
-    for t in index.meta["tars"]:
-        h.update(t["sha256"].encode())
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = None,
-             eval_resize: float = EVAL_RESIZE, cache: Path, device: str = "cpu",
-             batch_size: int = 256, threads: int | None = None, decode: str = "auto",
-             class_names: list[str] | None = None, amp: str | None = None,
+             eval_resize: float = EVAL_RESIZE, cache: Path, pixels: Path | None = None,
+             device: str = "cpu", batch_size: int = 256, threads: int | None = None,
+             decode: str = "auto", class_names: list[str] | None = None, amp: str | None = None,
              on_batch=None) -> tuple[np.ndarray, np.ndarray, bool]:
     """Penultimate features (fp16) and labels of a shard set; (features, labels, cache hit).
 
     Cached per (checkpoint content, dataset content, resolution, resize ratio, layer,
-    precision). Labels follow `class_names` when given (a test split's classes in its train
-    split's order). `config` is the checkpoint's training config (its resolution is the
-    default). `amp` ("off", "bf16", "fp16"): by default the GPU's autocast type, as training
-    uses there, and fp32 on a CPU (on an H100, bf16 extracted only ~5% faster than fp32:
+    precision), the dataset's content checked against its tars first
+    (`datakey.checked_fingerprint`), so a changed set is never served. The images come from
+    the eval pixel cache in `pixels` (filled on first use; None: decoded every time). Labels
+    follow `class_names` when given (a test split's classes in its train split's order).
+    `config` is the checkpoint's training config (its resolution is the default). `amp`
+    ("off", "bf16", "fp16"): by default the GPU's autocast type, as training uses there, and
+    fp32 on a CPU (on an H100, bf16 extracted only ~5% faster than fp32:
     benchmarks/README.md). `on_batch(images)` after each batch, for a progress bar.
     """
     index = ShardIndex.load(shards)
@@ -232,15 +229,17 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
     res = res or config.get("eval_res") or config["res"]
     if amp is None:
         amp = resolve_amp("auto", True) if device == "cuda" else "off"
-    key = hashlib.sha256(json.dumps([ckpt_hash, dataset_fingerprint(index), res, eval_resize,
-                                     "penultimate", subset.class_names, amp]).encode()).hexdigest()
+    data = checked_fingerprint(index, (pixels or cache) / "stamps")
+    key = hashlib.sha256(json.dumps([ckpt_hash, data, res, eval_resize, "penultimate",
+                                     subset.class_names, amp]).encode()).hexdigest()
     path = cache / f"{key[:32]}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["features"], z["labels"], True
     model = load_backbone(checkpoint, torch.device(device))
     loader = Loader(subset, batch_size=batch_size, train=False, res=res,
-                    eval_resize=eval_resize, device=device, threads=threads, decode=decode)
+                    eval_resize=eval_resize, device=device, threads=threads, decode=decode,
+                    eval_cache=EvalCache(pixels, index, res, eval_resize) if pixels else None)
     feats, labels = [], []
     precision = amp_context(torch.device(device).type, amp)
     for images, y in loader:
@@ -283,8 +282,9 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
 
 
 def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]], *,
-           res: int | None, cache: Path, repeats: int, val_fraction: float, seed: int,
-           device: str, threads: int | None, progress: bool = False, what: str = "") -> dict:
+           res: int | None, cache: Path, pixels: Path | None, repeats: int, val_fraction: float,
+           seed: int, device: str, threads: int | None, progress: bool = False,
+           what: str = "") -> dict:
     results = {}
     for name, train_shards, test_shards in datasets:
         train_index, test_index = ShardIndex.load(train_shards), ShardIndex.load(test_shards)
@@ -298,12 +298,10 @@ def _probe(checkpoint: Path, config: dict, datasets: list[tuple[str, str, str]],
         images = int(train_index.counts.sum() + test_index.counts.sum())
         with progress_bar(total=images, unit="img", desc=f"{what}{name}: features",
                           enabled=progress, leave=False) as bar:
-            xtr, ytr, hit_tr = features(checkpoint, config, train_shards, res=res, cache=cache,
-                                        device=device, threads=threads, class_names=names,
-                                        on_batch=bar.update)
-            xte, yte, hit_te = features(checkpoint, config, test_shards, res=res, cache=cache,
-                                        device=device, threads=threads, class_names=names,
-                                        on_batch=bar.update)
+            kw = dict(res=res, cache=cache, pixels=pixels, device=device, threads=threads,
+                      class_names=names, on_batch=bar.update)
+            xtr, ytr, hit_tr = features(checkpoint, config, train_shards, **kw)
+            xte, yte, hit_te = features(checkpoint, config, test_shards, **kw)
         t1 = time.perf_counter()
         with progress_bar(total=repeats, unit="fit", desc=f"{what}{name}: probes",
                           enabled=progress, leave=False) as bar:
@@ -322,19 +320,21 @@ def _brief(results: dict) -> dict:
 
 
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
-              cache: Path | None = None, repeats: int = 5, val_fraction: float = 0.2,
-              seed: int = 0, device: str = "auto", threads: int | None = None,
-              random_init: bool = False, progress: bool = False) -> dict:
+              cache: Path | None = None, pixels: Path | None = None, repeats: int = 5,
+              val_fraction: float = 0.2, seed: int = 0, device: str = "auto",
+              threads: int | None = None, random_init: bool = False,
+              progress: bool = False) -> dict:
     """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
-    with `random_init`, also the run's architecture as initialised, the reference."""
+    with `random_init`, also the run's architecture as initialised, the reference. `cache`:
+    the feature cache [RUN/features]; `pixels`: the eval pixel cache's folder (None: none)."""
     checkpoint = run / "checkpoint.pt" if run.is_dir() else run
     if not checkpoint.is_file():
         raise DataError(f"{run} is not a dptrain run (no checkpoint.pt)")
     config = load_checkpoint(checkpoint)["config"]
     run_dir = checkpoint.parent
     cache = cache or run_dir / "features"
-    kw = dict(res=res, cache=cache, repeats=repeats, val_fraction=val_fraction, seed=seed,
-              device=resolve_device(device), threads=threads, progress=progress)
+    kw = dict(res=res, cache=cache, pixels=pixels, repeats=repeats, val_fraction=val_fraction,
+              seed=seed, device=resolve_device(device), threads=threads, progress=progress)
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
            "datasets": _probe(checkpoint, config, datasets, **kw)}
     old_path = run_dir / "probe.json"

@@ -8,7 +8,7 @@ nested: for one seed, the (K, n) subset holds every (K', n') subset with K' <= K
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,6 +42,10 @@ class Subset:
     def nbytes(self) -> int:
         """JPEG bytes in the subset: what one epoch must read."""
         return int(self.index.samples["size"][self.rows].sum(dtype=np.int64))
+
+    def take(self, positions: np.ndarray) -> Subset:
+        """The samples at these positions, with their labels (a rank's part of the subset)."""
+        return replace(self, rows=self.rows[positions], labels=self.labels[positions])
 
     def describe(self) -> dict:
         """What a run records about its data (config.json): enough to rebuild the subset."""
@@ -128,12 +132,24 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1,
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
-def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1) -> np.ndarray:
-    """This rank's positions in the subset for one epoch: a global shuffle seeded by
-    (seed, epoch), cut into `world_size` equal, disjoint parts (the remainder is left out)."""
+def rank_part(num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """The positions in the subset that this rank trains on, the same in every epoch (sorted):
+    all of them for one rank; for several, equal, disjoint parts of a seeded permutation (the
+    remainder is left out). Fixed for the run, so that a rank's pixel cache holds every image
+    the rank will see, and only those."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    order = np.random.default_rng((seed, 1, epoch)).permutation(num_samples)
+    if world_size == 1:
+        return np.arange(num_samples)
     per_rank = num_samples // world_size
-    return order[rank * per_rank : (rank + 1) * per_rank]
+    order = np.random.default_rng((seed, 2)).permutation(num_samples)
+    return np.sort(order[rank * per_rank : (rank + 1) * per_rank])
+
+
+def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1) -> np.ndarray:
+    """This rank's positions in the subset for one epoch: its part (`rank_part`) shuffled,
+    seeded by (seed, epoch) and, with several ranks, the rank."""
+    part = rank_part(num_samples, seed=seed, rank=rank, world_size=world_size)
+    key = (seed, 1, epoch) if world_size == 1 else (seed, 1, epoch, rank)
+    return part[np.random.default_rng(key).permutation(len(part))]

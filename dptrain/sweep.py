@@ -40,7 +40,8 @@ class SweepOptions:
     data: str = option(MISSING, "Shard set to pre-train on.", path="dir")
     suite: str = option(MISSING, "Downstream sets to probe every run on (TOML/JSON, as probe "
                         "--suite).", path="file")
-    out: str = option(MISSING, "Sweep folder: runs/, results.csv, sweep.json, failures.json.",
+    out: str = option(MISSING, "Sweep folder: runs/, results.csv, sweep.json, failures.json, "
+                      "cache/ (the eval pixel caches its runs share, unless --cache-dir).",
                       path="out")
     sizes: tuple = option((), "Budgets N, e.g. 64000,256000.", kind="ints")
     classes: tuple = option((), "K values per size (n = N / K, rounded).", kind="ints")
@@ -128,6 +129,11 @@ def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: st
     unless --workers was given."""
     slots = device_slots(gpus) if launcher == "local" and cfg.device != "cpu" else None
     probe_args = ["--device", cfg.device] if cfg.device != "auto" else []
+    # One eval pixel cache for the sweep: every run's validation and probes decode each
+    # downstream set once between them.
+    cache_dir = "off" if cfg.cache == "off" else cfg.cache_dir or str(out.resolve() / "cache")
+    cfg = replace(cfg, cache_dir=cache_dir)
+    probe_args += ["--cache-dir", cache_dir]
     if launcher == "local" and cfg.workers is None:
         threads = share_of_cores(len(slots or [None]), gpus)
         cfg = replace(cfg, workers=threads)

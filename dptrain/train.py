@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, check_config
+from .config import SPEED_ONLY, TrainConfig, check_config
 from .errors import DataError
+from .evalcache import EvalCache, cache_dir_option
 from .index import ShardIndex
-from .loader import Loader
+from .loader import EVAL_RESIZE, Loader
+from .pixelcache import PixelCache, cache_side, prepare as prepare_cache, training_step_bytes
 from .models import build_model
 from .progress import bar as progress_bar, plural
 from .device import amp_context, resolve_amp, resolve_device, to_model_input
@@ -72,13 +75,34 @@ def evaluate(model: torch.nn.Module, loader: Loader, autocast, channels_last: bo
     return correct.item() / max(1, seen)
 
 
-def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int,
-                 world: int) -> Loader:
-    """This rank's training loader: the epoch order is shared, each rank reads its own part."""
+def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int, world: int,
+                 cache: PixelCache | None = None) -> Loader:
+    """This rank's training loader: each rank reads its own part, from its pixel cache if it
+    has one."""
     return Loader(subset, batch_size=cfg.batch_size // world, train=True, res=res,
                   device=device, seed=cfg.seed, rank=rank, world_size=world,
                   threads=cfg.workers, decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load,
-                  prefetch=cfg.prefetch)
+                  prefetch=cfg.prefetch, cache=cache)
+
+
+def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks):
+    """This rank's pixel cache, to be filled by the loader, or None (`pixelcache.prepare`),
+    and what to record."""
+    batch = cfg.batch_size // ranks.world
+
+    def step(twin):  # what one training step at the largest resolution holds on the GPU
+        x = torch.zeros((batch, cfg.res, cfg.res, 3), dtype=torch.uint8, device=ranks.device)
+        with autocast:
+            loss = twin(to_model_input(x, cfg.channels_last)).float().logsumexp(1).mean()
+        loss.backward()
+
+    def step_bytes() -> int:  # + the optimiser's state (momentum, or Adam's two moments)
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        return training_step_bytes(model, step) + 2 * params
+
+    return prepare_cache(subset, mode=cfg.cache, side=cfg.cache_side or cache_side(cfg.res),
+                         seed=cfg.seed, rank=ranks.rank, world=ranks.world, device=ranks.device,
+                         threads=cfg.workers, step_bytes=step_bytes)
 
 
 @dataclass(frozen=True)
@@ -129,15 +153,20 @@ def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
                 int(cfg.warmup_epochs * per_epoch))
 
 
+def _computes(record: dict) -> dict:
+    """What a run computes: its options but those that only change its speed, and its data."""
+    return {**{k: v for k, v in record["config"].items() if k not in SPEED_ONLY},
+            "subset": record["subset"]}
+
+
 def open_run_folder(out: Path, record: dict, overwrite: bool, ranks: Ranks) -> dict | None:
     """Prepare `out` for this run: refuse one made with other options (unless --overwrite,
     which starts it over), keep a checkpoint to resume from, and return the summary of a run
     that finished already (None otherwise)."""
     if (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
-        replace = must_replace(out, {**old["config"], "subset": old["subset"]},
-                               {**record["config"], "subset": record["subset"]},
-                               overwrite=overwrite, holds="a run")
+        replace = must_replace(out, _computes(old), _computes(record), overwrite=overwrite,
+                               holds="a run")
         if (overwrite or replace) and ranks.is_main:
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
@@ -248,20 +277,22 @@ def train_step(net, optimizer, autocast, scaler, images: torch.Tensor, labels: t
 
 
 def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
-          make_loader=train_loader) -> dict:
+          make_loader=train_loader, log=None) -> dict:
     """Train (or resume, or return the summary of a finished run in `out`). `make_loader`
     (train_loader's arguments) is where batches come from: benchmarks pass one that replays
-    batches from memory."""
+    batches from memory. `log(line)`: where the run's first words go (the pixel cache's
+    decision) [stderr]."""
     # On a GPU the run has a CUDA stream of its own. On the legacy default stream, which waits
     # for other streams' work, ResNet-18 trained 23% slower beside the JPEG decoders (H200,
     # 10,263 against 13,263 img/s; benchmarks/README.md).
     if resolve_device(cfg.device) == "cuda":
         with torch.cuda.stream(torch.cuda.Stream(int(os.environ.get("LOCAL_RANK", 0)))):
-            return _train(cfg, Path(out), overwrite, progress, make_loader)
-    return _train(cfg, Path(out), overwrite, progress, make_loader)
+            return _train(cfg, Path(out), overwrite, progress, make_loader, log)
+    return _train(cfg, Path(out), overwrite, progress, make_loader, log)
 
 
-def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_loader) -> dict:
+def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_loader,
+           log) -> dict:
     ranks = setup_ranks(cfg)
     device, cuda = ranks.device, ranks.device.type == "cuda"
     names = read_class_list(cfg.class_list) if cfg.class_list else None
@@ -285,18 +316,23 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     if cfg.compile:
         net = torch.compile(net)
 
+    cache, cache_record = pixel_cache(subset, cfg, model, autocast, ranks)
+    if ranks.is_main:
+        (log or _stderr)(cache_record.line())
+    meter = Meter(device, ranks.world)
+
     # -- the loop
     loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
-    log = open(out / "metrics.jsonl", "a") if ranks.is_main else None
+    metrics = open(out / "metrics.jsonl", "a") if ranks.is_main else None
     bar = progress_bar(total=plan.total_steps, initial=step, unit="step",
                        enabled=progress and ranks.is_main)
-    meter = Meter(device, ranks.world)
     while step < plan.total_steps:
         res = res_at(epoch, plan.epochs, cfg)
         if loader is None or loader.res != res:  # resolutions only grow: the last is done
             if loader is not None:
                 loader.close()
-            loader = make_loader(subset, cfg, res, str(device), ranks.rank, ranks.world)
+            loader = make_loader(subset, cfg, res, str(device), ranks.rank, ranks.world,
+                                 cache=cache)
         loader.set_epoch(epoch)
         for images, labels in meter.batches(loader):
             lr = lr_at(step, plan.total_steps, plan.warmup_steps, cfg.lr, cfg.schedule)
@@ -307,9 +343,9 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             step += 1
             if step % cfg.log_every == 0 or step == plan.total_steps:
                 line = meter.window(step, epoch, lr, loader.res, cfg.batch_size)
-                if log:
-                    log.write(json.dumps(line) + "\n")
-                    log.flush()
+                if metrics:
+                    metrics.write(json.dumps(line) + "\n")
+                    metrics.flush()
                 bar.set_postfix(epoch=epoch, loss=f"{line['loss']:.3f}",
                                 img_s=f"{line['images_per_s']:.0f}", refresh=False)
             bar.update(1)
@@ -340,10 +376,11 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                "data_wait_fraction": meter.wait_total / wall if wall > 0 else None,
                "device": record["device"], "world_size": ranks.world, "amp": amp,
                "loader_threads": loader_threads, "loader_ms_per_batch": loader_ms,
+               "cache": asdict(cache_record.filled(cache)),
                "num_classes": subset.num_classes, "num_samples": len(subset)}
     if ranks.is_main:
         write_json(out / "summary.json", summary)
-        log.close()
+        metrics.close()
     if ranks.world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation
         torch.distributed.destroy_process_group()
@@ -355,14 +392,21 @@ def validate(cfg: TrainConfig, model, subset, autocast, device: torch.device,
     """Top-1 on --val-data's images of the run's classes (rank 0 only)."""
     if not ranks.is_main:
         return None
-    val = select(ShardIndex.load(cfg.val_data), class_names=subset.class_names, allow_fewer=True)
-    loader = Loader(val, batch_size=cfg.batch_size // ranks.world, train=False,
-                    res=cfg.eval_res or cfg.res, device=str(device), threads=cfg.workers,
-                    decode=cfg.decode)
+    index = ShardIndex.load(cfg.val_data)
+    val = select(index, class_names=subset.class_names, allow_fewer=True)
+    res = cfg.eval_res or cfg.res
+    root = cache_dir_option(cfg.cache_dir) if cfg.cache != "off" else None
+    loader = Loader(val, batch_size=cfg.batch_size // ranks.world, train=False, res=res,
+                    device=str(device), threads=cfg.workers, decode=cfg.decode,
+                    eval_cache=EvalCache(root, index, res, EVAL_RESIZE) if root else None)
     try:
         return evaluate(model, loader, autocast, cfg.channels_last)
     finally:
         loader.close()
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def default_run_folder(cfg: TrainConfig) -> Path:

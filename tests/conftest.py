@@ -131,6 +131,13 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Pixel caches of the tests' runs and probes (the default --cache-dir) go to a folder of
+    the test session's, never the user's ~/.cache; subprocesses inherit it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
 @pytest.fixture
 def folder(tmp_path, texture) -> Path:
     return make_imagefolder(tmp_path / "src", texture)

@@ -9,7 +9,8 @@ from conftest import make_imagefolder
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex
 from dptrain.shards import shard_dataset
-from dptrain.subset import epoch_order, read_class_list, select, steps_per_epoch
+from dptrain.subset import (epoch_order, rank_part, read_class_list, select,
+                            steps_per_epoch)
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +110,21 @@ def test_epoch_shuffle_mixes_classes(index):
     assert np.array_equal(order, epoch_order(len(s), seed=0, epoch=0))
 
 
-def test_rank_parts_disjoint_equal_and_complete():
+def test_rank_parts_disjoint_equal_fixed_and_reshuffled():
     n, world = 103, 4
     parts = [epoch_order(n, seed=1, epoch=2, rank=r, world_size=world) for r in range(world)]
     assert all(len(p) == n // world for p in parts)
     together = np.concatenate(parts)
     assert len(set(together.tolist())) == len(together) == 4 * 25  # disjoint; 3 left out
-    whole = epoch_order(n, seed=1, epoch=2)  # the one shuffle every rank cuts its part from
-    assert np.array_equal(together, whole[: 4 * 25])  # so each rank reads the same epoch
-    assert not np.array_equal(together, np.arange(4 * 25))  # and it is shuffled
+    # Each rank keeps its part for the whole run (its pixel cache holds just that part) and
+    # reads it in a new order every epoch.
+    for r in range(world):
+        later = epoch_order(n, seed=1, epoch=3, rank=r, world_size=world)
+        assert sorted(later.tolist()) == sorted(parts[r].tolist())
+        assert not np.array_equal(later, parts[r])
+        assert np.array_equal(np.sort(later), rank_part(n, seed=1, rank=r, world_size=world))
+    assert not np.array_equal(np.sort(together), np.arange(4 * 25))  # a seeded choice
+    assert np.array_equal(rank_part(n, seed=1), np.arange(n))  # one rank: everything
     assert steps_per_epoch(n, 8, world) == 3 and steps_per_epoch(n, 8, world, drop_last=False) == 4
     with pytest.raises(ValueError):
         epoch_order(n, seed=1, epoch=0, rank=4, world_size=4)

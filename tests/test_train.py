@@ -101,12 +101,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_kill_9_is_exact(shards, tmp_path):
     """Killed at three points and resumed, a run ends with the uninterrupted run's weights,
     bit for bit (CPU): the data order and every crop and flip depend only on (seed, epoch,
-    step), and the checkpoint holds the optimiser and the RNG."""
-    def args(out):
+    step), and the checkpoint holds the optimiser and the RNG. The reference streams; the
+    others train from the pixel cache (images stored whole), but for one killed at once."""
+    def args(out, cache="host"):
         return ["pretrain", "--data", shards, "--classes", 6, "--per-class", 24, "--epochs", 4,
-                "--out", out, *FAST]
+                "--out", out, *FAST, "--cache", cache]
 
-    run_cli(*args(tmp_path / "ref"))
+    run_cli(*args(tmp_path / "ref", cache="off"))
     reference = _weights(tmp_path / "ref")
     run_cli(*args(tmp_path / "again"))  # two uninterrupted runs agree to the bit
     assert all(torch.equal(v, _weights(tmp_path / "again")[k]) for k, v in reference.items())
@@ -117,11 +118,13 @@ def test_resume_after_kill_9_is_exact(shards, tmp_path):
             out / "checkpoint.pt", weights_only=True)["epoch"] >= 2}
     for name, when in ready.items():
         out = tmp_path / name
-        interrupt(args(out), lambda: _safe(when, out))
+        cache = "off" if name == "start" else "host"
+        interrupt(args(out, cache), lambda: _safe(when, out))
         assert not (out / "summary.json").exists(), f"{name}: finished before the kill"
         if name == "during a write":  # what a kill inside torch.save leaves beside the last one
             (out / "checkpoint.pt.partial").write_bytes(b"PK\x03\x04 cut short")
-        run_cli(*args(out))
+        run_cli(*args(out, cache))
+        assert json.loads((out / "summary.json").read_text())["cache"]["where"] == cache
         got = _weights(out)
         assert got.keys() == reference.keys()
         assert all(torch.equal(v, got[k]) for k, v in reference.items()), name
@@ -146,6 +149,7 @@ def test_ddp_two_processes_gloo(shards, tmp_path):
     assert p.stdout.count(f"{out}: 8 steps") == 1  # the summary from rank 0 only
     # Two processes on one machine: each DALI pipeline gets half of the cores, not all of them.
     assert summary["loader_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert summary["cache"]["where"] == "host" and summary["cache"]["images"] == 32  # its half
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="2 GPUs here: --gpus 2 would run")

@@ -1,0 +1,147 @@
+"""Eval pixels on disk: a shard set's images eval-transformed once (the shorter side resized to
+res x eval_resize, the centre res x res) and kept as uint8, one .npy per class, so that every
+probe and every validation of a sweep reads pixels instead of decoding the JPEGs again.
+
+A cache folder (`--cache-dir`; a sweep gives all its runs SWEEP/cache) holds an entry per
+(shard set content, res, eval_resize): eval/<key>/<label>.npy, each class's images in stored
+order. The key says what the data is (`datakey.checked_fingerprint`), so a set that changed
+since it was sharded is refused, never served stale. The first reader decodes and fills the
+classes it reads; a class file appears whole or not at all (written under a name of its own
+process, then renamed), so probes running side by side and interrupted ones leave no half
+class. The shard set is only read: it may be read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .datakey import checked_fingerprint
+from .index import ShardIndex
+from .loader import Produce, on_stream
+from .subset import Subset
+
+VERSION = 1  # of the eval transform: a change in how eval images are made starts new entries
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/dptrain, or ~/.cache/dptrain."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dptrain"
+
+
+def cache_dir_option(value: str | None) -> Path | None:
+    """A --cache-dir value: a folder, the default one (None), or no cache ("off")."""
+    if value == "off":
+        return None
+    return Path(value) if value else default_cache_dir()
+
+
+class EvalCache:
+    """One shard set's eval pixels at one (res, eval_resize), under `root`."""
+
+    def __init__(self, root: Path, index: ShardIndex, res: int, eval_resize: float):
+        fingerprint = checked_fingerprint(index, root / "stamps")
+        key = hashlib.sha256(json.dumps([fingerprint, res, eval_resize, VERSION]).encode())
+        self.dir = root / "eval" / key.hexdigest()[:32]
+        self.index, self.res = index, res
+
+    def path(self, label: int) -> Path:
+        return self.dir / f"{label:05d}.npy"
+
+    def _where(self, subset: Subset, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label in the set, row within its class) of subset positions."""
+        labels = subset.classes[subset.labels[positions]]
+        return labels, subset.rows[positions] - self.index.class_start[labels]
+
+    def holds(self, subset: Subset) -> bool:
+        """Whether every class of `subset` is cached (an eval subset takes whole classes)."""
+        return all(self.path(int(c)).is_file() for c in subset.classes)
+
+    def producer(self, subset: Subset, plans, device: torch.device) -> Produce:
+        """The loader's source of eval batches when `holds(subset)`: each planned batch read
+        from the class files (into pinned memory on a GPU run), then sent to the device."""
+        def produce(stream, tick):
+            maps: dict[int, np.ndarray] = {}
+            gpu = stream is not None
+            for _epoch, _step, positions in plans:
+                out = torch.empty((len(positions), self.res, self.res, 3), dtype=torch.uint8,
+                                  pin_memory=gpu)
+                dest = out.numpy()
+                labels, rows = self._where(subset, positions)
+                # Runs of consecutive rows of one class: one slice copy each.
+                cut = np.flatnonzero((np.diff(labels) != 0) | (np.diff(rows) != 1)) + 1
+                for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(positions)]):
+                    c = int(labels[lo])
+                    if c not in maps:
+                        maps[c] = np.load(self.path(c), mmap_mode="r")
+                    dest[lo:hi] = maps[c][rows[lo] : rows[lo] + hi - lo]
+                y = torch.from_numpy(subset.labels[positions])
+                tick("read cache")
+                if gpu:
+                    with on_stream(stream):
+                        out = out.to(device, non_blocking=True)
+                        y = y.pin_memory().to(device, non_blocking=True)
+                yield out, y, 0
+
+        return produce
+
+    def writer(self, subset: Subset) -> _Writer:
+        return _Writer(self, subset)
+
+
+class _Writer:
+    """Fills an eval cache from the decoded batches it is shown (`loader._decoded`'s tee): a
+    class file is renamed into place once all its images are written; `close()` drops the
+    unfinished ones."""
+
+    def __init__(self, cache: EvalCache, subset: Subset):
+        self.cache, self.subset = cache, subset
+        self.open: dict[int, tuple[np.ndarray, np.ndarray, Path]] = {}  # file, rows written, tmp
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in cache.dir.glob("*.partial"):  # left by a process that died: never renamed
+            pid = tmp.name.split(".")[-2]
+            if not (pid.isdigit() and _alive(int(pid))):
+                tmp.unlink(missing_ok=True)
+
+    def __call__(self, positions: np.ndarray, images: torch.Tensor) -> None:
+        pixels = images.cpu().numpy()
+        labels, rows = self.cache._where(self.subset, positions)
+        for c in np.unique(labels).tolist():
+            final = self.cache.path(c)
+            if c not in self.open:
+                if final.is_file():
+                    continue
+                tmp = final.with_name(f"{final.name}.{os.getpid()}.partial")
+                count = int(self.cache.index.counts[c])
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                                  shape=(count, *pixels.shape[1:]))
+                self.open[c] = (array, np.zeros(count, bool), tmp)
+            array, written, tmp = self.open[c]
+            mine = labels == c
+            array[rows[mine]] = pixels[mine]
+            written[rows[mine]] = True
+            if written.all():
+                array.flush()
+                del self.open[c], array
+                os.replace(tmp, final)
+
+    def close(self) -> None:
+        for _array, _written, tmp in self.open.values():
+            tmp.unlink(missing_ok=True)
+        self.open.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
