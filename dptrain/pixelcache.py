@@ -203,7 +203,7 @@ class PixelCache:
             if len(new):
                 batches.append(new)
         rest = self.positions[~planned]
-        size = max(len(b) for b in first_batches)
+        size = max((len(b) for b in first_batches), default=256)
         return new_in, batches + [rest[i:i + size] for i in range(0, len(rest), size)]
 
     def producer(self, plans, first_batches: list[np.ndarray], augment_seed: int, res: int,

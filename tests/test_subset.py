@@ -82,10 +82,9 @@ def test_limits_name_the_largest_allowed_values(index):
     assert s.describe()["allow_fewer"] is True
 
 
-def test_selection_is_index_only_and_fast():
-    """1.28 M samples, 1000 classes: selecting 500 x 256 takes milliseconds, opens no tar."""
-    import time
-
+def test_selection_is_index_only():
+    """1.28 M samples, 1000 classes: selecting 500 x 256 opens no tar. (How fast it is, a few
+    milliseconds, is benchmarks/subset_io.py's to measure, not a test's.)"""
     from dptrain.index import SAMPLE_DTYPE
 
     counts = np.random.default_rng(0).integers(732, 1301, 1000)
@@ -94,9 +93,7 @@ def test_selection_is_index_only_and_fast():
     meta = {"classes": [{"name": f"n{c:08d}", "count": int(n)} for c, n in enumerate(counts)],
             "tars": [], "samples_sha256": "x"}
     index = ShardIndex(None, meta, samples)  # no files behind it: nothing can be opened
-    t = time.perf_counter()
     s = select(index, 500, 256, seed=0)
-    assert time.perf_counter() - t < 0.5
     assert len(s) == 500 * 256
 
 
