@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/shard_write.py
 	$(PY) benchmarks/subset_io.py
 	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/fill_cost.py
 	$(PY) benchmarks/loader_overhead.py
 	$(PY) benchmarks/eval_decode.py
 	$(PY) benchmarks/train_step.py

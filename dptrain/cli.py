@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -30,6 +31,25 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except DataError as e:
             raise UserError(str(e)) from None
+        except OSError as e:  # a full disk, a quota, a read-only or forbidden folder
+            if e.errno not in OUTPUT_ERRORS:
+                raise
+            raise click.ClickException(output_error(e)) from None
+
+
+# What stops a command from writing, which the user fixes outside dptrain; anything else is a
+# bug or a lost device, and keeps its traceback.
+OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG}
+
+
+def output_error(e: OSError) -> str:
+    """One line for an OSError on output: what, why, and that a rerun resumes (whatever was
+    written whole before stays: every file is written under a temporary name and renamed)."""
+    what = f" {e.filename}" if e.filename else ""
+    verb = "access" if e.errno in (errno.EACCES, errno.EPERM) else "write"
+    return (f"cannot {verb}{what}: {e.strerror or e}; fix that and run the same command "
+            "again: it goes on from what was finished")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +59,9 @@ def main() -> None:
 
     Shard a dataset once (`dptrain shard`), then stream any K-class x n-per-class subset of it.
     """
+    from .launch import die_with_parent
+
+    die_with_parent()
 
 
 @main.command()
@@ -128,13 +151,20 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
         return click.echo(json.dumps(asdict(cfg), indent=1))
     if gpus and not under_torchrun():
         relaunch(gpus, sys.argv[1:])
-    from .train import NonFiniteLoss, default_run_folder, summary_line, train
+    from .train import NonFiniteLoss, Stopped, default_run_folder, summary_line, train
 
     out = out or default_run_folder(cfg)
     try:
         s = train(cfg, out, overwrite=overwrite, progress=progress)
     except NonFiniteLoss as e:
         raise click.ClickException(str(e)) from None
+    except Stopped as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            click.echo(f"{out}: {e}", err=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # before the first step: nothing to save yet
+        click.echo(f"interrupted: run the same command again to resume {out}", err=True)
+        sys.exit(130)
     if int(os.environ.get("RANK", 0)) == 0:  # one summary per run
         click.echo(summary_line(out, s))
 
@@ -169,9 +199,12 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
 @click.option("--random-init", is_flag=True,
               help="Also probe the same architecture as initialised (the reference any "
                    "pre-training must beat) and print both.")
+@click.option("--allow-unfinished", is_flag=True,
+              help="Probe a run whose checkpoint is short of its planned steps (refused "
+                   "otherwise).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, cache,
-          cache_dir, device, workers, seed, random_init, progress):
+          cache_dir, device, workers, seed, random_init, allow_unfinished, progress):
     """Linear probes of RUN's frozen backbone (a run folder or checkpoint) on downstream sets.
 
     Features are computed once per checkpoint and dataset and cached; each probe is L-BFGS
@@ -186,7 +219,8 @@ def probe(run, train_data, test_data, names, suite, res, repeats, val_fraction, 
     out = probe_run(run, datasets, res=res, cache=cache, pixels=cache_dir_option(cache_dir),
                     repeats=repeats,
                     val_fraction=val_fraction, seed=seed, device=device, threads=workers,
-                    random_init=random_init, progress=progress)
+                    random_init=random_init, allow_unfinished=allow_unfinished,
+                    progress=progress)
     click.echo(render(out))
 
 

@@ -24,6 +24,7 @@ import torch
 from .datakey import checked_fingerprint
 from .index import ShardIndex
 from .loader import Produce, on_stream
+from .runfolder import fsync, pid_alive
 from .subset import Subset
 
 VERSION = 1  # of the eval transform: a change in how eval images are made starts new entries
@@ -106,7 +107,7 @@ class _Writer:
         cache.dir.mkdir(parents=True, exist_ok=True)
         for tmp in cache.dir.glob("*.partial"):  # left by a process that died: never renamed
             pid = tmp.name.split(".")[-2]
-            if not (pid.isdigit() and _alive(int(pid))):
+            if not (pid.isdigit() and pid_alive(int(pid))):
                 tmp.unlink(missing_ok=True)
 
     def __call__(self, positions: np.ndarray, images: torch.Tensor) -> None:
@@ -129,19 +130,10 @@ class _Writer:
             if written.all():
                 array.flush()
                 del self.open[c], array
+                fsync(tmp)  # a power cut must not leave a renamed file without its data
                 os.replace(tmp, final)
 
     def close(self) -> None:
         for _array, _written, tmp in self.open.values():
             tmp.unlink(missing_ok=True)
         self.open.clear()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True

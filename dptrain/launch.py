@@ -1,10 +1,13 @@
-"""`dptrain pretrain --gpus G`: the same command again under torchrun, one process per GPU of
-this machine. torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) is all the trainer reads.
+"""How dptrain starts processes: `dptrain pretrain --gpus G` is the same command again under
+torchrun, one process per GPU of this machine (torchrun's environment, RANK, LOCAL_RANK and
+WORLD_SIZE, is all the trainer reads); a sweep's children die with the sweep.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 
 from .errors import DataError
@@ -32,3 +35,27 @@ def relaunch(gpus: int, argv: list[str]) -> None:
         rest.append(a)
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                               f"--nproc_per_node={gpus}", "-m", "dptrain", *rest])
+
+
+PARENT = "DPTRAIN_PARENT_PID"  # set by a sweep for the commands it runs
+
+
+def child_env(env: dict) -> dict:
+    """The environment for a command this process runs and waits for: it gets SIGTERM when
+    this process dies, kill -9 included (`die_with_parent`)."""
+    return {**env, PARENT: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """In a command a sweep runs: ask the kernel for SIGTERM when the sweep dies (Linux's
+    PR_SET_PDEATHSIG), which stops a run at its next step with a checkpoint. Otherwise a
+    killed sweep would leave its runs training, and a rerun would meet them."""
+    pid = os.environ.pop(PARENT, None)  # for this process only, not for its own children
+    if not pid:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != int(pid):  # the sweep died before the request: act as if it came
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -115,7 +115,15 @@ class _Reader:
         self.pending: deque[np.ndarray] = deque()  # fed to DALI, output not yet taken
 
     def _name(self, p: int) -> str:
-        return f"{self.paths[self.tar[p]]}: sample at offset {self.offset[p]}"
+        """Where sample p lies: its tar, its offset and, read from the tar member's header
+        just before it (where that is in the file), its key."""
+        tar, offset = self.tar[p], int(self.offset[p])
+        key = ""
+        if 512 <= offset <= self.tar_size[tar]:
+            name = bytes(self.bytes[tar][offset - 512:offset - 412]).split(b"\0")[0]
+            key = name.decode(errors="replace").rsplit(".", 1)[0]
+        return (f"{self.paths[tar]}: sample at offset {offset}"
+                + (f" (key {key})" if key.isprintable() and key else ""))
 
     def __call__(self, info) -> tuple:
         epoch, step, positions = next(self.plans)
@@ -143,15 +151,24 @@ class _Reader:
                 *batch_augmentation(self.augment_seed, epoch, step, heights, widths))
 
     def explain(self, error: Exception) -> Exception:
-        """The decoder failed on a batch in flight: name the sample that is not a JPEG (a wrong
-        offset: the index does not match the tar), or keep DALI's error."""
+        """The decoder failed on a batch in flight: name the sample that is not a JPEG
+        (damaged, or the index does not match the tar), or else the batch's tars, with the
+        decoder's own first line."""
+        tars = []
         for positions in self.pending:
             for p in positions.tolist():
                 start = self.bytes[self.tar[p]][self.offset[p]:self.offset[p] + 2]
                 if start.tobytes() != b"\xff\xd8":
-                    return DataError(f"{self._name(p)} is not a JPEG: the index does not match "
-                                     "the tar; run dptrain verify")
-        return error
+                    return DataError(f"{self._name(p)} is not a JPEG (damaged, or the index "
+                                     "does not match the tar): run dptrain verify")
+                tars.append(str(self.paths[self.tar[p]]))
+        if not tars:
+            return error
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        names = sorted(set(tars))
+        return DataError(f"the JPEG decoder failed on a batch from {', '.join(names[:3])}"
+                         f"{' and others' if len(names) > 3 else ''} ({first[:200]}): run "
+                         "dptrain verify")
 
     def close(self) -> None:
         self.bytes = []

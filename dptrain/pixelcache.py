@@ -52,12 +52,14 @@ class CacheRecord:
     gb: float
     side: int
     images: int
+    shrunk: int = 0  # images whose longer side is above `side`: their crops are blurrier
     fill_s: float | None = None
     fill_img_per_s: float | None = None
 
     def line(self) -> str:
         amount = f"{self.gb:.2f} GB" if self.gb >= 0.1 else f"{1e3 * self.gb:.1f} MB"
-        size = f"{amount} for {self.images:,} images at <= {self.side} px"
+        size = (f"{amount} for {self.images:,} images at <= {self.side} px, "
+                f"{self.shrunk:,} of them shrunk")
         filled = (f", filled in {self.fill_s:.1f} s ({self.fill_img_per_s:,.0f} img/s)"
                   if self.fill_s is not None else
                   ", filled as the first epoch trains" if self.where != "off" else "")
@@ -330,7 +332,9 @@ def prepare(subset: Subset, *, mode: str, side: int, seed: int, rank: int, world
     measured = step_bytes() if step_bytes and device.type == "cuda" and mode in ("auto", "gpu") \
         else None
     where, why = decide(mode, need, device, step_bytes=measured)
-    record = CacheRecord(where=where, why=why, gb=need / 1e9, side=side, images=len(positions))
+    shrunk = int((np.maximum(table["height"], table["width"]) > side).sum())
+    record = CacheRecord(where=where, why=why, gb=need / 1e9, side=side, images=len(positions),
+                         shrunk=shrunk)
     if where == "off":
         return None, record
     heights, widths = fit_size(table["height"], table["width"], side)

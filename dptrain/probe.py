@@ -29,7 +29,7 @@ from .index import ShardIndex, sha256_file
 from .loader import EVAL_RESIZE, Loader
 from .models import build_model
 from .progress import bar as progress_bar
-from .runfolder import atomic_path, load_checkpoint, save_torch, write_json
+from .runfolder import atomic_path, folder_lock, load_checkpoint, save_torch, write_json
 from .subset import select
 from .device import amp_context, resolve_amp, resolve_device, to_model_input
 
@@ -273,9 +273,14 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
         raise DataError(f"suite {path} lists no dataset: expected [[dataset]] entries with "
                         "name, data and test_data")
     out = []
+    allowed = ("name", "data", "test_data")
     for e in entries:
         if not isinstance(e, dict) or not {"data", "test_data"} <= set(e):
             raise DataError(f"suite {path}: each dataset needs data and test_data: {e!r}")
+        unknown = sorted(set(e) - set(allowed))
+        if unknown:
+            raise DataError(f"suite {path}: unknown key(s) {', '.join(unknown)} in {e!r}; a "
+                            f"dataset takes {', '.join(allowed)}")
         train, test = (str((path.parent / e[k]).resolve()) for k in ("data", "test_data"))
         out.append((str(e.get("name") or Path(train).name), train, test))
     return out
@@ -323,15 +328,33 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
               cache: Path | None = None, pixels: Path | None = None, repeats: int = 5,
               val_fraction: float = 0.2, seed: int = 0, device: str = "auto",
               threads: int | None = None, random_init: bool = False,
-              progress: bool = False) -> dict:
+              allow_unfinished: bool = False, progress: bool = False) -> dict:
     """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
     with `random_init`, also the run's architecture as initialised, the reference. `cache`:
-    the feature cache [RUN/features]; `pixels`: the eval pixel cache's folder (None: none)."""
+    the feature cache [RUN/features]; `pixels`: the eval pixel cache's folder (None: none).
+    A run whose checkpoint is short of its planned steps is refused unless
+    `allow_unfinished`."""
     checkpoint = run / "checkpoint.pt" if run.is_dir() else run
     if not checkpoint.is_file():
         raise DataError(f"{run} is not a dptrain run (no checkpoint.pt)")
-    config = load_checkpoint(checkpoint)["config"]
     run_dir = checkpoint.parent
+    with folder_lock(run_dir, "probe"):  # one writer of probe.json and summary.json
+        return _probe_run(checkpoint, datasets, run_dir, res=res, cache=cache, pixels=pixels,
+                          repeats=repeats, val_fraction=val_fraction, seed=seed, device=device,
+                          threads=threads, random_init=random_init,
+                          allow_unfinished=allow_unfinished, progress=progress)
+
+
+def _probe_run(checkpoint: Path, datasets, run_dir: Path, *, res, cache, pixels, repeats,
+               val_fraction, seed, device, threads, random_init, allow_unfinished,
+               progress) -> dict:
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt["config"]
+    done, total = unfinished(ckpt, run_dir)
+    if done is not None and not allow_unfinished:
+        raise DataError(f"{run_dir} is unfinished: its checkpoint is at step {done} of {total}; "
+                        "finish it (run its pretrain command again), or probe it as it is with "
+                        "--allow-unfinished")
     cache = cache or run_dir / "features"
     kw = dict(res=res, cache=cache, pixels=pixels, repeats=repeats, val_fraction=val_fraction,
               seed=seed, device=resolve_device(device), threads=threads, progress=progress)
@@ -354,6 +377,16 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
             summary["probe_random_init"] = _brief(merged["random_init"])
         write_json(summary_path, summary)
     return out
+
+
+def unfinished(ckpt: dict, run_dir: Path) -> tuple[int | None, int | None]:
+    """(step, planned steps) of a run whose checkpoint is short of its plan (its run folder's
+    config.json says how many steps); (None, None) when it is finished or nothing says."""
+    try:
+        total = json.loads((run_dir / "config.json").read_text())["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return (ckpt["step"], total) if ckpt.get("step", total) < total else (None, None)
 
 
 def downstream_sets(train_data: list[str], test_data: list[str], names: list[str],

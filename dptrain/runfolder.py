@@ -1,11 +1,14 @@
 """The rules of a folder a command fills (`shard`, `pretrain`, `probe`, `sweep`, `report`), in
-one place: a file appears whole or not at all, and a folder made with other options is refused
-unless --overwrite. So an interrupted command can simply be run again. Checkpoints are written
-(`save_torch`) and read (`load_checkpoint`) here too.
+one place: one command writes a folder at a time (`folder_lock`), a file appears whole or not
+at all and is on disk once it has appeared (`atomic_path`), and a folder made with other
+options is refused unless --overwrite. So an interrupted command can simply be run again.
+Checkpoints are written (`save_torch`) and read (`load_checkpoint`) here too.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -16,22 +19,99 @@ from typing import Iterator
 from .errors import DataError
 
 PARTIAL = ".partial"  # suffix of files and folders being written
+LOCK = ".dptrain.lock"  # in a folder a command writes: who holds it, and its flock
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold `folder` for this `dptrain COMMAND` (created if missing) while the block runs: a
+    second writer is refused, told who holds it. An flock on FOLDER/.dptrain.lock, so the
+    kernel releases it when the holder dies, kill -9 included, and the child processes that
+    inherit it hold it as long as they live. The file is never written: a folder's bytes are
+    the same whoever wrote it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"cannot write to {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise DataError(f"another {holder} is writing {folder}: wait for it to end, or stop "
+                        f"it, then run dptrain {command} again") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock (unless a child still holds it)
+
+
+def _holder(fd: int) -> str:
+    """'dptrain COMMAND (pid P)' of the process holding the flock on `fd`'s file, from Linux's
+    /proc/locks, or what is known of it."""
+    inode = str(os.fstat(fd).st_ino)
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            f = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"
+            if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == inode:
+                args = Path(f"/proc/{f[4]}/cmdline").read_bytes().decode().split("\0")
+                names = [Path(a).name for a in args]
+                at = names.index("dptrain") if "dptrain" in names else -1
+                command = args[at + 1] if 0 <= at < len(args) - 1 else "command"
+                return f"dptrain {command} (pid {f[4]})"
+    except (OSError, ValueError):
+        pass
+    return "dptrain command"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """A temporary name beside `path` to write into (a file or a folder); renamed to `path`
-    when the block ends without an error, removed when it fails. `suffix` keeps an extension
-    that a writer insists on (numpy's savez appends .npz to any other name)."""
+    """A temporary name beside `path`, this process's own, to write into (a file or a
+    folder); flushed to disk and renamed to `path` when the block ends without an error (so a
+    power cut leaves the old file or the new one), removed when it fails. `suffix` keeps an
+    extension that a writer insists on (numpy's savez appends .npz to any other name)."""
     path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL + suffix)
-    _remove(tmp)  # what an interrupted earlier try left
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}{suffix}")
+    for old in path.parent.glob(f"{glob.escape(path.name)}.*{PARTIAL}{suffix}"):
+        pid = old.name[len(path.name) + 1:-len(PARTIAL + suffix)]  # what a dead writer left
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            _remove(old)
     try:
         yield tmp
+        for p in (sorted(tmp.rglob("*")) if tmp.is_dir() else []) + [tmp]:
+            fsync(p)
         os.replace(tmp, path)
+        fsync(path.parent)
+    except OSError as e:  # a write to an open file names no file: name the one meant
+        _remove(tmp)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries, to disk: a rename is durable once its folder is
+    synced too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(p: Path) -> None:
@@ -41,7 +121,7 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write to a temporary name and rename, so readers never see half a file."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -52,11 +132,16 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_torch(obj, path: str | os.PathLike) -> None:
-    """torch.save, atomically: a checkpoint is the old one or the new one, never half."""
+    """torch.save, atomically: a checkpoint is the old one or the new one, never half.
+    Serialised in memory first: torch.save's own writer reports a full disk as a
+    RuntimeError without the cause, a plain write as the OSError it is."""
+    import io
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 def must_replace(folder: Path, old: dict | None, new: dict, *, overwrite: bool,

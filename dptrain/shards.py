@@ -15,7 +15,6 @@ on the inputs, the options and the seed.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +37,8 @@ from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMP
                     ShardIndex, idx_name, sha256_file, sizes_differ, tar_name)
 from .options import option
 from .progress import bar as progress_bar
-from .runfolder import PARTIAL, atomic_path, must_replace, write_atomic, write_json
+from .runfolder import (LOCK, PARTIAL, atomic_path, folder_lock, must_replace, write_atomic,
+                        write_json)
 from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
 
 
@@ -65,17 +65,6 @@ def _init_worker(parent: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the main process died before prctl took effect
             os._exit(1)
-
-
-def _lock(progress_dir: Path):
-    """An exclusive lock on OUT for this run; workers inherit it, so it lasts as long as they do."""
-    f = open(progress_dir / "lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise DataError(f"another dptrain shard is writing {progress_dir.parent}") from None
-    return f
 
 
 _ZEROS = bytes(1024)
@@ -132,6 +121,8 @@ class TarWriter:
 
     def close(self) -> dict:
         self._write(_ZEROS)  # two zero blocks end a tar
+        self.file.flush()
+        os.fsync(self.file.fileno())  # on disk before its manifest says it is done
         self.file.close()
         idx = f"v1.2 {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)
         idx_path = self.path.with_name(idx_name(self.path.name))
@@ -142,7 +133,10 @@ class TarWriter:
                 "samples": len(self.lines)}
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes: on a full disk that fails again, and does not matter
+        except OSError:
+            pass
         Path(self.file.name).unlink(missing_ok=True)
 
 
@@ -239,8 +233,6 @@ def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: S
 
 def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
     """Check OUT against the job; returns True if OUT already holds this finished job."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"OUT {out} exists and is not a folder")
     old = None
     for marker in (out / INDEX_FILE, out / PROGRESS_DIR / "job.json"):
         if marker.is_file():
@@ -250,7 +242,7 @@ def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
                 old = {}
             break
     ours = old is not None
-    if out.is_dir() and not ours and any(out.iterdir()):
+    if out.is_dir() and not ours and any(p.name != LOCK for p in out.iterdir()):
         raise DataError(f"OUT {out} is not empty and is not a dptrain shard set: choose another OUT")
     if must_replace(out, old, job, overwrite=overwrite, holds="a shard set"):
         _clear(out)
@@ -363,17 +355,15 @@ def write_source(source: Source, out: str | os.PathLike, *,
                             "its classes")
         class_names = ref
     job = _job(source, labels, classes_from, options, split)
-    if _prepare_out(out, job, overwrite):
-        meta = ShardIndex.load(out).meta
-        return {**_totals(meta), "up_to_date": True, "seconds": time.perf_counter() - t0}
-    progress_dir = out / PROGRESS_DIR
-    try:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} exists and is not a folder")
+    with folder_lock(out, "shard"):  # the workers inherit it
+        if _prepare_out(out, job, overwrite):
+            meta = ShardIndex.load(out).meta
+            return {**_totals(meta), "up_to_date": True, "seconds": time.perf_counter() - t0}
+        progress_dir = out / PROGRESS_DIR
         progress_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock(progress_dir)
         write_json(progress_dir / "job.json", {"job": job})
-    except OSError as e:
-        raise DataError(f"cannot write to OUT {out}: {e.strerror or e}") from None
-    with lock:
         return _shard(source, out, progress_dir, job, class_names, options, workers, progress, t0)
 
 

@@ -30,7 +30,8 @@ from .index import ShardIndex
 from .options import as_argv, option
 from .progress import bar as progress_bar, plural
 from .results import write_results
-from .runfolder import write_json
+from .launch import child_env
+from .runfolder import folder_lock, write_json
 from .subset import select, steps_per_epoch
 
 @dataclass(frozen=True)
@@ -305,10 +306,13 @@ def run_point(point: Point, spec: SweepSpec, device: str | None = None) -> dict:
         for cmd in point_commands(point, spec):
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            p = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
-            log.write(p.stderr)
+            start = log.tell()
+            # Into the log, not a pipe: a child's last words outlive a sweep killed first.
+            p = subprocess.run(cmd, stdout=log, stderr=log, env=child_env(env))
             if p.returncode != 0:
-                lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+                with open(run / "sweep.log", errors="replace") as f:
+                    f.seek(start)
+                    lines = [x for x in f.read().splitlines() if x.strip()]
                 error = f"{cmd[3]} exited {p.returncode}: {lines[-1] if lines else '(no output)'}"
                 return {"run": point.name, "status": "failed", "error": error,
                         "seconds": time.perf_counter() - t0, "device": device}
@@ -378,8 +382,14 @@ def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
           log=print, progress: bool = False) -> dict:
     """Run the points not finished yet; write pretrain.json, sweep.json, failures.json and
     results.csv."""
+    with folder_lock(spec.out, "sweep"):
+        return _sweep(spec, points, datasets, launcher=launcher, slots=slots, slurm=slurm,
+                      log=log, progress=progress)
+
+
+def _sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *, launcher: str,
+           slots: list | None, slurm: dict | None, log, progress: bool) -> dict:
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(spec.config_file, spec.config)
     # Every point ever run here keeps its budget N: a later call may add points (a predicted
     # split, say) without relabelling the earlier ones.

@@ -10,10 +10,13 @@ autocast, backward, step, log. A run folder holds config.json, metrics.jsonl, ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +33,8 @@ from .pixelcache import PixelCache, cache_side, prepare as prepare_cache, traini
 from .models import build_model
 from .progress import bar as progress_bar, plural
 from .device import amp_context, resolve_amp, resolve_device, to_model_input
-from .runfolder import load_checkpoint, must_replace, save_torch, write_json
+from .runfolder import (folder_lock, load_checkpoint, must_replace, save_torch,
+                        write_atomic, write_json)
 from .subset import read_class_list, select, steps_per_epoch as epoch_steps
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
@@ -59,6 +63,55 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_bn_wd: bool) ->
 
 class NonFiniteLoss(RuntimeError):
     """The loss became inf or nan: the run stops and keeps its last good checkpoint."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the run at a step boundary, after saving a checkpoint there."""
+
+    def __init__(self, step: int, total: int, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped at step {step} of {total} ({signal.Signals(signum).name}); "
+                         "checkpoint saved: run the same command to resume")
+
+
+class StopOnSignal:
+    """SIGTERM (what Slurm sends before it preempts or times out a job, and what a sweep's
+    run gets when the sweep dies) and SIGINT (Ctrl-C) during a run ask it to stop: the loop
+    finishes its step, saves a checkpoint and raises Stopped, so no work is lost. A second
+    Ctrl-C stops at once (the checkpoint on disk is then the last whole one); a repeated
+    SIGTERM changes nothing (a dying sweep's threads may each send one)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._before: dict = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # where handlers can be set
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._before[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = self.signal or signum
+
+    def __exit__(self, *_) -> None:
+        for sig, before in self._before.items():
+            signal.signal(sig, before)
+
+    def agreed(self, step: int, every: int, ranks: Ranks) -> bool:
+        """Whether to stop after `step`: at once in one process; in DDP every `every` steps,
+        when any rank was signalled, all at the same step."""
+        if ranks.world == 1:
+            return self.signal is not None
+        if step % every:
+            return False
+        flag = torch.tensor(self.signal or 0, device=ranks.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signal = self.signal or int(flag.item()) or None
+        return self.signal is not None
 
 
 @torch.no_grad()
@@ -164,20 +217,37 @@ def open_run_folder(out: Path, record: dict, overwrite: bool, ranks: Ranks) -> d
     which starts it over), keep a checkpoint to resume from, and return the summary of a run
     that finished already (None otherwise)."""
     if (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text())
-        replace = must_replace(out, _computes(old), _computes(record), overwrite=overwrite,
-                               holds="a run")
+        old = _readable(out / "config.json", overwrite)
+        replace = old is None or must_replace(out, _computes(old), _computes(record),
+                                              overwrite=overwrite, holds="a run")
         if (overwrite or replace) and ranks.is_main:
             for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
         elif not (overwrite or replace) and (out / "summary.json").is_file():
-            return {**json.loads((out / "summary.json").read_text()), "already_finished": True}
+            summary = _readable(out / "summary.json", overwrite)
+            if summary is not None:
+                return {**summary, "already_finished": True}
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", record)
     if ranks.world > 1:
         torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
     return None
+
+
+def _readable(path: Path, overwrite: bool) -> dict | None:
+    """A run folder's JSON record, or None where it is unreadable and --overwrite will
+    replace it; without --overwrite an unreadable one is refused."""
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict):
+            return record
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if overwrite:
+        return None
+    raise DataError(f"{path} is not readable JSON: use --overwrite to start the run again, or "
+                    "another --out")
 
 
 def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
@@ -193,10 +263,12 @@ def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
     return model, optimizer, amp_context(device.type, amp), scaler
 
 
-def resume(path: Path, model, optimizer, scaler, device: torch.device) -> tuple[int, int]:
-    """(step, epoch) to go on from: the checkpoint's, or (0, 0) without one."""
+def resume(path: Path, model, optimizer, scaler,
+           device: torch.device) -> tuple[int, int, dict | None]:
+    """(step, epoch, the meter's state) to go on from: the checkpoint's, or (0, 0, None)
+    without one. The step may lie inside the epoch (a run stopped by a signal)."""
     if not path.is_file():
-        return 0, 0
+        return 0, 0, None
     try:
         ckpt = load_checkpoint(path, device)
     except DataError as e:
@@ -208,7 +280,24 @@ def resume(path: Path, model, optimizer, scaler, device: torch.device) -> tuple[
     torch.set_rng_state(ckpt["rng_cpu"])
     if "rng_cuda" in ckpt and device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-    return ckpt["step"], ckpt["epoch"]
+    return ckpt["step"], ckpt["epoch"], ckpt.get("meter")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics rows logged after `step` (the checkpoint resumed from) by a process
+    that died: the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):  # a row cut short by the kill
+            pass
+    if keep != lines:
+        write_atomic(path, "".join(keep).encode())
 
 
 class Meter:
@@ -224,10 +313,25 @@ class Meter:
         self.wait_total = self.wait_window = 0.0
         self.window_start, self.last_loss = time.perf_counter(), float("nan")
 
-    def batches(self, loader):
-        """The loader's batches, timing how long the loop waited for each."""
+    def new_epoch(self) -> None:
         self.correct.zero_()
         self.seen_epoch = 0
+
+    def state(self) -> dict:
+        """What a resumed run needs to record what an uninterrupted one records: the log
+        window in progress, the epoch's accuracy so far, the last logged loss."""
+        return {"loss_sum": self.loss_sum.cpu(), "finite": self.finite.cpu(),
+                "correct": self.correct.cpu(), "seen_epoch": self.seen_epoch,
+                "window_steps": self.window_steps, "last_loss": self.last_loss}
+
+    def load_state(self, state: dict) -> None:
+        for name in ("loss_sum", "finite", "correct"):
+            getattr(self, name).copy_(state[name])
+        self.seen_epoch, self.window_steps = state["seen_epoch"], state["window_steps"]
+        self.last_loss = state["last_loss"]
+
+    def batches(self, loader):
+        """The loader's batches, timing how long the loop waited for each."""
         t = time.perf_counter()
         for batch in loader:
             wait = time.perf_counter() - t
@@ -285,14 +389,15 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     # On a GPU the run has a CUDA stream of its own. On the legacy default stream, which waits
     # for other streams' work, ResNet-18 trained 23% slower beside the JPEG decoders (H200,
     # 10,263 against 13,263 img/s; benchmarks/README.md).
-    if resolve_device(cfg.device) == "cuda":
-        with torch.cuda.stream(torch.cuda.Stream(int(os.environ.get("LOCAL_RANK", 0)))):
-            return _train(cfg, Path(out), overwrite, progress, make_loader, log)
-    return _train(cfg, Path(out), overwrite, progress, make_loader, log)
+    stream = torch.cuda.stream(torch.cuda.Stream(int(os.environ.get("LOCAL_RANK", 0)))) \
+        if resolve_device(cfg.device) == "cuda" else contextlib.nullcontext()
+    with contextlib.ExitStack() as held, stream:
+        return _train(cfg, Path(out), overwrite, progress, make_loader, log, held)
 
 
 def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_loader,
-           log) -> dict:
+           log, held: contextlib.ExitStack) -> dict:
+    stop = held.enter_context(StopOnSignal())
     ranks = setup_ranks(cfg)
     device, cuda = ranks.device, ranks.device.type == "cuda"
     names = read_class_list(cfg.class_list) if cfg.class_list else None
@@ -304,11 +409,13 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
               "amp": amp, "steps_per_epoch": plan.steps_per_epoch,
               "total_steps": plan.total_steps, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if cuda else str(device)}
+    if ranks.is_main:  # the run folder is this run's until it ends: a second one is refused
+        held.enter_context(folder_lock(out, "pretrain"))
     finished = open_run_folder(out, record, overwrite, ranks)
     if finished:
         return finished
     model, optimizer, autocast, scaler = build(cfg, subset.num_classes, amp, device)
-    step, epoch = resume(out / "checkpoint.pt", model, optimizer, scaler, device)
+    step, epoch, meter_state = resume(out / "checkpoint.pt", model, optimizer, scaler, device)
     net = model
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -320,9 +427,25 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     if ranks.is_main:
         (log or _stderr)(cache_record.line())
     meter = Meter(device, ranks.world)
+    if meter_state:
+        meter.load_state(meter_state)
+
+    def checkpoint(step: int, epoch: int) -> None:
+        """The run so far: resuming from it computes and records what an uninterrupted run
+        does. `epoch`: the one to go on with (from step - epoch x steps per epoch)."""
+        meter.check_finite(step, epoch)  # never checkpoint a diverged model
+        if ranks.is_main:  # the unwrapped module's state: no key surgery when loading
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                        "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
+                        **({"rng_cuda": torch.cuda.get_rng_state(device)} if cuda else {}),
+                        "meter": meter.state(), "num_classes": subset.num_classes,
+                        "class_names": subset.class_names}, out / "checkpoint.pt")
 
     # -- the loop
     loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
+    if ranks.is_main:
+        trim_metrics(out / "metrics.jsonl", step)
     metrics = open(out / "metrics.jsonl", "a") if ranks.is_main else None
     bar = progress_bar(total=plan.total_steps, initial=step, unit="step",
                        enabled=progress and ranks.is_main)
@@ -333,7 +456,10 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                 loader.close()
             loader = make_loader(subset, cfg, res, str(device), ranks.rank, ranks.world,
                                  cache=cache)
-        loader.set_epoch(epoch)
+        start = step - epoch * plan.steps_per_epoch  # > 0 after a stop inside the epoch
+        if start == 0:
+            meter.new_epoch()
+        loader.set_epoch(epoch, start)
         for images, labels in meter.batches(loader):
             lr = lr_at(step, plan.total_steps, plan.warmup_steps, cfg.lr, cfg.schedule)
             for group in optimizer.param_groups:
@@ -351,15 +477,15 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             bar.update(1)
             if step >= plan.total_steps:
                 break
-        meter.check_finite(step, epoch)  # never checkpoint a diverged model
+            if stop.agreed(step, cfg.log_every, ranks):
+                checkpoint(step, epoch)
+                bar.close()
+                loader.close()
+                if metrics:
+                    metrics.close()
+                raise Stopped(step, plan.total_steps, stop.signal)
         epoch += 1
-        if ranks.is_main:  # the unwrapped module's state: no key surgery when loading
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                        "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
-                        **({"rng_cuda": torch.cuda.get_rng_state(device)} if cuda else {}),
-                        "num_classes": subset.num_classes, "class_names": subset.class_names},
-                       out / "checkpoint.pt")
+        checkpoint(step, epoch)
     bar.close()
     wall = time.perf_counter() - meter.start
     loader_threads = loader.pipeline["threads"] if loader else None

@@ -45,6 +45,7 @@ def test_cached_batches_are_the_streamed_ones_at_full_size(shards, device):
     s = select(ShardIndex.load(shards), 6, 20, seed=0)
     cache, record = _cache(s, side=64, device=device)
     assert record.where == ("host" if device == "cpu" else "gpu") and record.images == 120
+    assert record.shrunk == 0 and "120 images at <= 64 px, 0 of them shrunk" in record.line()
     assert record.gb == pytest.approx(120 * 48 * 64 * 3 / 1e9) and not cache.filled.any()
     for res in (32, 48):
         streamed = Loader(s, batch_size=16, train=True, res=res, seed=3, device=device)
@@ -72,6 +73,7 @@ def test_a_smaller_side_stores_shrunk_images_and_scales_the_windows(shards):
     cache, record = _cache(s, side=32)
     assert cache.height.tolist() == [24] * 10 and cache.width.tolist() == [32] * 10  # 64x48
     assert cache.pixels.shape == (240, 32, 3) and record.gb == pytest.approx(240 * 32 * 3 / 1e9)
+    assert record.shrunk == 10
     slots = np.arange(10)
     whole = cache.windows(slots, np.zeros((10, 2), int), np.tile([48, 64], (10, 1)))
     assert [a.tolist() for a in whole] == [[0] * 10, [0] * 10, [24] * 10, [32] * 10]

@@ -183,7 +183,7 @@ def test_damaged_tar_names_file_and_sample(tmp_path, texture):
     tar = index.tar_paths[1]
     tar.write_bytes(tar.read_bytes()[:2000])  # cut short: most samples are gone
     loader = Loader(select(index), batch_size=4, train=False, res=32)
-    with pytest.raises(Exception, match=rf"{tar.name}: sample at offset \d+ is cut short"):
+    with pytest.raises(Exception, match=rf"{tar.name}: sample at offset \d+ .*is cut short"):
         for _ in loader:
             pass
 
@@ -205,7 +205,7 @@ def test_index_not_matching_tar_names_file_and_sample(tmp_path, texture):
     index = ShardIndex.load(out)
     loader = Loader(select(index), batch_size=4, train=False, res=32)
     tar = index.tar_paths[table["tar"][4]].name
-    with pytest.raises(Exception, match=rf"{tar}: sample at offset \d+ is not a JPEG"):
+    with pytest.raises(Exception, match=rf"{tar}: sample at offset \d+ .*is not a JPEG"):
         for _ in loader:
             pass
 

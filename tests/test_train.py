@@ -68,9 +68,11 @@ def test_loss_decreases_and_val_top1(shards, tmp_path, texture):
         p.write_bytes(imagenet_like_jpeg(texture, 0, c, 100 + i, width=48, height=40))
     shard_dataset(val_src, tmp_path / "valshards", classes_from=shards, progress=False)
     out = tmp_path / "run"
+    # lr 0.05 without warm-up spiked the loss in fp32 too and diverged in bf16 on some CPUs;
+    # 0.01 with one warm-up epoch learns on every seed and precision tried (issue 20).
     run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 24, "--epochs", 8,
-            "--recipe", "paper", "--lr", "0.05", "--val-data", tmp_path / "valshards",
-            "--out", out, *FAST)
+            "--recipe", "paper", "--lr", "0.01", "--warmup-epochs", "1",
+            "--val-data", tmp_path / "valshards", "--out", out, *FAST)
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     summary = json.loads((out / "summary.json").read_text())
@@ -122,8 +124,9 @@ def test_resume_after_kill_9_is_exact(shards, tmp_path):
         interrupt(args(out, cache), lambda: _safe(when, out))
         assert not (out / "summary.json").exists(), f"{name}: finished before the kill"
         if name == "during a write":  # what a kill inside torch.save leaves beside the last one
-            (out / "checkpoint.pt.partial").write_bytes(b"PK\x03\x04 cut short")
+            (out / "checkpoint.pt.999999999.partial").write_bytes(b"PK\x03\x04 cut short")
         run_cli(*args(out, cache))
+        assert not list(out.glob("*.partial"))
         assert json.loads((out / "summary.json").read_text())["cache"]["where"] == cache
         got = _weights(out)
         assert got.keys() == reference.keys()

@@ -1,0 +1,296 @@
+"""Faults as users meet them: damaged data on every path, two writers, signals, a killed sweep,
+failed writes, unreadable records. Each ends in one clear line, nothing is served stale, and
+running the same command again goes on from what was finished."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DPTRAIN, interrupt, make_shard_set, run_cli
+from dptrain.index import ShardIndex
+from dptrain.runfolder import folder_lock
+
+FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
+        "--no-progress", "--workers", "2", "--recipe", "synthetic"]
+SPEEDS = {"wall_s", "images_per_s", "data_wait_fraction", "data_wait", "loader_ms_per_batch",
+          "loader_threads", "cache"}
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory, texture) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sets")
+    train = make_shard_set(root / "train", texture, 6, 24, (48, 40))
+    down = make_shard_set(root / "down", texture, 3, 10, (48, 40))
+    test = make_shard_set(root / "test", texture, 3, 4, (48, 40), classes_from=down)
+    return {"train": train, "down": down, "test": test}
+
+
+def copy_set(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return dst
+
+
+def records(run: Path) -> tuple[list[dict], dict]:
+    """A run's metrics rows and summary without what measures its speed."""
+    rows = [{k: v for k, v in json.loads(x).items() if k not in SPEEDS}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items()
+               if k not in SPEEDS}
+    return rows, summary
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def pretrain_args(data: Path, out: Path, epochs: int = 6) -> list:
+    return ["pretrain", "--data", data, "--classes", 6, "--per-class", 24, "--epochs", epochs,
+            "--out", out, *FAST]
+
+
+def one_line_error(p: subprocess.CompletedProcess, *needles: str, status: int = 2) -> None:
+    assert p.returncode == status, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert all(n in last for n in needles), last
+
+
+# -- damaged data ----------------------------------------------------------------------------
+
+def zero_sample(root: Path, row: int = 3) -> tuple[Path, int]:
+    """Overwrite one JPEG of a shard set with zeros, its length kept."""
+    index = ShardIndex.load(root)
+    r = index.samples[row]
+    tar = index.tar_paths[r["tar"]]
+    data = bytearray(tar.read_bytes())
+    data[r["offset"]:r["offset"] + r["size"]] = bytes(int(r["size"]))
+    tar.write_bytes(bytes(data))
+    return tar, int(r["offset"])
+
+
+@pytest.mark.parametrize("cache", ["host", "off"])
+def test_a_zeroed_jpeg_in_training_data_names_shard_key_and_verify(sets, tmp_path, cache):
+    data = copy_set(sets["train"], tmp_path / "train")
+    tar, offset = zero_sample(data)
+    p = run_cli(*pretrain_args(data, tmp_path / "run", 1), "--cache", cache, check=False)
+    one_line_error(p, f"{tar.name}: sample at offset {offset} (key ", "is not a JPEG",
+                   "dptrain verify")
+
+
+def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*pretrain_args(sets["train"], run, 1))
+    val = copy_set(sets["train"], tmp_path / "val")
+    zero_sample(val)
+    p = run_cli(*pretrain_args(sets["train"], tmp_path / "v", 1), "--val-data", val,
+                "--cache", "off", check=False)  # decoded (with a cache: keyed, as below)
+    one_line_error(p, val.name, "is not a JPEG", "dptrain verify")
+    # Probing: every cache is keyed on what the data is, so a damaged set is never served
+    # from one, and with no cache at all its decoder names the sample.
+    down = copy_set(sets["down"], tmp_path / "down")
+    probe = ["probe", run, "--data", down, "--test-data", sets["test"], "--repeats", 1,
+             "--no-progress"]
+    run_cli(*probe)
+    zero_sample(down)
+    one_line_error(run_cli(*probe, check=False), "changed since the set was sharded",
+                   "dptrain verify")
+    one_line_error(run_cli(*probe, "--cache-dir", "off", "--feature-cache", tmp_path / "f2",
+                           check=False), "dptrain verify")
+
+
+def test_a_truncated_tar_is_named_on_every_path(sets, tmp_path):
+    data = copy_set(sets["train"], tmp_path / "train")
+    tar = ShardIndex.load(data).tar_paths[2]
+    tar.write_bytes(tar.read_bytes()[:-3000])
+    one_line_error(run_cli(*pretrain_args(data, tmp_path / "run", 1), check=False),
+                   tar.name, "cut short", "dptrain verify")
+    run = tmp_path / "ok"
+    run_cli(*pretrain_args(sets["train"], run, 1))
+    one_line_error(run_cli("probe", run, "--data", data, "--test-data", data, "--repeats", 1,
+                           "--no-progress", check=False), "changed since", "dptrain verify")
+
+
+# -- one writer per folder -------------------------------------------------------------------
+
+def test_a_second_writer_is_refused_with_who_holds_the_folder(sets, tmp_path, texture):
+    run = tmp_path / "run"
+    args = pretrain_args(sets["train"], run, 40)
+    first = subprocess.Popen([*DPTRAIN, *map(str, args)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        p = run_cli(*args, check=False)
+        one_line_error(p, f"another dptrain pretrain (pid {first.pid}) is writing {run}")
+        p = run_cli("probe", run, "--data", sets["down"], "--test-data", sets["test"],
+                    check=False)
+        one_line_error(p, f"another dptrain pretrain (pid {first.pid}) is writing")
+    finally:
+        first.kill()
+        first.communicate()
+    # The kernel released the dead holder's lock: the folder can be written again.
+    with folder_lock(run, "pretrain"):
+        pass
+    # shard and sweep folders alike (held here by this process)
+    out = tmp_path / "set"
+    with folder_lock(out, "shard"):
+        p = run_cli("shard", sets["train"].parent / "src", out, "--no-progress", check=False)
+        one_line_error(p, "another dptrain", f"is writing {out}")
+    p = run_cli("shard", sets["train"].parent / "src", out, "--no-progress")
+    assert "written" in p.stdout  # an empty OUT holding only the lock file is not foreign
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(sets, tmp_path_factory) -> Path:
+    """An uninterrupted run: 6 epochs of 9 steps, a metrics row every 2 steps (so a log
+    window spans each epoch's end, where checkpoints are)."""
+    ref = tmp_path_factory.mktemp("ref") / "run"
+    run_cli(*pretrain_args(sets["train"], ref))
+    return ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_records_the_same(sets, reference,
+                                                                         tmp_path, sig):
+    """SIGTERM (Slurm before preemption) and Ctrl-C stop the run at the next step with a
+    checkpoint there, mid-epoch; the resumed run ends with the uninterrupted run's weights,
+    metrics rows and summary (speeds aside)."""
+    ref, out = reference, tmp_path / "run"
+    started = lambda: (out / "metrics.jsonl").is_file() and \
+        len((out / "metrics.jsonl").read_text().splitlines()) >= 7  # noqa: E731
+    status, err = interrupt(pretrain_args(sets["train"], out), started, sig,
+                            group=sig == signal.SIGINT)
+    assert status == 128 + sig, err
+    last = err.strip().splitlines()[-1]
+    assert f"({signal.Signals(sig).name}); checkpoint saved: run the same command to " \
+           "resume" in last and "Traceback" not in err
+    stopped = int(last.split("stopped at step ")[1].split()[0])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == stopped and 14 <= stopped < 54
+    if sig == signal.SIGINT:
+        return  # the rest is the same for both
+    # Unfinished: a probe says so, unless asked to probe it as it is.
+    probe = ["probe", out, "--data", sets["down"], "--test-data", sets["test"], "--repeats", 1,
+             "--no-progress"]
+    one_line_error(run_cli(*probe, check=False), f"step {stopped} of 54", "--allow-unfinished")
+    run_cli(*probe, "--allow-unfinished")
+    run_cli(*pretrain_args(sets["train"], out))
+    assert records(out) == records(ref)
+    assert all(torch.equal(v, weights(out)[k]) for k, v in weights(ref).items())
+
+
+def test_kill_9_mid_epoch_resumes_with_the_records_of_an_uninterrupted_run(sets, reference,
+                                                                          tmp_path):
+    """Rows logged after the last checkpoint by the process that died are dropped, and the
+    log window and the epoch's accuracy in progress come back from the checkpoint."""
+    out = tmp_path / "run"
+    mid = lambda: (out / "checkpoint.pt").is_file() and \
+        len((out / "metrics.jsonl").read_text().splitlines()) >= 7  # noqa: E731
+    interrupt(pretrain_args(sets["train"], out), mid)
+    assert not (out / "summary.json").exists()
+    rows = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1] > torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    run_cli(*pretrain_args(sets["train"], out))
+    assert records(out) == records(reference)
+
+
+def test_a_killed_sweep_takes_its_runs_with_it(tmp_path):
+    """kill -9 of a sweep: its pretrain child is told (SIGTERM), saves a checkpoint, exits
+    and lets go of its run folder, so a rerun never trains a point twice at once."""
+    from dptrain.synthetic import Generator, write_pool, write_tasks
+
+    gen = Generator(res=16)
+    write_pool(tmp_path / "pool", 4, 40, gen, progress=False)
+    suite = write_tasks(tmp_path, (2,), train=4, test=2, gen=gen, progress=False)
+    out = tmp_path / "sw"
+    args = ["sweep", "--data", tmp_path / "pool", "--suite", suite, "--out", out, "--points",
+            "4:40", "--recipe", "synthetic", "--epochs", "4", "--batch-size", "8", "--seeds",
+            "1", "--repeats", "1", "--log-every", "1", "--device", "cpu", "--no-progress"]
+    run = out / "runs" / "K4-n40-s0"
+    interrupt(args, lambda: (run / "checkpoint.pt").is_file())
+    deadline = time.time() + 60
+    while "checkpoint saved" not in (run / "sweep.log").read_text():  # its last words
+        assert time.time() < deadline, "the sweep's pretrain child was not stopped"
+        time.sleep(0.2)
+    assert "(SIGTERM); checkpoint saved" in (run / "sweep.log").read_text()
+    time.sleep(2)  # it exits as it says so: then its run folder is free
+    with folder_lock(run, "pretrain"):
+        pass
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 80
+    r = run_cli(*args)
+    assert "1 to run" in r.stderr and json.loads((run / "summary.json").read_text())["steps"] \
+        == 80
+
+
+# -- failed writes and unreadable records ----------------------------------------------------
+
+def limited(args: list, max_bytes: int) -> subprocess.CompletedProcess:
+    """`dptrain ARGS` unable to write a file larger than max_bytes (EFBIG, as a full disk
+    fails a write)."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return subprocess.run([*DPTRAIN, *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit)
+
+
+def test_a_failed_write_is_one_line_and_a_rerun_resumes(sets, tmp_path):
+    out = tmp_path / "set"
+    src = sets["train"].parent / "src"
+    p = limited(["shard", src, out, "--no-progress", "--shard-size", "1000000"], 20_000)
+    one_line_error(p, "cannot write", "File too large", "run the same command again",
+                   status=1)
+    assert not list(out.glob("*.tar"))  # nothing half-written passes for a tar
+    run_cli("shard", src, out, "--no-progress", "--shard-size", "1000000")
+    assert "OK" in run_cli("verify", out).stdout
+    run = tmp_path / "run"  # config.json fits, the first checkpoint does not
+    p = limited(pretrain_args(sets["train"], run, 2), 60_000)
+    one_line_error(p, "cannot write", "checkpoint.pt", "run the same command again", status=1)
+    assert not (run / "checkpoint.pt").exists() and not list(run.glob("*.partial"))
+    run_cli(*pretrain_args(sets["train"], run, 2))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 18
+
+
+def test_unreadable_run_records_are_refused_and_overwrite_clears_them(sets, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*pretrain_args(sets["train"], run, 1))
+    (run / "summary.json").write_text("{ cut")
+    one_line_error(run_cli(*pretrain_args(sets["train"], run, 1), check=False),
+                   "summary.json is not readable JSON", "--overwrite")
+    (run / "config.json").write_bytes(b"\x00" * 10)
+    one_line_error(run_cli(*pretrain_args(sets["train"], run, 1), check=False),
+                   "config.json is not readable JSON", "--overwrite")
+    run_cli(*pretrain_args(sets["train"], run, 1), "--overwrite")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 9
+
+
+def test_an_unknown_key_in_a_suite_is_named(sets, tmp_path):
+    run = tmp_path / "run"
+    run_cli(*pretrain_args(sets["train"], run, 1))
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'[[dataset]]\nname = "d"\ndata = "{sets["down"]}"\n'
+                     f'test_data = "{sets["test"]}"\ntets = 3\n')
+    one_line_error(run_cli("probe", run, "--suite", suite, check=False),
+                   "unknown key(s) tets", "name, data, test_data")
+
+
+def test_resume_may_change_what_only_changes_speed(sets, tmp_path):
+    run = tmp_path / "run"
+    interrupt(pretrain_args(sets["train"], run, 3), lambda: (run / "checkpoint.pt").is_file())
+    run_cli(*pretrain_args(sets["train"], run, 3), "--workers", "1", "--log-every", "3",
+            "--progress", "--cache", "off")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 27
+    assert np.isfinite(json.loads((run / "summary.json").read_text())["train_loss"])
