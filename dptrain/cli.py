@@ -133,8 +133,9 @@ def pretrain(out, recipe, gpus, overwrite, config_file, print_config, progress, 
     """Pre-train one model on a K-class x n-per-class subset of a shard set.
 
     Writes config.json, metrics.jsonl, checkpoint.pt (every epoch) and summary.json to the run
-    folder. Run the same command again to resume an interrupted run; a finished run is not
-    retrained. Multi-GPU: --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
+    folder. Ctrl-C or SIGTERM saves a checkpoint at the next step and stops. Run the same
+    command again to resume an interrupted run; a finished run is not retrained. Multi-GPU:
+    --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
     """
     from .config import load_config
     from .launch import relaunch, under_torchrun

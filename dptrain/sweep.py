@@ -17,6 +17,7 @@ import json
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -307,17 +308,50 @@ def run_point(point: Point, spec: SweepSpec, device: str | None = None) -> dict:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             start = log.tell()
-            # Into the log, not a pipe: a child's last words outlive a sweep killed first.
-            p = subprocess.run(cmd, stdout=log, stderr=log, env=child_env(env))
-            if p.returncode != 0:
+            returncode = run_child(cmd, log, child_env(env))
+            if returncode != 0:
                 with open(run / "sweep.log", errors="replace") as f:
                     f.seek(start)
                     lines = [x for x in f.read().splitlines() if x.strip()]
-                error = f"{cmd[3]} exited {p.returncode}: {lines[-1] if lines else '(no output)'}"
+                error = f"{cmd[3]} exited {returncode}: {lines[-1] if lines else '(no output)'}"
                 return {"run": point.name, "status": "failed", "error": error,
                         "seconds": time.perf_counter() - t0, "device": device}
     return {"run": point.name, "status": "done", "error": None,
             "seconds": time.perf_counter() - t0, "device": device}
+
+
+STOP_GRACE_S = 120  # for a child asked to stop: a run finishes its step and saves a checkpoint
+
+
+def run_child(cmd: list[str], log, env: dict) -> int:
+    """Run `cmd` to its end, its output into `log` (not a pipe: a child's last words outlive a
+    sweep killed first); its exit status. Stopped meanwhile (Ctrl-C, or submitit's requeue
+    on preemption, both exceptions here), this process asks the child to stop as well
+    (SIGTERM: a run saves a checkpoint at its next step) and waits for it before going."""
+    with subprocess.Popen(cmd, stdout=log, stderr=log, env=env) as p:
+        try:
+            return p.wait()
+        except BaseException:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            raise
+
+
+class PointJob:
+    """`run_point` as a submitit job. Checkpointable: when Slurm is about to preempt or time
+    out the job, submitit calls `checkpoint` and requeues the job, `run_child` stops the
+    point's run with a checkpoint, and the requeued job resumes it."""
+
+    def __call__(self, point: Point, spec: SweepSpec) -> dict:
+        return run_point(point, spec)
+
+    def checkpoint(self, point: Point, spec: SweepSpec):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, point, spec)
 
 
 def share_of_cores(runs: int, gpus_per_run: int = 1) -> int:
@@ -366,7 +400,7 @@ def submit_slurm(points: list[Point], spec: SweepSpec, *, cluster: str = "slurm"
 
     executor = submitit.AutoExecutor(folder=Path(spec.out) / "submitit", cluster=cluster)
     executor.update_parameters(**(slurm or {}))
-    jobs = [executor.submit(run_point, p, spec) for p in points]
+    jobs = [executor.submit(PointJob(), p, spec) for p in points]
     results = []
     for p, j in zip(points, jobs):
         try:

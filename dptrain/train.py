@@ -75,8 +75,9 @@ class Stopped(RuntimeError):
 
 
 class StopOnSignal:
-    """SIGTERM (what Slurm sends before it preempts or times out a job, and what a sweep's
-    run gets when the sweep dies) and SIGINT (Ctrl-C) during a run ask it to stop: the loop
+    """SIGTERM (what Slurm sends before it preempts or ends a job, and what a sweep's run
+    gets when the sweep dies), SIGUSR2 (what submitit has Slurm send ahead of a time limit)
+    and SIGINT (Ctrl-C) during a run ask it to stop: the loop
     finishes its step, saves a checkpoint and raises Stopped, so no work is lost. A second
     Ctrl-C stops at once (the checkpoint on disk is then the last whole one); a repeated
     SIGTERM changes nothing (a dying sweep's threads may each send one)."""
@@ -87,7 +88,7 @@ class StopOnSignal:
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # where handlers can be set
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
                 self._before[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -107,16 +107,15 @@ def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
                            check=False), "dptrain verify")
 
 
-def test_a_truncated_tar_is_named_on_every_path(sets, tmp_path):
+def test_a_truncated_tar_is_named_on_every_path(sets, reference, tmp_path):
     data = copy_set(sets["train"], tmp_path / "train")
     tar = ShardIndex.load(data).tar_paths[2]
     tar.write_bytes(tar.read_bytes()[:-3000])
     one_line_error(run_cli(*pretrain_args(data, tmp_path / "run", 1), check=False),
                    tar.name, "cut short", "dptrain verify")
-    run = tmp_path / "ok"
-    run_cli(*pretrain_args(sets["train"], run, 1))
-    one_line_error(run_cli("probe", run, "--data", data, "--test-data", data, "--repeats", 1,
-                           "--no-progress", check=False), "changed since", "dptrain verify")
+    one_line_error(run_cli("probe", reference, "--data", data, "--test-data", data,
+                           "--repeats", 1, "--no-progress", check=False),
+                   "changed since", "dptrain verify")  # refused before anything is written
 
 
 # -- one writer per folder -------------------------------------------------------------------
@@ -277,9 +276,8 @@ def test_unreadable_run_records_are_refused_and_overwrite_clears_them(sets, tmp_
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
 
 
-def test_an_unknown_key_in_a_suite_is_named(sets, tmp_path):
-    run = tmp_path / "run"
-    run_cli(*pretrain_args(sets["train"], run, 1))
+def test_an_unknown_key_in_a_suite_is_named(sets, reference, tmp_path):
+    run = reference  # refused before anything is written
     suite = tmp_path / "suite.toml"
     suite.write_text(f'[[dataset]]\nname = "d"\ndata = "{sets["down"]}"\n'
                      f'test_data = "{sets["test"]}"\ntets = 3\n')
