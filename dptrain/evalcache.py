@@ -24,7 +24,7 @@ import torch
 from .datakey import checked_fingerprint
 from .index import ShardIndex
 from .loader import Produce, on_stream
-from .runfolder import fsync, pid_alive
+from .runfolder import partial_path, publish, remove_dead_partials
 from .subset import Subset
 
 VERSION = 1  # of the eval transform: a change in how eval images are made starts new entries
@@ -105,10 +105,7 @@ class _Writer:
         self.cache, self.subset = cache, subset
         self.open: dict[int, tuple[np.ndarray, np.ndarray, Path]] = {}  # file, rows written, tmp
         cache.dir.mkdir(parents=True, exist_ok=True)
-        for tmp in cache.dir.glob("*.partial"):  # left by a process that died: never renamed
-            pid = tmp.name.split(".")[-2]
-            if not (pid.isdigit() and pid_alive(int(pid))):
-                tmp.unlink(missing_ok=True)
+        remove_dead_partials(cache.dir)  # classes a process that died never finished
 
     def __call__(self, positions: np.ndarray, images: torch.Tensor) -> None:
         pixels = images.cpu().numpy()
@@ -118,7 +115,7 @@ class _Writer:
             if c not in self.open:
                 if final.is_file():
                     continue
-                tmp = final.with_name(f"{final.name}.{os.getpid()}.partial")
+                tmp = partial_path(final)
                 count = int(self.cache.index.counts[c])
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                                   shape=(count, *pixels.shape[1:]))
@@ -130,8 +127,7 @@ class _Writer:
             if written.all():
                 array.flush()
                 del self.open[c], array
-                fsync(tmp)  # a power cut must not leave a renamed file without its data
-                os.replace(tmp, final)
+                publish(tmp, final)
 
     def close(self) -> None:
         for _array, _written, tmp in self.open.values():

@@ -66,7 +66,7 @@ def _holder(fd: int) -> str:
     return "dptrain command"
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,17 +83,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     power cut leaves the old file or the new one), removed when it fails. `suffix` keeps an
     extension that a writer insists on (numpy's savez appends .npz to any other name)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}{suffix}")
-    for old in path.parent.glob(f"{glob.escape(path.name)}.*{PARTIAL}{suffix}"):
-        pid = old.name[len(path.name) + 1:-len(PARTIAL + suffix)]  # what a dead writer left
-        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
-            _remove(old)
+    tmp = partial_path(path, suffix)
+    _remove(tmp)  # what an earlier try of this process left
+    remove_dead_partials(path.parent, glob.escape(path.name), suffix)
     try:
         yield tmp
-        for p in (sorted(tmp.rglob("*")) if tmp.is_dir() else []) + [tmp]:
-            fsync(p)
-        os.replace(tmp, path)
-        fsync(path.parent)
+        publish(tmp, path)
     except OSError as e:  # a write to an open file names no file: name the one meant
         _remove(tmp)
         if e.filename is None:
@@ -102,6 +97,29 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def partial_path(path: Path, suffix: str = "") -> Path:
+    """This process's temporary name for `path`: NAME.PID.partial (+ `suffix`)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}{suffix}")
+
+
+def remove_dead_partials(folder: Path, names: str = "*", suffix: str = "") -> None:
+    """Remove the temporary names (`partial_path`) in `folder` of files matching the glob
+    `names` whose writers died, kill -9 included; a live writer's are its own."""
+    for old in folder.glob(f"{names}.*{PARTIAL}{suffix}"):
+        pid = old.name[:-len(PARTIAL + suffix)].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(old)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file or folder to `path`, flushed to disk first and its
+    folder after, so that a power cut leaves the old file or the new one, whole."""
+    for p in (sorted(tmp.rglob("*")) if tmp.is_dir() else []) + [tmp]:
+        fsync(p)
+    os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def fsync(path: str | os.PathLike) -> None:

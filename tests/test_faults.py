@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -35,7 +36,7 @@ def sets(tmp_path_factory, texture) -> dict[str, Path]:
 
 
 def copy_set(src: Path, dst: Path) -> Path:
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    shutil.copytree(src, dst)
     return dst
 
 
