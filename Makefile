@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dptrain probe $(DEMO) --suite shards/synthetic/suite.toml --random-init
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

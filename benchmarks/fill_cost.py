@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import imagenet_like, save, table  # noqa: E402
 from loader import BATCH, RES, shards  # noqa: E402
 
+from dptrain.environment import cores_for_this_process  # noqa: E402
 from dptrain.index import ShardIndex  # noqa: E402
-from dptrain.loader import Loader, default_threads  # noqa: E402
+from dptrain.loader import Loader  # noqa: E402
 from dptrain.pixelcache import cache_side, prepare  # noqa: E402
 from dptrain.subset import select  # noqa: E402
 from dptrain.transforms import fit, resize  # noqa: E402
@@ -51,7 +52,7 @@ def dali_decode_ms(files: list[Path]) -> float:
     data = [np.frombuffer(f.read_bytes(), np.uint8) for f in files]
     steps = len(data) // BATCH
 
-    @pipeline_def(batch_size=BATCH, num_threads=default_threads(), device_id=None)
+    @pipeline_def(batch_size=BATCH, num_threads=cores_for_this_process(), device_id=None)
     def pipe():
         jpegs = fn.external_source(source=lambda i: data[(i.iteration % steps) * BATCH:][:BATCH],
                                    batch=True, batch_info=True)
@@ -64,7 +65,7 @@ def dali_decode_ms(files: list[Path]) -> float:
     t = time.perf_counter()
     for _ in range(steps):
         p.run()
-    return 1e3 * (time.perf_counter() - t) * default_threads() / (steps * BATCH)
+    return 1e3 * (time.perf_counter() - t) * cores_for_this_process() / (steps * BATCH)
 
 
 def parts(files: list[Path], side: int) -> dict[str, float]:
@@ -88,7 +89,7 @@ def parts(files: list[Path], side: int) -> dict[str, float]:
            f"crop + resize {RES} + flip": per_image(
                lambda i: resize([cache[i * sh:i * sh + boxes[i][0], :boxes[i][1]]], RES,
                                 flips=np.array([i % 2 == 1])), SAMPLE)}
-    torch.set_num_threads(default_threads())
+    torch.set_num_threads(cores_for_this_process())
     return out
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, imagenet_like, save, table  # noqa: E402
 from loader import shards  # noqa: E402
 
-from dptrain.probe import L2_GRID, features, linear_probe  # noqa: E402
+from dptrain.logreg import L2_GRID, linear_probe  # noqa: E402
+from dptrain.probe import features  # noqa: E402
 
 N_TRAIN, N_TEST, DIM, CLASSES, REPEATS, VAL = 50_000, 10_000, 512, 10, 5, 0.2
 

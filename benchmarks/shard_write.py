@@ -15,6 +15,12 @@ Two cache states, each with its own tar baseline:
   tar's hash) and writes two indexes. "read + sha256, 1 core" shows what the hashing alone costs.
 Both are whole commands run as subprocesses (start-up included), alternated, after a sync;
 the median of the repeats is reported.
+
+The cost of durability: each mode also runs `dptrain shard` with os.fsync replaced by a no-op
+in that process only (the tars and index then reach the disk later, at the kernel's leisure),
+so "fsync on / fsync off" is the price of the shard set being on disk when the command
+returns. "+ sync" rows time the command followed by sync(1): the time until the data is
+durable either way.
 """
 
 from __future__ import annotations
@@ -52,6 +58,18 @@ def timed(cmd: list[str], cold: bool) -> float:
     return time.perf_counter() - t
 
 
+def no_fsync(dptrain: str) -> list[str]:
+    """`dptrain` run with os.fsync a no-op: the same command without its durability."""
+    code = ("import os, sys; os.fsync = lambda fd: None; sys.argv[0] = 'dptrain'; "
+            "from dptrain.cli import main; main()")
+    return [sys.executable, "-c", code]
+
+
+def timed_sync(cmd: list[str], cold: bool) -> float:
+    """The command and then sync(1): the time until what it wrote is on disk."""
+    return timed(["sh", "-c", '"$@" >/dev/null && sync', "sh", *cmd], cold)
+
+
 def hash_floor(files: list[Path]) -> float:
     """One core reading and sha256-hashing every input: the hashing dptrain cannot skip."""
     t = time.perf_counter()
@@ -76,8 +94,18 @@ def main() -> None:
                 out, tar = work / f"shards{r}", work / f"{r}.tar"
                 times.setdefault(f"tar -cf ({mode})", []).append(
                     timed(["tar", "-cf", str(tar), "-C", str(src), "."], cold))
+                shard = ["shard", str(src), str(out), "--no-progress"]
                 times.setdefault(f"dptrain shard ({mode})", []).append(
-                    timed([dptrain, "shard", str(src), str(out), "--no-progress"], cold))
+                    timed([dptrain, *shard], cold))
+                shutil.rmtree(out)
+                times.setdefault(f"dptrain shard, fsync off ({mode})", []).append(
+                    timed(no_fsync(dptrain) + shard, cold))
+                shutil.rmtree(out)
+                times.setdefault(f"dptrain shard + sync ({mode})", []).append(
+                    timed_sync([dptrain, *shard], cold))
+                shutil.rmtree(out)
+                times.setdefault(f"dptrain shard, fsync off + sync ({mode})", []).append(
+                    timed_sync(no_fsync(dptrain) + shard, cold))
                 if not cold:
                     times.setdefault("dptrain shard, no-op rerun", []).append(
                         timed([dptrain, "shard", str(src), str(out), "--no-progress"], False))
@@ -87,7 +115,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work)
 
-    rows, ratios = [], {}
+    rows, ratios, fsync_cost = [], {}, {}
     for name, ts in times.items():
         t = statistics.median(ts)
         noop = "no-op" in name
@@ -96,15 +124,24 @@ def main() -> None:
     for mode in modes:
         ratios[mode] = (statistics.median(times[f"tar -cf ({mode})"])
                         / statistics.median(times[f"dptrain shard ({mode})"]))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        fsync_cost[mode] = {
+            "command": med[f"dptrain shard ({mode})"] / med[f"dptrain shard, fsync off ({mode})"],
+            "command + sync": (med[f"dptrain shard + sync ({mode})"]
+                               / med[f"dptrain shard, fsync off + sync ({mode})"])}
     print(f"{len(files):,} JPEGs, {nbytes / 1e6:,.0f} MB, {os.cpu_count()} cores; median of "
           + ", ".join(f"{n} {m}" for m, n in modes.items()) + " runs")
     print(table(rows))
     for mode, ratio in ratios.items():
         print(f"dptrain / tar, {mode} cache = {ratio:.2f} (target >= 0.8)")
+    for mode, cost in fsync_cost.items():
+        print(f"fsync on / off, {mode} cache: command {cost['command']:.2f}, "
+              f"command + sync {cost['command + sync']:.2f} (target: within the noise)")
     if not can_drop:
         print("cold cache not measured: writing /proc/sys/vm/drop_caches needs root")
     path = save("shard_write", {"images": len(files), "bytes": nbytes, "repeats": modes,
                                 "times_s": times, "rows": rows, "ratio_vs_tar": ratios,
+                                "fsync_on_over_off": fsync_cost,
                                 "target_ratio": 0.8})
     print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
 

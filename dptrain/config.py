@@ -19,8 +19,31 @@ SUBSET, TRAIN = "subset", "train"  # which options `sweep` sets per point, and w
 SPEED_ONLY = ("workers", "prefetch", "log_every", "cache", "cache_dir")
 
 
+# Recipes are tables of values; any of them can be overridden on the command line.
+RECIPES: dict[str, dict] = {
+    # The paper's card: 100 epochs, batch 64, SGD 0.1, momentum 0.9, wd 1e-4, 224 px, cosine.
+    "paper": dict(epochs=100, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                  no_bn_wd=False, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
+                  res=224, min_res=None),
+    # FFCV-style: label smoothing, warm-up + linear decay, no wd on norms/biases, 160 -> 192 px,
+    # large batch with the lr scaled (0.5 per 256 images).
+    "fast": dict(epochs=16, batch_size=512, lr=1.0, momentum=0.9, weight_decay=5e-5,
+                 no_bn_wd=True, label_smoothing=0.1, schedule="linear", warmup_epochs=2.0,
+                 res=192, min_res=160),
+    # The built-in synthetic data (32 px): a small CNN, short schedule, CPU-friendly batch.
+    "synthetic": dict(arch="smallcnn", epochs=15, batch_size=128, lr=0.2, momentum=0.9,
+                      weight_decay=5e-4, no_bn_wd=True, label_smoothing=0.1, schedule="linear",
+                      warmup_epochs=1.0, res=32, min_res=None),
+}
+
+
 # A field and its option (help, allowed values); most are training options a sweep passes on.
 _opt = functools.partial(option, group=TRAIN)
+
+
+def _recipe(name: str, help: str, **kw):
+    """A field whose default is the default recipe's value (fast's): written once, in RECIPES."""
+    return _opt(RECIPES["fast"][name], help, **kw)
 
 
 @dataclass(frozen=True)
@@ -43,27 +66,27 @@ class TrainConfig:
                        "built-in data. Every value below is the recipe's unless given. [fast; "
                        "synthetic without --data]", choices=("fast", "paper", "synthetic"))
     arch: str = _opt("resnet18", "smallcnn or any torchvision classification model.")
-    epochs: int = _opt(16, "Passes over the subset.", low=1)
+    epochs: int = _recipe("epochs", "Passes over the subset.", low=1)
     steps: int | None = _opt(None, "Total optimisation steps instead of --epochs (the lr "
                              "schedule follows): the same compute for every (K, n) of a grid.",
                              low=1)
-    batch_size: int = _opt(512, "Images per step over all ranks; changing it without --lr "
-                           "scales the recipe's lr linearly.", low=1)
-    lr: float = _opt(1.0, "Peak learning rate.", low=0, low_open=True)
-    momentum: float = _opt(0.9, "SGD momentum.", low=0, high=1)
-    weight_decay: float = _opt(5e-5, "L2 weight decay.", low=0)
-    no_bn_wd: bool = _opt(True, "No weight decay on norm and bias parameters (--bn-wd: decay "
-                          "them too).")
-    label_smoothing: float = _opt(0.1, "Label smoothing of the cross-entropy.", low=0, high=1,
-                                  high_open=True)
-    schedule: str = _opt("linear", "Learning-rate decay after the warm-up.",
-                         choices=("linear", "cosine"))
-    warmup_epochs: float = _opt(2.0, "Linear learning-rate warm-up, in epochs of the subset "
-                                "(0: none).", low=0)
-    res: int = _opt(192, "Training resolution in px (the last one, if progressive; --res alone "
-                    "turns progressive resolution off).", low=16)
-    min_res: int | None = _opt(160, "Progressive resolution from here up to --res, in steps of "
-                               "32 px (FFCV) [none: off].", low=16)
+    batch_size: int = _recipe("batch_size", "Images per step over all ranks; changing it "
+                              "without --lr scales the recipe's lr linearly.", low=1)
+    lr: float = _recipe("lr", "Peak learning rate.", low=0, low_open=True)
+    momentum: float = _recipe("momentum", "SGD momentum.", low=0, high=1)
+    weight_decay: float = _recipe("weight_decay", "L2 weight decay.", low=0)
+    no_bn_wd: bool = _recipe("no_bn_wd", "No weight decay on norm and bias parameters (--bn-wd: "
+                             "decay them too).")
+    label_smoothing: float = _recipe("label_smoothing", "Label smoothing of the cross-entropy.",
+                                     low=0, high=1, high_open=True)
+    schedule: str = _recipe("schedule", "Learning-rate decay after the warm-up.",
+                            choices=("linear", "cosine"))
+    warmup_epochs: float = _recipe("warmup_epochs", "Linear learning-rate warm-up, in epochs of "
+                                   "the subset (0: none).", low=0)
+    res: int = _recipe("res", "Training resolution in px (the last one, if progressive; --res "
+                       "alone turns progressive resolution off).", low=16)
+    min_res: int | None = _recipe("min_res", "Progressive resolution from here up to --res, in "
+                                  "steps of 32 px (FFCV) [none: off].", low=16)
     eval_res: int | None = _opt(None, "Resolution of --val-data [--res].", low=16)
     amp: str = _opt("auto", "Autocast dtype [auto: bf16 where the hardware has it, else fp16 on "
                     "a GPU, fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler.",
@@ -97,22 +120,36 @@ class TrainConfig:
                                  "~/.cache/dptrain; off: none].")
 
 
-# Recipes are tables of values; any of them can be overridden on the command line.
-RECIPES: dict[str, dict] = {
-    # The paper's card: 100 epochs, batch 64, SGD 0.1, momentum 0.9, wd 1e-4, 224 px, cosine.
-    "paper": dict(epochs=100, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                  no_bn_wd=False, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
-                  res=224, min_res=None),
-    # FFCV-style: label smoothing, warm-up + linear decay, no wd on norms/biases, 160 -> 192 px,
-    # large batch with the lr scaled (0.5 per 256 images).
-    "fast": dict(epochs=16, batch_size=512, lr=1.0, momentum=0.9, weight_decay=5e-5,
-                 no_bn_wd=True, label_smoothing=0.1, schedule="linear", warmup_epochs=2.0,
-                 res=192, min_res=160),
-    # The built-in synthetic data (32 px): a small CNN, short schedule, CPU-friendly batch.
-    "synthetic": dict(arch="smallcnn", epochs=15, batch_size=128, lr=0.2, momentum=0.9,
-                      weight_decay=5e-4, no_bn_wd=True, label_smoothing=0.1, schedule="linear",
-                      warmup_epochs=1.0, res=32, min_res=None),
-}
+@dataclass(frozen=True)
+class PretrainOptions:
+    """`dptrain pretrain`'s options beside the run's config: where it goes and how it starts."""
+
+    out: str | None = option(None, "Run folder [runs/<data>-K<K>-n<n>-s<seed>].", path="out")
+    overwrite: bool = option(False, "Start the run folder over (one made with other options, or "
+                             "a damaged checkpoint).")
+    config_file: str | None = option(None, "Start from this resolved config (from "
+                                     "--print-config, or a sweep's pretrain.json) instead of a "
+                                     "recipe; options given replace its values.", path="file",
+                                     flag="--config")
+    print_config: bool = option(False, "Print the run's resolved options (the recipe with what "
+                                "was given) as JSON and exit, running nothing.")
+    gpus: int | None = option(None, "Launch DDP on this many GPUs of this machine (runs "
+                              "torchrun).", low=1)
+
+
+def pretrain_config(given: dict, o: PretrainOptions, *, progress: bool = True,
+                    log=print) -> TrainConfig:
+    """`pretrain`'s config: the recipe's (or --config's) values with those `given`. Without
+    --data, the built-in synthetic pool and its recipe; the pool is built or extended to the
+    run's K x n first, unless the config is only printed."""
+    given = dict(given)
+    if given.get("data") is None and not o.config_file:
+        from .synthetic import DEFAULT_POOL, ensure_pool
+
+        if not o.print_config:
+            log(ensure_pool(given.get("classes"), given.get("per_class"), progress))
+        given.update(data=str(DEFAULT_POOL), recipe=given.get("recipe") or "synthetic")
+    return load_config(o.config_file, **given)
 
 
 def default_in_recipes(name: str) -> str:
@@ -172,11 +209,18 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
     from .models import check_arch
 
     check_arch(cfg.arch)
-    for f in fields(TrainConfig):
+    for f in fields(TrainConfig):  # what click checks on the command line, for --config too
+        value, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
         choices = f.metadata["choices"]
-        if choices and getattr(cfg, f.name) not in choices:
-            raise DataError(f"--{f.name.replace('_', '-')} must be one of "
-                            f"{', '.join(choices)}, not {getattr(cfg, f.name)!r}")
+        if choices and value not in choices:
+            raise DataError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
+        low, high, low_open, high_open = f.metadata["range"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                (low is not None and (value <= low if low_open else value < low))
+                or (high is not None and (value >= high if high_open else value > high))):
+            lo = "" if low is None else f"{low:g}{'<' if low_open else '<='}"
+            hi = "" if high is None else f"{'<' if high_open else '<='}{high:g}"
+            raise DataError(f"{flag} must be {lo}x{hi}, not {value!r}")
     if cfg.batch_size % world_size:
         raise DataError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
     if cfg.min_res is not None and cfg.min_res > cfg.res:
@@ -187,7 +231,3 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise DataError("--cache gpu needs a GPU; on the CPU use auto, host or off")
     if cfg.decode == "gpu" and not cuda:
         raise DataError("--decode must be auto or cpu, or gpu on a GPU run, not 'gpu'")
-    if cfg.prefetch < 1:
-        raise DataError(f"--prefetch must be at least 1, not {cfg.prefetch}")
-    if cfg.hw_decoder_load is not None and not 0 <= cfg.hw_decoder_load <= 1:
-        raise DataError(f"--hw-decoder-load must be in 0..1, not {cfg.hw_decoder_load}")

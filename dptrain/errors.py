@@ -1,5 +1,57 @@
-"""The one exception type for bad input a user can fix; the CLI turns it into a usage error."""
+"""The errors dptrain reports to a user as one line: bad input (`DataError`, which the CLI
+turns into a usage error, exit 2), a run that could not finish (`RunFailed`, exit 1), one a
+signal stopped after saving its work (`Stopped`, exit 128 + the signal) and an output it cannot
+write (`output_error`, exit 1).
+"""
+
+from __future__ import annotations
+
+import errno
 
 
 class DataError(ValueError):
     """Bad input (paths, options, data): the message says what is wrong and what is allowed."""
+
+
+class RunFailed(RuntimeError):
+    """A command that ran and could not finish (a run whose loss diverged)."""
+
+
+class Stopped(RuntimeError):
+    """A signal stopped the command after it saved its work; the message says how to go on."""
+
+    def __init__(self, message: str, signum: int):
+        self.signum = signum
+        super().__init__(message)
+
+
+# What stops a command from writing, which the user fixes outside dptrain; anything else is a
+# bug or a lost device, and keeps its traceback.
+OUTPUT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG}
+
+
+def one_line(e: BaseException) -> tuple[str, int]:
+    """What the command line prints for `e`, and its exit status: 2 for bad input (as click's
+    usage errors), 1 for a failed run or an output that cannot be written, 128 + the signal
+    for a stop. Re-raises anything else, which is a bug and keeps its traceback."""
+    if isinstance(e, DataError):
+        return f"Error: {e}", 2
+    if isinstance(e, RunFailed):
+        return f"Error: {e}", 1
+    if isinstance(e, Stopped):
+        return str(e), 128 + e.signum
+    if isinstance(e, KeyboardInterrupt):  # before anything was worth saving, or saved as it went
+        return "interrupted: run the same command again to go on", 130
+    if isinstance(e, OSError) and e.errno in OUTPUT_ERRORS:  # a full disk, a quota, ...
+        return f"Error: {output_error(e)}", 1
+    raise e
+
+
+def output_error(e: OSError) -> str:
+    """One line for an OSError on output: what, why, and that a rerun resumes (whatever was
+    written whole before stays: every file is written under a temporary name and renamed)."""
+    what = f" {e.filename}" if e.filename else ""
+    verb = "access" if e.errno in (errno.EACCES, errno.EPERM) else "write"
+    return (f"cannot {verb}{what}: {e.strerror or e}; fix that and run the same command "
+            "again: it goes on from what was finished")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .environment import cores_for_this_process
 from .runfolder import atomic_path
 
 _TEXTURE_SIDE = 1024
@@ -96,7 +97,7 @@ def write_image_folder(root: str | os.PathLike, num_classes: int, per_class: int
         # more than 50 s on a 16-core machine).
         write = partial(_write_class_folder, tmp, seed=seed, start=start, per_class=per_class,
                         width=width, height=height, quality=quality)
-        with ProcessPoolExecutor(min(num_classes, workers or os.cpu_count() or 1)) as pool:
+        with ProcessPoolExecutor(min(num_classes, workers or cores_for_this_process())) as pool:
             list(pool.map(write, range(num_classes)))
         (tmp / marker.name).write_text(params)
     return root

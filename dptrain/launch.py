@@ -1,6 +1,6 @@
-"""How dptrain starts processes: `dptrain pretrain --gpus G` is the same command again under
-torchrun, one process per GPU of this machine (torchrun's environment, RANK, LOCAL_RANK and
-WORLD_SIZE, is all the trainer reads); a sweep's children die with the sweep.
+"""How dptrain starts processes: `dptrain pretrain --gpus G` is the run's resolved config under
+torchrun, one process per GPU of this machine (torchrun's environment is all the trainer reads:
+environment.py); a sweep's children die with the sweep.
 """
 
 from __future__ import annotations
@@ -9,32 +9,28 @@ import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
 from .errors import DataError
 
 
-def under_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ
-
-
-def relaunch(gpus: int, argv: list[str]) -> None:
-    """Replace this process by torchrun running `dptrain ARGV` (without --gpus) on `gpus`
-    GPUs; refused when fewer are visible."""
+def relaunch(gpus: int, config: dict, out: Path, flags: list[str]) -> None:
+    """Replace this process by torchrun running `dptrain pretrain --config FILE --out OUT
+    FLAGS` on `gpus` GPUs, FILE holding the resolved `config`: the ranks parse nothing again.
+    Refused, before anything is written, when fewer GPUs are visible."""
     import torch
+
+    from .runfolder import RunFolder
 
     visible = torch.cuda.device_count()
     if gpus > visible:
         raise DataError(f"--gpus {gpus}, but {visible or 'no'} CUDA GPU(s) are visible here; "
                         "for several CPU processes use torchrun --nproc_per_node=N -m dptrain "
                         "pretrain ... --device cpu")
-    rest, skip = [], False
-    for a in argv:  # the same command without --gpus
-        if skip or a == "--gpus" or a.startswith("--gpus="):
-            skip = a == "--gpus"
-            continue
-        rest.append(a)
+    config_file = RunFolder(out).write_launch_config(config)
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={gpus}", "-m", "dptrain", *rest])
+                              f"--nproc_per_node={gpus}", "-m", "dptrain", "pretrain",
+                              "--config", str(config_file), "--out", str(out), *flags])
 
 
 PARENT = "DPTRAIN_PARENT_PID"  # set by a sweep for the commands it runs

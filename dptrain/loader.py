@@ -33,14 +33,15 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from .environment import cores_for_this_process
 from .errors import DataError
 from .subset import Subset, epoch_order, steps_per_epoch
 from .transforms import batch_augmentation, resize
@@ -55,13 +56,6 @@ def default_hw_decoder_load(device: torch.device) -> float:
     on the legacy default stream); on an H100 the two were within the noise
     (benchmarks/README.md). Other GPUs keep DALI's 0.65 (an A100 has one engine; unmeasured)."""
     return 1.0 if torch.cuda.get_device_capability(device)[0] == 9 else 0.65
-
-
-def default_threads() -> int:
-    """DALI threads for this process: its share of the cores it may run on, split evenly
-    between the processes of one machine (torchrun's LOCAL_WORLD_SIZE)."""
-    cores = len(os.sched_getaffinity(0))
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _allow_open_files(n: int) -> None:
@@ -81,9 +75,10 @@ class _Reader:
 
     Nothing is copied and nothing waits on I/O here: DALI's own threads touch the pages (a
     page fault reads them from disk or maps them from the page cache), so the Python thread
-    that feeds DALI never blocks. 256 preads of ~110 KB plus DALI's copy of them took 16 ms
-    per batch in that thread while ResNet-18 trained (H200, 16 cores): each read gave up the
-    GIL and had to win it back from the training thread. The maps are random-access (the
+    that feeds DALI never blocks. (The reader this one replaced made 256 preads of ~110 KB per
+    batch; with DALI's copy of them that took 16 ms per batch in the feeding thread while
+    ResNet-18 trained, H200, 16 cores: each read gave up the GIL and had to win it back from
+    the training thread.) The maps are random-access (the
     kernel's readahead read 5x the bytes touched) and each sample's pages are requested ahead
     (MADV_WILLNEED: one read per sample, started at once), so only the subset's pages are read.
     """
@@ -436,23 +431,18 @@ class Loader:
                  eval_cache: Any = None):
         if len(subset) == 0:
             raise DataError("the subset is empty")
-        if eval_resize < 1:
-            raise ValueError(f"eval_resize must be >= 1 (the centre crop must fit), "
-                             f"not {eval_resize}")
+        # Options are checked where they are parsed (config.check_config); these are bugs.
+        assert eval_resize >= 1, "the centre crop must fit"
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         if gpu and self.device.index is None:  # the feeder thread sets this device as its own
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if decode not in ("auto", "gpu", "cpu") or (decode == "gpu" and not gpu):
-            raise ValueError(f"decode must be auto or cpu, or gpu on a GPU, not {decode!r}")
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, not {prefetch}")
+        assert decode in ("auto", "cpu") or (decode == "gpu" and gpu), decode
+        assert prefetch >= 1 and (hw_decoder_load is None or 0 <= hw_decoder_load <= 1)
+        assert (cache is None or train) and (eval_cache is None or not train), \
+            "cache is for training, eval_cache for evaluation"
         if hw_decoder_load is None:
             hw_decoder_load = default_hw_decoder_load(self.device) if gpu else 0.0
-        if not 0 <= hw_decoder_load <= 1:
-            raise ValueError(f"hw_decoder_load must be in 0..1, not {hw_decoder_load}")
-        if (cache is not None and not train) or (eval_cache is not None and train):
-            raise ValueError("cache is for training, eval_cache for evaluation")
         self.subset, self.batch_size, self.train, self.res = subset, batch_size, train, res
         self.eval_resize, self.cache, self.eval_cache = eval_resize, cache, eval_cache
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -463,7 +453,7 @@ class Loader:
         self.pipeline = dict(train=train, res=res, gpu=gpu,
                              decode=("gpu" if gpu else "cpu") if decode == "auto" else decode,
                              hw_decoder_load=hw_decoder_load, batch_size=batch_size,
-                             threads=threads or default_threads(), prefetch=prefetch)
+                             threads=threads or cores_for_this_process(), prefetch=prefetch)
         # One epoch's batches (positions in the subset): plain values, no reference to the
         # loader, so the feeder can plan from it.
         self.plan = partial(epoch_batches, len(subset), batch_size=batch_size, train=train,

@@ -39,9 +39,8 @@ BUILT_IN = {"smallcnn": SmallCNN}
 
 
 def model_names() -> list[str]:
-    from torchvision.models import list_models
-
     import torchvision.models as tvm
+    from torchvision.models import list_models
 
     return sorted(BUILT_IN) + list_models(module=tvm)
 

@@ -1,7 +1,9 @@
 """Command-line options declared once, as dataclass fields: `option()` gives a field its help,
 allowed values and flag, and `click_options` turns a dataclass into click options. Each command's
 options live beside the code that uses them (TrainConfig in config, ShardOptions in shards,
-ProbeOptions in probe, SweepOptions in sweep, PredictOptions in theory); cli.py only stacks them.
+ProbeOptions in probe, SweepOptions in sweep, PredictOptions in predict); cli.py only stacks
+them, with the few options several commands share (progress_option, workers_option,
+json_option) declared here once.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ LISTS = {"ints": int, "floats": float, "pairs": None}
 
 def option(default, help: str, *, group: str = "", choices: tuple = (), path: str = "",
            low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False, flag: str = "", kind: str = "", scale: int = 1):
+           high_open: bool = False, flag: str = "", aliases: tuple = (), kind: str = "",
+           scale: int = 1, multiple: bool = False):
     """A field and what its option needs: help, allowed values (choices, a range), a `path`
-    that must exist ("dir" or "file") or a folder to write ("out"), its own `flag` where the field's name would not do, a
-    comma-separated `kind` of LISTS, and a `scale` from what is typed to what is stored (MB ->
-    bytes). A field without a default is a required option."""
+    that must exist ("dir" or "file") or a folder to write ("out"), its own `flag` where the
+    field's name would not do (and older `aliases`), a comma-separated `kind` of LISTS, a
+    `scale` from what is typed to what is stored (MB -> bytes), and `multiple` for an option
+    given once per item (a tuple). A field without a default is a required option."""
     return field(default=default, metadata={
         "help": help, "group": group, "choices": choices, "path": path, "flag": flag,
-        "range": (low, high, low_open, high_open), "kind": kind, "scale": scale})
+        "aliases": aliases, "range": (low, high, low_open, high_open), "kind": kind,
+        "scale": scale, "multiple": multiple})
 
 
 def flags(f) -> tuple[str, str]:
@@ -32,6 +37,23 @@ def flags(f) -> tuple[str, str]:
     opposite drops the "no-" (--no-bn-wd/--bn-wd)."""
     flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
     return flag, "--" + flag[5:] if f.name.startswith("no_") else "--no-" + flag[2:]
+
+
+def progress_option(what: str = "A progress bar on stderr."):
+    return click.option("--progress/--no-progress", default=True, show_default=True, help=what)
+
+
+def workers_option(what: str = "Threads [this process's share of the cores it may run on]."):
+    return click.option("--workers", type=click.IntRange(min=1), help=what)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+
+
+def pick(cls, given: dict):
+    """The dataclass `cls` made of its fields' values, taken out of a command's `given` options
+    (the rest stay for the next dataclass)."""
+    return cls(**{f.name: given.pop(f.name) for f in fields(cls) if f.name in given})
 
 
 def as_argv(cls, values: dict) -> list[str]:
@@ -69,11 +91,13 @@ def click_options(cls, group: str | None = None, shown=None):
         kw = dict(type=_type(f), required=required, help=text,
                   default=default / m["scale"] if m["scale"] > 1 else default,
                   show_default=not shown and default is not None)
-        if m["kind"]:
+        if m["multiple"]:
+            kw.update(multiple=True, default=(), show_default=False)
+        elif m["kind"]:
             kw.update(type=str, callback=_parse_list(m["kind"]), default=None, show_default=False)
         elif m["scale"] > 1:
             kw["callback"] = lambda ctx, param, value, s=m["scale"]: int(value * s)
-        options.append(click.option(flag, f.name, **kw))
+        options.append(click.option(flag, *m["aliases"], f.name, **kw))
     return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
 
 

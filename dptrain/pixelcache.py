@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loader import Produce, default_threads, on_stream, single_threaded_pool
+from .environment import Ranks, cores_for_this_process
+from .loader import Produce, on_stream, single_threaded_pool
 from .subset import Subset, rank_part
 from .transforms import batch_augmentation, fit, fit_size, resample, resize
 
@@ -107,7 +108,7 @@ def host_bytes_available() -> int:
 def host_budget() -> int:
     """Bytes a host cache of this process may take: a share of what is available, split
     between the ranks of this machine (torchrun's LOCAL_WORLD_SIZE)."""
-    return int(HOST_SHARE * host_bytes_available()) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return int(HOST_SHARE * host_bytes_available()) // Ranks.from_env().local_world
 
 
 def training_step_bytes(model: torch.nn.Module, step) -> int:
@@ -342,4 +343,5 @@ def prepare(subset: Subset, *, mode: str, side: int, seed: int, rank: int, world
     pixels = torch.empty((int(heights.sum()), int(widths.max()), 3), dtype=torch.uint8,
                          device=device if where == "gpu" else "cpu",
                          pin_memory=gpu and where == "host")
-    return PixelCache(subset, positions, side, pixels, device, threads or default_threads()), record
+    threads = threads or cores_for_this_process()
+    return PixelCache(subset, positions, side, pixels, device, threads), record

@@ -9,7 +9,6 @@ SWEEP/report/report.md links them. matplotlib, no display needed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -17,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .predict import data_limits
 from .progress import plural
-from .runfolder import write_atomic
 from .results import AVERAGE, best_per_size, errors_by_point, read_results
-from .theory import FitError, data_limits, fit_line, fit_points, holdout_check, residual_line
+from .runfolder import SweepFolder, write_atomic
+from .theory import FitError, fit_line, fit_points, holdout_check, residual_line
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -179,11 +179,9 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
     sweep_dir = Path(sweep_dir)
     rows = read_results(sweep_dir)
     by_set = errors_by_point(rows)
-    out = sweep_dir / "report"
+    out = sweep_dir / SweepFolder.REPORT
     out.mkdir(exist_ok=True)
-    spec = {}
-    if (sweep_dir / "sweep.json").is_file():
-        spec = json.loads((sweep_dir / "sweep.json").read_text())
+    spec = SweepFolder(sweep_dir).read_spec()
     md = [f"# Sweep report: {sweep_dir.name}", "",
           f"- data: `{spec.get('data', '?')}`; downstream suite: `{spec.get('suite', '?')}`",
           f"- recipe: {spec.get('recipe', '?')}, options: "

@@ -7,33 +7,31 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 
 from .errors import DataError
-from .runfolder import write_atomic
+from .runfolder import SweepFolder, write_atomic
 
-RESULTS = "results.csv"
 COLUMNS = ("run", "K", "n", "N", "seed", "dataset", "top1_mean", "top1_std", "error_mean",
            "train_loss", "train_top1", "val_top1", "steps", "epochs", "pretrain_s", "probe_s",
            "images_per_s", "device")
 
 
 def collect(out: Path) -> list[dict]:
-    """Rows of results.csv, read from the run folders (and each run's N from sweep.json)."""
-    sizes = {}
-    if (out / "sweep.json").is_file():
-        sizes = {p["run"]: p["N"] for p in json.loads((out / "sweep.json").read_text())["points"]}
+    """Rows of results.csv, read from the run folders (and each run's N from the sweep's
+    spec)."""
+    sweep = SweepFolder(out)
+    sizes = sweep.sizes()
     rows = []
-    for run in sorted((out / "runs").glob("K*-n*-s*")):
+    for run in sweep.runs():
         try:
-            summary = json.loads((run / "summary.json").read_text())
-            config = json.loads((run / "config.json").read_text())
-        except (OSError, ValueError):
+            summary, config = run.read_summary(), run.read_config()
+        except DataError:
             continue
-        probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").is_file() \
-            else {"datasets": {}}
+        if summary is None or config is None:
+            continue
+        probe = run.read_probe() or {"datasets": {}}
         k, n = config["config"]["classes"], config["config"]["per_class"]
         for name, r in sorted(summary.get("probe", {}).items()):
             p = probe["datasets"].get(name, {})
@@ -54,15 +52,15 @@ def write_results(out: Path) -> Path:
     writer = csv.DictWriter(buf, COLUMNS)
     writer.writeheader()
     writer.writerows(collect(out))
-    path = out / RESULTS
+    path = out / SweepFolder.RESULTS
     write_atomic(path, buf.getvalue().encode())
     return path
 
 
 def read_results(out: Path) -> list[dict]:
-    path = Path(out) / RESULTS
+    path = Path(out) / SweepFolder.RESULTS
     if not path.is_file():
-        raise DataError(f"{out} has no {RESULTS}: is it a dptrain sweep folder?")
+        raise DataError(f"{out} has no {SweepFolder.RESULTS}: is it a dptrain sweep folder?")
     with open(path) as f:
         rows = list(csv.DictReader(f))
     if not rows:

@@ -1,14 +1,16 @@
-"""The rules of a folder a command fills (`shard`, `pretrain`, `probe`, `sweep`, `report`), in
-one place: one command writes a folder at a time (`folder_lock`), a file appears whole or not
-at all and is on disk once it has appeared (`atomic_path`), and a folder made with other
-options is refused unless --overwrite. So an interrupted command can simply be run again.
-Checkpoints are written (`save_torch`) and read (`load_checkpoint`) here too.
+"""The folders commands fill, in one place: the layout of a run folder (`RunFolder`) and of a
+sweep folder (`SweepFolder`), and the rules every written folder follows. One command writes a
+folder at a time (`folder_lock`), a file appears whole or not at all and is on disk once it has
+appeared (`atomic_path`), and a folder made with other options is refused unless --overwrite.
+So an interrupted command can simply be run again. Checkpoints are written (`save_torch`) and
+read (`load_checkpoint`) here too.
 """
 
 from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -187,3 +189,173 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
     return ckpt
+
+
+def read_record(path: Path, overwrite: bool = False) -> dict | None:
+    """A folder's JSON record (None where there is none). An unreadable one is refused, or
+    None with --overwrite, which will replace it."""
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict):
+            return record
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    if overwrite:
+        return None
+    raise DataError(f"{path} is not readable JSON: use --overwrite to start again, or another "
+                    "--out")
+
+
+class RunFolder:
+    """A run's folder: what `pretrain` writes (its config, metrics, checkpoint and summary) and
+    `probe` adds (probe.json, the probes' summary, the feature cache)."""
+
+    CONFIG = "config.json"  # the resolved options, the subset and the plan
+    METRICS = "metrics.jsonl"  # a row per logged step and per epoch
+    CHECKPOINT = "checkpoint.pt"
+    SUMMARY = "summary.json"  # the run's figures, and each probe's
+    PROBE = "probe.json"  # every probe's full result
+    FEATURES = "features"  # the feature cache
+    LOG = "sweep.log"  # the commands a sweep ran here, and their output
+    LAUNCH = "launch"  # launch-<hash>.json: the config `pretrain --gpus` started torchrun with
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @staticmethod
+    def default(data: str, classes: int | None, per_class: int | None, seed: int) -> Path:
+        """runs/<data>-K<K>-n<n>-s<seed>: a run's folder when --out is not given."""
+        return Path("runs") / f"{Path(data).name}-K{classes or 'all'}-n{per_class or 'all'}-s{seed}"
+
+    def read_config(self, overwrite: bool = False) -> dict | None:
+        return read_record(self / self.CONFIG, overwrite)
+
+    def read_summary(self, overwrite: bool = False) -> dict | None:
+        return read_record(self / self.SUMMARY, overwrite)
+
+    def read_probe(self) -> dict:
+        return read_record(self / self.PROBE) or {}
+
+    def write_config(self, record: dict) -> None:
+        write_json(self / self.CONFIG, record)
+
+    def write_probe(self, probe: dict) -> Path:
+        write_json(self / self.PROBE, probe)
+        return self / self.PROBE
+
+    def write_launch_config(self, config: dict) -> Path:
+        """The resolved config `pretrain --gpus` hands its ranks, named by its contents, so
+        that two launches into one folder at once cannot read each other's (one of them is
+        then refused by the folder's lock)."""
+        data = json.dumps(config, indent=1, sort_keys=True).encode()
+        path = self / f"{self.LAUNCH}-{hashlib.sha256(data).hexdigest()[:12]}.json"
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        return path
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self / self.SUMMARY, summary)
+
+    def update_summary(self, **changes) -> None:
+        """Add `changes` to a finished run's summary (a probe's figures); nothing without one."""
+        summary = self.read_summary()
+        if summary is not None:
+            self.write_summary({**summary, **changes})
+
+    def open_metrics(self, step: int):
+        """metrics.jsonl to append to, cut back to `step` (the checkpoint resumed from): the
+        rows a process that died logged after it are logged again by the resumed run."""
+        path = self / self.METRICS
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            keep = []
+            for line in lines:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError):  # a row cut short by the kill
+                    pass
+            if keep != lines:
+                write_atomic(path, "".join(keep).encode())
+        return open(path, "a")
+
+    def finished(self, datasets: list[str] = ()) -> bool:
+        """Trained, and probed on every one of `datasets`."""
+        try:
+            summary = self.read_summary()
+        except DataError:
+            return False
+        return summary is not None and set(datasets) <= set(summary.get("probe", {}))
+
+    def open(self, record: dict, computes, *, overwrite: bool, main: bool) -> dict | None:
+        """Prepare the folder for the run `record` describes: refuse one made with other
+        options (`computes(record)`: the options that change the result; unless --overwrite,
+        which starts it over), keep a checkpoint to resume from, and return the summary of a
+        run that finished already (None otherwise). Only the `main` process writes."""
+        old = self.read_config(overwrite)
+        if (self / self.CONFIG).is_file():
+            replace = old is None or must_replace(self.path, computes(old), computes(record),
+                                                  overwrite=overwrite, holds="a run")
+            if (overwrite or replace) and main:
+                for name in (self.CHECKPOINT, self.METRICS, self.SUMMARY):
+                    (self / name).unlink(missing_ok=True)
+            elif not (overwrite or replace):
+                summary = self.read_summary(overwrite)
+                if summary is not None:
+                    return {**summary, "already_finished": True}
+        if main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.write_config(record)
+        return None
+
+
+class SweepFolder:
+    """A sweep's folder: its spec and resolved pretrain config, a run folder per point
+    (runs/K<K>-n<n>-s<seed>), the collected results, the failures, the shared eval cache and
+    the report."""
+
+    SPEC = "sweep.json"
+    CONFIG = "pretrain.json"  # the resolved pretrain options every point starts from
+    RESULTS = "results.csv"
+    FAILURES = "failures.json"
+    RUNS = "runs"
+    CACHE = "cache"  # the eval pixel cache its runs and probes share
+    REPORT = "report"
+    SUBMITIT = "submitit"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def run(self, name: str) -> RunFolder:
+        return RunFolder(self.path / self.RUNS / name)
+
+    def runs(self) -> list[RunFolder]:
+        return [RunFolder(p) for p in sorted((self / self.RUNS).glob("K*-n*-s*"))]
+
+    def read_spec(self) -> dict:
+        """sweep.json ({} where there is none)."""
+        return read_record(self / self.SPEC) or {}
+
+    def sizes(self) -> dict[str, int]:
+        """Each run's budget N, as the sweep that ran it recorded it."""
+        return {p["run"]: p["N"] for p in self.read_spec().get("points", [])}

@@ -17,29 +17,48 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import re
 import shutil
-import tarfile
-import multiprocessing as mp
 import signal
 import sys
+import tarfile
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .environment import cores_for_this_process
 from .errors import DataError
 from .images import BadImage, store_image
-from .index import (FORMAT_VERSION, INDEX_FILE, PROGRESS_DIR, SAMPLE_DTYPE, SAMPLES_FILE,
-                    ShardIndex, idx_name, sha256_file, sizes_differ, tar_name)
+from .index import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    PROGRESS_DIR,
+    SAMPLE_DTYPE,
+    SAMPLES_FILE,
+    ShardIndex,
+    idx_name,
+    sha256_file,
+    tar_name,
+)
 from .options import option
 from .progress import bar as progress_bar
-from .runfolder import (LOCK, PARTIAL, atomic_path, folder_lock, must_replace, write_atomic,
-                        write_json)
+from .runfolder import (
+    LOCK,
+    PARTIAL,
+    atomic_path,
+    folder_lock,
+    must_replace,
+    write_atomic,
+    write_json,
+)
 from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
+from .verify import sizes_differ
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ def _init_worker(parent: int) -> None:
             os._exit(1)
 
 
+JOB_FILE = "job.json"  # in PROGRESS_DIR: the options of the shard being written
 _ZEROS = bytes(1024)
 # A ustar header (as tarfile.USTAR_FORMAT writes it) of a regular file, mode 0644, owner 0:0,
 # mtime 0: fixed metadata keeps the output reproducible. Name and size are filled in per member.
@@ -129,7 +149,8 @@ class TarWriter:
         write_atomic(idx_path, idx.encode())
         os.replace(self.file.name, self.path)
         return {"file": self.path.name, "bytes": self.offset,
-                "sha256": self.sha.hexdigest(), "idx_sha256": hashlib.sha256(idx.encode()).hexdigest(),
+                "sha256": self.sha.hexdigest(),
+                "idx_sha256": hashlib.sha256(idx.encode()).hexdigest(),
                 "samples": len(self.lines)}
 
     def abort(self) -> None:
@@ -234,7 +255,7 @@ def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: S
 def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
     """Check OUT against the job; returns True if OUT already holds this finished job."""
     old = None
-    for marker in (out / INDEX_FILE, out / PROGRESS_DIR / "job.json"):
+    for marker in (out / INDEX_FILE, out / PROGRESS_DIR / JOB_FILE):
         if marker.is_file():
             try:
                 old = json.loads(marker.read_text()).get("job")
@@ -243,7 +264,8 @@ def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:
             break
     ours = old is not None
     if out.is_dir() and not ours and any(p.name != LOCK for p in out.iterdir()):
-        raise DataError(f"OUT {out} is not empty and is not a dptrain shard set: choose another OUT")
+        raise DataError(f"OUT {out} is not empty and is not a dptrain shard set: choose "
+                        "another OUT")
     if must_replace(out, old, job, overwrite=overwrite, holds="a shard set"):
         _clear(out)
         return False
@@ -363,7 +385,7 @@ def write_source(source: Source, out: str | os.PathLike, *,
             return {**_totals(meta), "up_to_date": True, "seconds": time.perf_counter() - t0}
         progress_dir = out / PROGRESS_DIR
         progress_dir.mkdir(parents=True, exist_ok=True)
-        write_json(progress_dir / "job.json", {"job": job})
+        write_json(progress_dir / JOB_FILE, {"job": job})
         return _shard(source, out, progress_dir, job, class_names, options, workers, progress, t0)
 
 
@@ -396,7 +418,7 @@ def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names
     # the GIL, and only item lists and manifests cross the process boundary (as FFCV's writer).
     # Workers ignore Ctrl-C; the main process stops submitting and lets running classes finish.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    workers = workers or os.cpu_count() or 1
+    workers = workers or cores_for_this_process()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(os.getpid(),)) as pool:
         pending: set = set()
@@ -446,9 +468,7 @@ def shard_source(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "
 
 
 def _totals(meta: dict) -> dict:
-    reasons: dict[str, int] = {}
-    for s in meta["skipped"]:
-        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    reasons = dict(Counter(s["reason"] for s in meta["skipped"]))
     return {"source": meta["source"], "classes": meta["num_classes"],
             "written": meta["num_samples"], "converted": len(meta["converted"]),
             "renamed": len(meta.get("renamed", [])),

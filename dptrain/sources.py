@@ -1,4 +1,4 @@
-"""Where images come from: the four input layouts `dptrain shard` reads, as lists of inputs per class.
+"""Where images come from: the input layouts `dptrain shard` reads, as lists of inputs per class.
 
 Every source gives class names and, per class, the inputs in a fixed (sorted) order; the shard
 writer then applies the seeded shuffle. Nothing here decodes an image.
@@ -10,13 +10,13 @@ import csv
 import io
 import os
 import pickle
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .options import option
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder lists, so labels and files match it.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -25,6 +25,21 @@ FORMATS = ("imagefolder", "flat", "imagenet-tar", "wds", "cifar", "splits")
 SPLIT_FORMATS = ("cifar", "splits")  # one SRC holding a train and a test split
 CIFAR_QUALITY = 95  # JPEG quality CIFAR's raw pixels are stored at (recorded in the index)
 NOT_IMAGE_NAME = "not an image file name (extension)"
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What `dptrain shard` reads: SRC's layout and, for some layouts, where its labels are."""
+
+    fmt: str = option("auto", "Layout of SRC: class folders (ImageNet train/), a flat folder + "
+                      "--labels (ImageNet val), ILSVRC2012_img_train.tar, WebDataset shards, "
+                      "CIFAR-10/100 python pickles, or train/ + test/ class folders (the last "
+                      "two write OUT/train and OUT/test).", flag="--format",
+                      choices=("auto", *FORMATS))
+    labels: str | None = option(None, "CSV 'filename,class' for a flat folder (Kaggle's "
+                                "LOC_val_solution.csv works).", path="file")
+    classes_from: str | None = option(None, "Use the class list and ids of this shard set (for "
+                                      "val/test splits).", path="dir")
 
 
 @dataclass(frozen=True)
@@ -165,11 +180,10 @@ def _flat(root: Path, labels: Path) -> Source:
     return src
 
 
-_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split
-
-
 def _wds(src: Path, tars: list[Path]) -> Source:
     """Group each tar's members into samples by key, as webdataset does; read each label."""
+    from webdataset.tariterators import base_plus_ext  # webdataset's own key split
+
     per_label: dict[str, list[Item]] = {}
     skipped = []
     for tar in tars:
@@ -177,9 +191,9 @@ def _wds(src: Path, tars: list[Path]) -> Source:
         try:
             with tarfile.open(tar, "r:") as tf:
                 for m in tf:
-                    match = _WDS_KEY.match(m.name)
-                    if (m.isfile() or m.issym() or m.islnk()) and match:
-                        samples.setdefault(match[1], {})[match[2].lower()] = m
+                    key, ext = base_plus_ext(m.name)
+                    if (m.isfile() or m.issym() or m.islnk()) and key:
+                        samples.setdefault(key, {})[ext.lower()] = m
                     elif m.isfile():
                         skipped.append((f"{tar.name}:{m.name}", "member name has no extension"))
                 with open(tar, "rb") as f:

@@ -94,7 +94,8 @@ def select(index: ShardIndex, classes: int | None = None, per_class: int | None 
         if len(set(class_names)) != len(class_names):
             raise DataError("the class list names a class twice")
         if classes is not None and classes != len(class_names):
-            raise DataError(f"--classes {classes} differs from the {len(class_names)} listed classes")
+            raise DataError(f"--classes {classes} differs from the {len(class_names)} listed "
+                            "classes")
         chosen = np.array([ids[n] for n in class_names], dtype=np.int64)
         empty = [n for n, c in zip(class_names, chosen) if counts[c] == 0]
         if empty:

@@ -13,7 +13,6 @@ ones and retries failed ones. SWEEP/results.csv has one row per (run, downstream
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -26,14 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 
+from .environment import cores_for_this_process
 from .errors import DataError
 from .index import ShardIndex
-from .options import as_argv, option
-from .progress import bar as progress_bar, plural
-from .results import write_results
 from .launch import child_env
-from .runfolder import folder_lock, write_json
-from .subset import select, steps_per_epoch
+from .options import as_argv, option
+from .progress import bar as progress_bar
+from .progress import plural
+from .results import write_results
+from .runfolder import RunFolder, SweepFolder, folder_lock, write_json
+from .subset import select
+
 
 @dataclass(frozen=True)
 class SweepOptions:
@@ -61,13 +63,15 @@ class SweepOptions:
                            "pre-training processes and its estimated wall time, and the "
                            "sweep's total.")
     img_per_s: float | None = option(None, "With --dry-run: training throughput per GPU (or per "
-                                     "CPU run) [the newest benchmarks/results/train_step-*.json "
-                                     "of the same --arch and --res].", low=0, low_open=True)
+                                     "CPU run) [3 training steps timed here, images from "
+                                     "memory].", low=0, low_open=True)
     plan_gpus: int | None = option(None, "With --dry-run: GPUs to plan for [the visible ones].",
                                    low=1)
+    gpus: int = option(1, "GPUs per run (DDP through torchrun); a local sweep runs one run per "
+                       "group of this many visible GPUs at a time.", low=1)
 
 
-def run_sweep(o: SweepOptions, train_options: dict, *, gpus: int, progress: bool,
+def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
               log=print) -> tuple[str, list[dict]]:
     """`dptrain sweep`: the grid's feasible points run (with `dry_run`, planned) as one sweep;
     (the closing line, the failed runs). `train_options`: TrainConfig values given (None: the
@@ -75,7 +79,7 @@ def run_sweep(o: SweepOptions, train_options: dict, *, gpus: int, progress: bool
     import torch
 
     from .config import TrainConfig, check_config, make_config
-    from .probe import read_suite
+    from .downstream import read_suite
 
     pairs = grid(sizes=o.sizes, classes=o.classes, ratios=o.ratios, points=o.points)
     given = as_argv(TrainConfig, train_options)
@@ -90,17 +94,17 @@ def run_sweep(o: SweepOptions, train_options: dict, *, gpus: int, progress: bool
     if not todo:
         raise DataError("no feasible point in the grid")
     if o.dry_run:
-        return dry_run_text(todo, index, cfg, gpus, o.img_per_s, o.plan_gpus), []
+        return dry_run_text(todo, index, cfg, o.gpus, o.img_per_s, o.plan_gpus), []
     out = Path(o.out)
-    spec, slots = prepare(cfg, suite=o.suite, out=out, repeats=o.repeats, gpus=gpus,
+    spec, slots = prepare(cfg, suite=o.suite, out=out, repeats=o.repeats, gpus=o.gpus,
                           launcher=o.launcher, given=given, skipped=skipped)
-    slurm = {"timeout_min": o.slurm_time, "cpus_per_task": o.slurm_cpus, "gpus_per_node": gpus}
+    slurm = {"timeout_min": o.slurm_time, "cpus_per_task": o.slurm_cpus, "gpus_per_node": o.gpus}
     if o.slurm_partition:
         slurm["slurm_partition"] = o.slurm_partition
     r = sweep(spec, todo, datasets, launcher=o.launcher, slots=slots, slurm=slurm, log=log,
               progress=progress)
     return (f"{out}: {plural(r['points'], 'point')}, {r['ran']} run now, {len(r['failed'])} "
-            f"failed; results in {out / 'results.csv'}"), r["failed"]
+            f"failed; results in {out / SweepFolder.RESULTS}"), r["failed"]
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class SweepSpec:
 
     @property
     def config_file(self) -> Path:
-        return Path(self.out) / "pretrain.json"
+        return SweepFolder(self.out) / SweepFolder.CONFIG
 
 
 def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: str,
@@ -133,11 +137,12 @@ def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: st
     probe_args = ["--device", cfg.device] if cfg.device != "auto" else []
     # One eval pixel cache for the sweep: every run's validation and probes decode each
     # downstream set once between them.
-    cache_dir = "off" if cfg.cache == "off" else cfg.cache_dir or str(out.resolve() / "cache")
+    cache_dir = "off" if cfg.cache == "off" else \
+        cfg.cache_dir or str(out.resolve() / SweepFolder.CACHE)
     cfg = replace(cfg, cache_dir=cache_dir)
     probe_args += ["--cache-dir", cache_dir]
     if launcher == "local" and cfg.workers is None:
-        threads = share_of_cores(len(slots or [None]), gpus)
+        threads = cores_for_this_process(share=len(slots or [None]) * gpus)
         cfg = replace(cfg, workers=threads)
         probe_args += ["--workers", str(threads * gpus)]
     budget = (f"fixed steps: {cfg.steps} per run" if cfg.steps else
@@ -196,23 +201,6 @@ def feasible(index: ShardIndex, triples: list[tuple[int, int, int]], seeds: list
     return ok, skipped
 
 
-BENCH_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-
-
-def measured_throughput(arch: str, res: int, device: str,
-                        results: Path = BENCH_RESULTS) -> tuple[float, str] | None:
-    """The loader-fed steady img/s of the newest train_step benchmark of this architecture,
-    resolution and device (benchmarks/results/train_step-*.json), and its file name."""
-    for path in sorted(results.glob("train_step-*.json"), reverse=True):
-        try:
-            r = json.loads(path.read_text())
-            if (r["arch"], r["res"], r["device"]) == (arch, res, device):
-                return float(r["loader"]["steady img/s"]), path.name
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
 def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_run: int = 1,
          img_per_s: float | None = None) -> dict:
     """What a sweep would cost, before running it: the images each run's pre-training
@@ -221,12 +209,13 @@ def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_ru
     first free slot) on `slots` runs at a time. Probing is not counted."""
     import heapq
 
+    from .train import plan_steps
+
     runs = []
     for p in points:
         samples = len(select(index, p.classes, p.per_class, seed=p.seed,
                              allow_fewer=cfg.allow_fewer))
-        per_epoch = steps_per_epoch(samples, cfg.batch_size // gpus_per_run, gpus_per_run)
-        steps = cfg.steps or cfg.epochs * per_epoch
+        steps = plan_steps(cfg, samples, gpus_per_run).total_steps
         images = steps * cfg.batch_size
         seconds = images / (img_per_s * gpus_per_run) if img_per_s else None
         runs.append({"run": p.name, "K": p.classes, "n": p.per_class, "N": p.size,
@@ -245,15 +234,21 @@ def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_ru
 def dry_run_text(points: list[Point], index: ShardIndex, cfg, gpus_per_run: int,
                  img_per_s: float | None, plan_gpus: int | None) -> str:
     """`sweep --dry-run`: `plan`'s table and total on the visible GPUs (or `plan_gpus`), from
-    `img_per_s` or the newest matching benchmark."""
+    `img_per_s` or a few training steps timed here."""
     import torch
 
-    gpus = plan_gpus or torch.cuda.device_count()
-    device = "cuda" if gpus else "cpu"
+    from .train import measure_img_per_s
+
+    visible = torch.cuda.device_count()
+    gpus = plan_gpus or visible
     source = "--img-per-s"
-    if img_per_s is None:
-        found = measured_throughput(cfg.arch, cfg.res, device)
-        img_per_s, source = found if found else (None, None)
+    if img_per_s is None and gpus and not visible:
+        source = None  # nothing here to measure a GPU's speed on
+    elif img_per_s is None:
+        batch = cfg.batch_size // gpus_per_run
+        img_per_s = measure_img_per_s(cfg, len(index.counts), batch, "cuda" if gpus else "cpu")
+        source = (f"measured here: 3 training steps of {cfg.arch} at {cfg.res} px, batch "
+                  f"{batch}, from memory")
     slots = max(1, gpus // gpus_per_run) if gpus else 1
     p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s)
     lines = [f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'est. time':>10s}"]
@@ -265,26 +260,18 @@ def dry_run_text(points: list[Point], index: ShardIndex, cfg, gpus_per_run: int,
              else "this CPU, one run at a time")
     lines.append(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training, on {where}")
     if p["seconds"] is None:
-        lines.append(f"no throughput for --arch {cfg.arch} at --res {cfg.res} on {device} in "
-                     "benchmarks/results: give --img-per-s to estimate the time")
+        lines.append(f"no throughput: planning for {gpus} GPU(s) on a machine without one; give "
+                     "--img-per-s to estimate the time")
     else:
         lines.append(f"estimated wall time: {p['seconds'] / 3600:.2f} h at {img_per_s:,.0f} "
                      f"img/s per {'GPU' if gpus else 'run'} ({source}); probing not counted")
     return "\n".join(lines)
 
 
-def finished(run: Path, datasets: list[str]) -> bool:
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return set(datasets) <= set(summary.get("probe", {}))
-
-
 def point_commands(point: Point, spec: SweepSpec) -> list[list[str]]:
     """The two commands of one point: what a user would run by hand. The pretrain options
     come resolved, in the sweep's config file: the children parse nothing again."""
-    run = str(Path(spec.out) / "runs" / point.name)
+    run = str(SweepFolder(spec.out).run(point.name).path)
     dptrain = [sys.executable, "-m", "dptrain"]
     return [[*dptrain, "pretrain", "--config", str(spec.config_file), "--classes",
              str(point.classes), "--per-class", str(point.per_class), "--seed", str(point.seed),
@@ -297,20 +284,20 @@ def point_commands(point: Point, spec: SweepSpec) -> list[list[str]]:
 def run_point(point: Point, spec: SweepSpec, device: str | None = None) -> dict:
     """Run one point's commands in child processes (on `device`: CUDA_VISIBLE_DEVICES);
     its output goes to RUN/sweep.log. Never raises for a failed run: returns its error."""
-    run = Path(spec.out) / "runs" / point.name
-    run.mkdir(parents=True, exist_ok=True)
+    run = SweepFolder(spec.out).run(point.name)
+    run.path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     t0 = time.perf_counter()
-    with open(run / "sweep.log", "a") as log:
+    with open(run / RunFolder.LOG, "a") as log:
         for cmd in point_commands(point, spec):
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             start = log.tell()
             returncode = run_child(cmd, log, child_env(env))
             if returncode != 0:
-                with open(run / "sweep.log", errors="replace") as f:
+                with open(run / RunFolder.LOG, errors="replace") as f:
                     f.seek(start)
                     lines = [x for x in f.read().splitlines() if x.strip()]
                 error = f"{cmd[3]} exited {returncode}: {lines[-1] if lines else '(no output)'}"
@@ -354,12 +341,6 @@ class PointJob:
         return submitit.helpers.DelayedSubmission(self, point, spec)
 
 
-def share_of_cores(runs: int, gpus_per_run: int = 1) -> int:
-    """DALI threads for each process when `runs` runs of `gpus_per_run` ranks share this
-    machine: its cores split evenly, so no pipeline starves another."""
-    return max(1, len(os.sched_getaffinity(0)) // (runs * gpus_per_run))
-
-
 def device_slots(gpus_per_run: int = 1) -> list[str | None]:
     """Visible GPUs, grouped per run ("0", "1", ... or "0,1" for 2-GPU runs); [None] on CPU."""
     import torch
@@ -398,7 +379,8 @@ def submit_slurm(points: list[Point], spec: SweepSpec, *, cluster: str = "slurm"
     """One submitit job per point (cluster "local": submitit's local executor, for tests)."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=Path(spec.out) / "submitit", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=SweepFolder(spec.out) / SweepFolder.SUBMITIT,
+                                     cluster=cluster)
     executor.update_parameters(**(slurm or {}))
     jobs = [executor.submit(PointJob(), p, spec) for p in points]
     results = []
@@ -427,13 +409,12 @@ def _sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *, launche
     write_json(spec.config_file, spec.config)
     # Every point ever run here keeps its budget N: a later call may add points (a predicted
     # split, say) without relabelling the earlier ones.
-    known = {}
-    if (out / "sweep.json").is_file():
-        known = {p["run"]: p["N"] for p in json.loads((out / "sweep.json").read_text())["points"]}
+    folder = SweepFolder(out)
+    known = folder.sizes()
     known.update({p.name: p.size for p in points})
-    write_json(out / "sweep.json", {**asdict(spec),
-                                    "points": [{"run": r, "N": n} for r, n in known.items()]})
-    todo = [p for p in points if not finished(out / "runs" / p.name, datasets)]
+    write_json(folder / SweepFolder.SPEC,
+               {**asdict(spec), "points": [{"run": r, "N": n} for r, n in known.items()]})
+    todo = [p for p in points if not folder.run(p.name).finished(datasets)]
     log(f"{plural(len(points), 'point')}, {len(points) - len(todo)} finished already, "
         f"{len(todo)} to run")
     if launcher == "local":
@@ -461,6 +442,6 @@ def _sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *, launche
         results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
                                else "slurm", slurm=slurm)
     failures = [r for r in results if r["status"] != "done"]
-    write_json(out / "failures.json", failures)
+    write_json(folder / SweepFolder.FAILURES, failures)
     write_results(out)
     return {"points": len(points), "ran": len(todo), "failed": failures}

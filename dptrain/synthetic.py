@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .environment import under_torchrun
 from .errors import DataError
 from .index import INDEX_FILE, ShardIndex
 from .runfolder import write_atomic
@@ -214,7 +215,7 @@ def ensure_pool(classes: int | None, per_class: int | None, progress: bool = Tru
     """`dptrain pretrain` without --data: the built-in pool (DEFAULT_POOL), built or extended
     to hold a classes x per_class subset. Returns what it did, for the user. Refused under
     torchrun, whose ranks would all build it at once."""
-    if "RANK" in os.environ:
+    if under_torchrun():
         raise DataError("under torchrun, give --data (build the synthetic pool first: "
                         "python tools/make_shards.py)")
     r = write_pool(DEFAULT_POOL, classes or POOL_CLASSES, per_class or POOL_PER_CLASS,

@@ -24,18 +24,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import SPEED_ONLY, TrainConfig, check_config
-from .errors import DataError
+from .config import SPEED_ONLY, PretrainOptions, TrainConfig, check_config
+from .device import amp_context, resolve_amp, resolve_device, to_model_input
+from .environment import Ranks, under_torchrun
+from .errors import DataError, RunFailed, Stopped
 from .evalcache import EvalCache, cache_dir_option
 from .index import ShardIndex
+from .launch import relaunch
 from .loader import EVAL_RESIZE, Loader
-from .pixelcache import PixelCache, cache_side, prepare as prepare_cache, training_step_bytes
 from .models import build_model
-from .progress import bar as progress_bar, plural
-from .device import amp_context, resolve_amp, resolve_device, to_model_input
-from .runfolder import (folder_lock, load_checkpoint, must_replace, save_torch,
-                        write_atomic, write_json)
-from .subset import read_class_list, select, steps_per_epoch as epoch_steps
+from .pixelcache import PixelCache, cache_side, training_step_bytes
+from .pixelcache import prepare as prepare_cache
+from .progress import bar as progress_bar
+from .progress import plural
+from .runfolder import (
+    RunFolder,
+    folder_lock,
+    load_checkpoint,
+    save_torch,
+)
+from .subset import read_class_list, select
+from .subset import steps_per_epoch as epoch_steps
+
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
     """Warm-up linearly to `peak` over `warmup` steps, then decay to 0 by step `total`."""
@@ -61,17 +71,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_bn_wd: bool) ->
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunFailed):
     """The loss became inf or nan: the run stops and keeps its last good checkpoint."""
 
 
-class Stopped(RuntimeError):
+def stopped(out: Path, step: int, total: int, signum: int) -> Stopped:
     """SIGTERM or SIGINT stopped the run at a step boundary, after saving a checkpoint there."""
-
-    def __init__(self, step: int, total: int, signum: int):
-        self.signum = signum
-        super().__init__(f"stopped at step {step} of {total} ({signal.Signals(signum).name}); "
-                         "checkpoint saved: run the same command to resume")
+    return Stopped(f"{out}: stopped at step {step} of {total} ({signal.Signals(signum).name}); "
+                   "checkpoint saved: run the same command to resume", signum)
 
 
 class StopOnSignal:
@@ -102,14 +109,14 @@ class StopOnSignal:
         for sig, before in self._before.items():
             signal.signal(sig, before)
 
-    def agreed(self, step: int, every: int, ranks: Ranks) -> bool:
+    def agreed(self, step: int, every: int, world: int, device: torch.device) -> bool:
         """Whether to stop after `step`: at once in one process; in DDP every `every` steps,
         when any rank was signalled, all at the same step."""
-        if ranks.world == 1:
+        if world == 1:
             return self.signal is not None
         if step % every:
             return False
-        flag = torch.tensor(self.signal or 0, device=ranks.device)
+        flag = torch.tensor(self.signal or 0, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.signal = self.signal or int(flag.item()) or None
         return self.signal is not None
@@ -139,13 +146,13 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int, wor
                   prefetch=cfg.prefetch, cache=cache)
 
 
-def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks):
+def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks, device: torch.device):
     """This rank's pixel cache, to be filled by the loader, or None (`pixelcache.prepare`),
     and what to record."""
     batch = cfg.batch_size // ranks.world
 
     def step(twin):  # what one training step at the largest resolution holds on the GPU
-        x = torch.zeros((batch, cfg.res, cfg.res, 3), dtype=torch.uint8, device=ranks.device)
+        x = torch.zeros((batch, cfg.res, cfg.res, 3), dtype=torch.uint8, device=device)
         with autocast:
             loss = twin(to_model_input(x, cfg.channels_last)).float().logsumexp(1).mean()
         loss.backward()
@@ -155,36 +162,21 @@ def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks):
         return training_step_bytes(model, step) + 2 * params
 
     return prepare_cache(subset, mode=cfg.cache, side=cfg.cache_side or cache_side(cfg.res),
-                         seed=cfg.seed, rank=ranks.rank, world=ranks.world, device=ranks.device,
+                         seed=cfg.seed, rank=ranks.rank, world=ranks.world, device=device,
                          threads=cfg.workers, step_bytes=step_bytes)
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a run, from torchrun's environment (one process without it)."""
-
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_ranks(cfg: TrainConfig) -> Ranks:
+def setup_ranks(cfg: TrainConfig) -> tuple[Ranks, torch.device]:
     """Check the options, pick the device, and join the process group of a DDP run."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    ranks = Ranks.from_env()
     cuda = resolve_device(cfg.device) == "cuda"
-    check_config(cfg, world, cuda)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    check_config(cfg, ranks.world, cuda)
+    device = torch.device("cuda", ranks.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if ranks.world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return Ranks(rank, local_rank, world, device)
+    return ranks, device
 
 
 @dataclass(frozen=True)
@@ -211,44 +203,6 @@ def _computes(record: dict) -> dict:
     """What a run computes: its options but those that only change its speed, and its data."""
     return {**{k: v for k, v in record["config"].items() if k not in SPEED_ONLY},
             "subset": record["subset"]}
-
-
-def open_run_folder(out: Path, record: dict, overwrite: bool, ranks: Ranks) -> dict | None:
-    """Prepare `out` for this run: refuse one made with other options (unless --overwrite,
-    which starts it over), keep a checkpoint to resume from, and return the summary of a run
-    that finished already (None otherwise)."""
-    if (out / "config.json").is_file():
-        old = _readable(out / "config.json", overwrite)
-        replace = old is None or must_replace(out, _computes(old), _computes(record),
-                                              overwrite=overwrite, holds="a run")
-        if (overwrite or replace) and ranks.is_main:
-            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
-                (out / name).unlink(missing_ok=True)
-        elif not (overwrite or replace) and (out / "summary.json").is_file():
-            summary = _readable(out / "summary.json", overwrite)
-            if summary is not None:
-                return {**summary, "already_finished": True}
-    if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", record)
-    if ranks.world > 1:
-        torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
-    return None
-
-
-def _readable(path: Path, overwrite: bool) -> dict | None:
-    """A run folder's JSON record, or None where it is unreadable and --overwrite will
-    replace it; without --overwrite an unreadable one is refused."""
-    try:
-        record = json.loads(path.read_text())
-        if isinstance(record, dict):
-            return record
-    except (ValueError, UnicodeDecodeError):
-        pass
-    if overwrite:
-        return None
-    raise DataError(f"{path} is not readable JSON: use --overwrite to start the run again, or "
-                    "another --out")
 
 
 def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
@@ -282,23 +236,6 @@ def resume(path: Path, model, optimizer, scaler,
     if "rng_cuda" in ckpt and device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     return ckpt["step"], ckpt["epoch"], ckpt.get("meter")
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the metrics rows logged after `step` (the checkpoint resumed from) by a process
-    that died: the resumed run logs those steps again."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):  # a row cut short by the kill
-            pass
-    if keep != lines:
-        write_atomic(path, "".join(keep).encode())
 
 
 class Meter:
@@ -381,6 +318,28 @@ def train_step(net, optimizer, autocast, scaler, images: torch.Tensor, labels: t
     return loss, logits
 
 
+def measure_img_per_s(cfg: TrainConfig, num_classes: int, batch_size: int, device: str,
+                      steps: int = 3) -> float:
+    """Training images per second of this config's model here, per process: `steps` timed
+    steps on one batch of random images held in memory, after one untimed step (no loader, so
+    an upper bound where loading is the limit). What `sweep --dry-run` plans with when no
+    --img-per-s is given."""
+    dev = torch.device(device)
+    model, optimizer, autocast, scaler = build(cfg, num_classes,
+                                               resolve_amp(cfg.amp, dev.type == "cuda"), dev)
+    images = torch.randint(0, 256, (batch_size, cfg.res, cfg.res, 3), dtype=torch.uint8,
+                           device=dev)
+    labels = torch.randint(0, num_classes, (batch_size,), device=dev)
+    for timed in (False, True):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        for _ in range(steps if timed else 1):
+            loss, _ = train_step(model, optimizer, autocast, scaler, images, labels, cfg)
+        loss.item()  # waits for the device
+    return steps * batch_size / (time.perf_counter() - t)
+
+
 def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
           make_loader=train_loader, log=None) -> dict:
     """Train (or resume, or return the summary of a finished run in `out`). `make_loader`
@@ -390,7 +349,7 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
     # On a GPU the run has a CUDA stream of its own. On the legacy default stream, which waits
     # for other streams' work, ResNet-18 trained 23% slower beside the JPEG decoders (H200,
     # 10,263 against 13,263 img/s; benchmarks/README.md).
-    stream = torch.cuda.stream(torch.cuda.Stream(int(os.environ.get("LOCAL_RANK", 0)))) \
+    stream = torch.cuda.stream(torch.cuda.Stream(Ranks.from_env().local_rank)) \
         if resolve_device(cfg.device) == "cuda" else contextlib.nullcontext()
     with contextlib.ExitStack() as held, stream:
         return _train(cfg, Path(out), overwrite, progress, make_loader, log, held)
@@ -399,8 +358,9 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
 def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_loader,
            log, held: contextlib.ExitStack) -> dict:
     stop = held.enter_context(StopOnSignal())
-    ranks = setup_ranks(cfg)
-    device, cuda = ranks.device, ranks.device.type == "cuda"
+    run = RunFolder(out)
+    ranks, device = setup_ranks(cfg)
+    cuda = device.type == "cuda"
     names = read_class_list(cfg.class_list) if cfg.class_list else None
     subset = select(ShardIndex.load(cfg.data), cfg.classes, cfg.per_class, seed=cfg.seed,
                     class_names=names, allow_fewer=cfg.allow_fewer)  # from the index alone
@@ -411,12 +371,14 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
               "total_steps": plan.total_steps, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if cuda else str(device)}
     if ranks.is_main:  # the run folder is this run's until it ends: a second one is refused
-        held.enter_context(folder_lock(out, "pretrain"))
-    finished = open_run_folder(out, record, overwrite, ranks)
+        held.enter_context(folder_lock(run.path, "pretrain"))
+    finished = run.open(record, _computes, overwrite=overwrite, main=ranks.is_main)
+    if ranks.world > 1:
+        torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
     if finished:
         return finished
     model, optimizer, autocast, scaler = build(cfg, subset.num_classes, amp, device)
-    step, epoch, meter_state = resume(out / "checkpoint.pt", model, optimizer, scaler, device)
+    step, epoch, meter_state = resume(run.checkpoint, model, optimizer, scaler, device)
     net = model
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -424,7 +386,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     if cfg.compile:
         net = torch.compile(net)
 
-    cache, cache_record = pixel_cache(subset, cfg, model, autocast, ranks)
+    cache, cache_record = pixel_cache(subset, cfg, model, autocast, ranks, device)
     if ranks.is_main:
         (log or _stderr)(cache_record.line())
     meter = Meter(device, ranks.world)
@@ -441,13 +403,11 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                         "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
                         **({"rng_cuda": torch.cuda.get_rng_state(device)} if cuda else {}),
                         "meter": meter.state(), "num_classes": subset.num_classes,
-                        "class_names": subset.class_names}, out / "checkpoint.pt")
+                        "class_names": subset.class_names}, run.checkpoint)
 
     # -- the loop
     loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
-    if ranks.is_main:
-        trim_metrics(out / "metrics.jsonl", step)
-    metrics = open(out / "metrics.jsonl", "a") if ranks.is_main else None
+    metrics = run.open_metrics(step) if ranks.is_main else None
     bar = progress_bar(total=plan.total_steps, initial=step, unit="step",
                        enabled=progress and ranks.is_main)
     while step < plan.total_steps:
@@ -478,13 +438,13 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             bar.update(1)
             if step >= plan.total_steps:
                 break
-            if stop.agreed(step, cfg.log_every, ranks):
+            if stop.agreed(step, cfg.log_every, ranks.world, device):
                 checkpoint(step, epoch)
                 bar.close()
                 loader.close()
                 if metrics:
                     metrics.close()
-                raise Stopped(step, plan.total_steps, stop.signal)
+                raise stopped(run.path, step, plan.total_steps, stop.signal)
         epoch += 1
         checkpoint(step, epoch)
     bar.close()
@@ -506,7 +466,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                "cache": asdict(cache_record.filled(cache)),
                "num_classes": subset.num_classes, "num_samples": len(subset)}
     if ranks.is_main:
-        write_json(out / "summary.json", summary)
+        run.write_summary(summary)
         metrics.close()
     if ranks.world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation
@@ -536,10 +496,15 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def default_run_folder(cfg: TrainConfig) -> Path:
-    """runs/<data>-K<K>-n<n>-s<seed>: a run's folder when --out is not given."""
-    return Path("runs") / (f"{Path(cfg.data).name}-K{cfg.classes or 'all'}-"
-                           f"n{cfg.per_class or 'all'}-s{cfg.seed}")
+def pretrain_run(cfg: TrainConfig, o: PretrainOptions, *,
+                 progress: bool = True) -> tuple[Path, dict]:
+    """`dptrain pretrain`: (the run folder, its summary). With --gpus (outside torchrun), the
+    same run again under torchrun, one rank per GPU, from its resolved config."""
+    out = Path(o.out or RunFolder.default(cfg.data, cfg.classes, cfg.per_class, cfg.seed))
+    if o.gpus and not under_torchrun():
+        relaunch(o.gpus, asdict(cfg), out,
+                 ["--overwrite"] * o.overwrite + ["--no-progress"] * (not progress))
+    return out, train(cfg, out, overwrite=o.overwrite, progress=progress)
 
 
 def summary_line(out: Path, s: dict) -> str:
@@ -547,6 +512,7 @@ def summary_line(out: Path, s: dict) -> str:
     head = f"{out} is finished already ({plural(s['steps'], 'step')}); its summary:\n" \
         if s.get("already_finished") else ""
     val = "-" if s["val_top1"] is None else f"{s['val_top1']:.4f}"
-    return (f"{head}{out}: {plural(s['steps'], 'step')}, {plural(s['epochs'], 'epoch')}, train loss "
-            f"{s['train_loss']:.4f}, val top-1 {val}, {s['images_per_s'] or 0:,.0f} img/s, data "
-            f"wait {(s['data_wait_fraction'] or 0):.0%}, {s['wall_s']:.0f} s on {s['device']}")
+    return (f"{head}{out}: {plural(s['steps'], 'step')}, {plural(s['epochs'], 'epoch')}, "
+            f"train loss {s['train_loss']:.4f}, val top-1 {val}, "
+            f"{s['images_per_s'] or 0:,.0f} img/s, data wait {(s['data_wait_fraction'] or 0):.0%}, "
+            f"{s['wall_s']:.0f} s on {s['device']}")

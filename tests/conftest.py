@@ -1,8 +1,11 @@
-"""Small datasets the tests build themselves, including one bad input of every kind."""
+"""What the tests share: small datasets they build themselves (one bad input of every kind
+included), running the `dptrain` command, interrupting it, and made-up sweeps."""
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 import signal
 import struct
@@ -18,6 +21,7 @@ import torch
 from PIL import Image
 
 from dptrain import imagenet_like
+from dptrain.results import COLUMNS
 
 DPTRAIN = [sys.executable, "-m", "dptrain"]
 
@@ -128,7 +132,8 @@ def interrupt(args, ready: Callable[[], bool], sig: int = signal.SIGKILL, *, del
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under root (relative name -> bytes), to compare whole outputs."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 @pytest.fixture(autouse=True)
@@ -141,3 +146,38 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def folder(tmp_path, texture) -> Path:
     return make_imagefolder(tmp_path / "src", texture)
+
+
+# A two-step error model and a sweep folder made from it (theory, predict, report).
+TRUE = dict(c0=0.15, a=0.9, alpha=0.6, b=0.7, beta=0.4)
+
+
+def model(k, n, p=TRUE):
+    return p["c0"] + p["a"] * np.power(k, -p["alpha"]) + p["b"] * np.power(n, -p["beta"])
+
+
+def fake_sweep(root, sizes=(1000, 4000), ks=(4, 10, 25, 63, 160), seeds=2, sets=("a", "b"),
+               params=TRUE, noise=0.002):
+    """A sweep folder whose results.csv comes from the model plus noise."""
+    rng = np.random.default_rng(2)
+    root.mkdir(parents=True)
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for s in sizes:
+            for k in ks:
+                n = s // k
+                for seed in range(seeds):
+                    for j, name in enumerate(sets):
+                        err = float(model(k, n, params)) + 0.02 * j + rng.normal(0, noise)
+                        w.writerow({c: 0 for c in COLUMNS} | {
+                            "run": f"K{k}-n{n}-s{seed}", "K": k, "n": n,
+                            "seed": seed, "dataset": name, "top1_mean": 1 - err, "N": s,
+                            "top1_std": 0.01, "error_mean": err, "val_top1": ""})
+    (root / "sweep.json").write_text(json.dumps({"budget": "fixed epochs: 1 per run",
+                                                 "recipe": "synthetic", "pretrain_args": []}))
+    return root
+
+
+def grid_points(sizes=(1000, 4000, 16000), ks=(4, 10, 25, 63, 160, 400)):
+    return [(k, s // k) for s in sizes for k in ks if s // k >= 2]

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEVICES, make_shard_set, run_cli, tree_bytes
+
 from dptrain import pixelcache
 from dptrain.config import make_config
 from dptrain.errors import DataError
@@ -88,9 +88,11 @@ def test_a_smaller_side_stores_shrunk_images_and_scales_the_windows(shards):
 def test_batched_resample_is_the_per_image_kernel_within_rounding(texture):
     """What a GPU crops with (one batched resample) against what the CPU does (torch's kernel,
     per image): within 1 of 255 everywhere, 0.5 on average (the eval-parity bound)."""
-    from dptrain.imagenet_like import jpeg
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from dptrain.imagenet_like import jpeg
 
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(np.array(Image.open(io.BytesIO(

@@ -1,4 +1,4 @@
-"""The command line as users meet it: errors, kill -9 and resume, no-op reruns, info, verify."""
+"""The command line as users meet it: errors, kill -9 and resume, no-op reruns, info."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import DPTRAIN, interrupt, make_imagefolder, run_cli, tree_bytes
-from dptrain.index import ShardIndex, idx_name
+
+from dptrain.index import ShardIndex
 
 
 def assert_usage_error(p: subprocess.CompletedProcess, *needles: str) -> None:
@@ -41,6 +42,14 @@ def test_help_for_every_command():
         silent = [o.opts[0] for o in main.commands[cmd].params
                   if isinstance(o, click.Option) and not o.help]
         assert not silent, (cmd, silent)  # every option says what it does
+
+
+def test_the_command_line_starts_without_torch():
+    """--help and usage errors stay fast: the options are declared in modules without torch."""
+    code = "import sys, dptrain.cli; print(sorted(m for m in ('torch', 'nvidia.dali', 'scipy') " \
+           "if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]", p.stdout
 
 
 def test_bad_usage_one_line_errors(tmp_path, folder, texture):
@@ -106,44 +115,6 @@ def test_summary_and_info(tmp_path, folder):
     assert "classes   4" in text and "6/6/12" in text
 
 
-def test_verify_names_each_damaged_file(tmp_path, folder):
-    out = tmp_path / "out"
-    run_cli("shard", folder, out, "--no-progress", "--shard-size", "0.02")
-    assert "OK" in run_cli("verify", out).stdout
-    tars = sorted(out.glob("*.tar"))
-    data = bytearray(tars[1].read_bytes())
-    data[700] ^= 0x01  # one flipped bit inside a JPEG payload
-    tars[1].write_bytes(bytes(data))
-    tars[2].unlink()
-    idx = out / idx_name(tars[3].name)
-    idx.write_text(idx.read_text().replace("jpg 512", "jpg 513", 1))
-    p = run_cli("verify", out, check=False)
-    assert p.returncode == 1
-    damaged = [line for line in p.stderr.splitlines() if line.startswith("DAMAGED")]
-    assert len(damaged) == 3, p.stderr
-    assert tars[1].name in damaged[0] + damaged[1] + damaged[2]
-    assert any(tars[2].name in d and "missing" in d for d in damaged)
-    assert any(idx.name in d for d in damaged)
-
-
-def test_verify_checks_table_against_tars(tmp_path, folder):
-    import numpy as np
-
-    from dptrain.index import sha256_file
-
-    out = tmp_path / "out"
-    run_cli("shard", folder, out, "--no-progress")
-    # A table that points at the wrong bytes, with its hash updated to hide the change.
-    table = np.load(out / "samples.npy")
-    table["offset"][3] += 512
-    np.save(out / "samples.npy", table)
-    meta = json.loads((out / "index.json").read_text())
-    meta["samples_sha256"] = sha256_file(out / "samples.npy")
-    (out / "index.json").write_text(json.dumps(meta))
-    p = run_cli("verify", out, check=False)
-    assert p.returncode == 1 and "00000-000.tar: sample 3 at offset" in p.stderr
-
-
 @pytest.fixture
 def big_folder(tmp_path, texture) -> Path:
     # Large enough (~50 MB, decode-checked, one worker) that a run lasts about a second.
@@ -159,8 +130,12 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path, big_folder):
     run_cli("shard", big_folder, ref, *SLOW)
     rng = random.Random(0)
     kills = 0
-    for _ in range(5):  # kill -9 at random points, each run resuming the last
-        interrupt(["shard", big_folder, out, *SLOW], (out / ".progress").exists,
+    started = (out / ".progress").exists
+    finished_one = lambda: any((out / ".progress").glob("0*.json"))  # noqa: E731
+    for i in range(5):  # kill -9 at random points, each run resuming the last
+        # Every other kill waits for a finished class, so that one is resumed however busy
+        # the machine is (under load, 0.4 s after the start may be before any class ends).
+        interrupt(["shard", big_folder, out, *SLOW], finished_one if i % 2 else started,
                   delay=rng.uniform(0.0, 0.4))
         kills += not (out / "index.json").exists()
     assert kills >= 2  # it really was interrupted mid-run, more than once
@@ -194,27 +169,6 @@ def test_second_writer_is_refused(tmp_path, big_folder):
     finally:
         proc.wait()
     assert proc.returncode == 0
-
-
-def test_verify_gives_one_verdict_with_a_hint_and_json(tmp_path, folder):
-    out = tmp_path / "out"
-    run_cli("shard", folder, out, "--no-progress")
-    ok = json.loads(run_cli("verify", out, "--json").stdout)
-    assert ok["ok"] is True and ok["problems"] == [] and ok["hint"] is None
-    tar = sorted(out.glob("*.tar"))[0]
-    tar.write_bytes(tar.read_bytes()[:-1024])  # cut short
-    for damage in ("tar", "samples.npy", "index.json"):  # each: exit 1, never 2
-        if damage != "tar":
-            (out / damage).unlink()
-        p = run_cli("verify", out, check=False)
-        assert p.returncode == 1 and "Traceback" not in p.stderr, (damage, p.stderr)
-        source = "SRC" if damage == "index.json" else folder.resolve()  # where it was recorded
-        assert "DAMAGED" in p.stderr and f"dptrain shard {source} {out} --overwrite" \
-            in p.stderr, p.stderr
-        j = json.loads(run_cli("verify", out, "--json", check=False).stdout)
-        assert j["ok"] is False and j["problems"] and "--overwrite" in j["hint"]
-    assert "index.json: missing" in p.stderr
-    assert run_cli("verify", tmp_path / "nowhere", check=False).returncode == 2  # usage
 
 
 def test_shard_rerun_notices_a_truncated_tar(tmp_path, folder):

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DPTRAIN, interrupt, make_shard_set, run_cli
+
 from dptrain.index import ShardIndex
 from dptrain.runfolder import folder_lock
 

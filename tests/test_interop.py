@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_shards import read_samples
 
 from dptrain.index import ShardIndex, idx_name
 from dptrain.shards import ShardOptions, shard_dataset
-from test_shards import read_samples
 
 
 @pytest.fixture

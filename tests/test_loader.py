@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import gc
 import io
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES, make_imagefolder, make_shard_set
 from PIL import Image
 
-from conftest import DEVICES, make_imagefolder, make_shard_set
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex
-from dptrain.loader import EVAL_RESIZE, Loader, default_threads
+from dptrain.loader import EVAL_RESIZE, Loader
 from dptrain.shards import shard_dataset
 from dptrain.subset import select
 
@@ -37,11 +36,13 @@ def epoch_labels(loader: Loader) -> list[torch.Tensor]:
 
 def test_train_epoch_mixes_classes_and_covers_subset(index):
     s = select(index, 8, 12, seed=0)
-    loader = Loader(s, batch_size=32, train=True, res=32, drop_last=False)
-    assert len(loader) == 3
+    # Batches of 8 from classes of 12: in the stored (class-sorted) order most batches would
+    # hold one class; shuffled, a single-class batch has odds of ~3e-8.
+    loader = Loader(s, batch_size=8, train=True, res=32, drop_last=False)
+    assert len(loader) == 12
     for epoch in range(2):
         batches = epoch_labels(loader)
-        assert len(batches) == 3
+        assert len(batches) == 12
         assert all(len(set(b.tolist())) > 1 for b in batches)  # never a single-class batch
         assert torch.bincount(torch.cat(batches), minlength=8).tolist() == [12] * 8
     assert loader.epoch == 2
@@ -163,19 +164,6 @@ def test_train_transform_crops_resizes_and_flips_half(tmp_path, device):
     assert 0.3 < (slopes < 0).mean() < 0.7  # about half mirrored
 
 
-def test_eval_resize_below_one_is_refused(index):
-    with pytest.raises(ValueError, match="eval_resize must be >= 1"):
-        Loader(select(index, 2, 4, seed=0), batch_size=8, train=False, res=48, eval_resize=0.9)
-
-
-@pytest.mark.parametrize("bad, message", [(dict(prefetch=0), "prefetch must be at least 1"),
-                                          (dict(hw_decoder_load=1.5), "must be in 0..1"),
-                                          (dict(decode="gpu"), "or gpu on a GPU")])
-def test_bad_loader_options_are_refused(index, bad, message):
-    with pytest.raises(ValueError, match=message):
-        Loader(select(index, 2, 4, seed=0), batch_size=8, train=True, res=32, **bad)
-
-
 def test_damaged_tar_names_file_and_sample(tmp_path, texture):
     src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=6, bad=False)
     shard_dataset(src, tmp_path / "out", progress=False)
@@ -255,14 +243,6 @@ def test_a_dropped_loader_stops_its_thread(index):
     del batches, loader
     gc.collect()
     assert not thread.is_alive()
-
-
-def test_default_threads_split_the_cores_between_local_ranks(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_threads() == cores
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert default_threads() == max(1, cores // 2)
 
 
 @pytest.mark.gpu

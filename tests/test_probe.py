@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEVICES, make_shard_set, run_cli
-import dptrain.probe as probe_module
-from dptrain.probe import fit_logreg, linear_probe
+
+import dptrain.logreg as logreg
+from dptrain.logreg import fit_logreg, linear_probe
 
 
 def blobs(rng, n, k, d, spread):
@@ -53,14 +54,14 @@ def test_matches_scikit_learn(l2, device):
 
 
 def test_warm_start_from_a_fit_reuses_its_gradient(monkeypatch):
-    """A LinearFit's stored loss and gradient stand in for evaluations; they must be the real ones."""
+    """A LinearFit's stored loss and gradient stand in for evaluations: they must be real."""
     rng = np.random.default_rng(3)
     x, y = blobs(rng, 800, 4, 16, 0.5)
     x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
     first = fit_logreg(x, y, 4, 1.0)
     calls = []
-    real = probe_module._cross_entropy
-    monkeypatch.setattr(probe_module, "_cross_entropy", lambda *a: calls.append(1) or real(*a))
+    real = logreg._cross_entropy
+    monkeypatch.setattr(logreg, "_cross_entropy", lambda *a: calls.append(1) or real(*a))
     assert fit_logreg(x, y, 4, 1.0, init=first) is first and not calls  # nothing to do
     warm = fit_logreg(x, y, 4, 300.0, init=first)
     cold = fit_logreg(x, y, 4, 300.0)
@@ -94,7 +95,8 @@ def test_probe_command_writes_results_and_hits_the_cache(run_and_data):
     probe = json.loads((run / "probe.json").read_text())["datasets"]["tiny"]
     assert probe["train_samples"] == 48 and probe["test_samples"] == 16
     assert probe["feature_dim"] == 512 and len(probe["repeats"]) == 2
-    assert 0 <= probe["top1_mean"] <= 1 and probe["error_mean"] == pytest.approx(1 - probe["top1_mean"])
+    assert 0 <= probe["top1_mean"] <= 1
+    assert probe["error_mean"] == pytest.approx(1 - probe["top1_mean"])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["probe"]["tiny"]["top1_mean"] == probe["top1_mean"]
     cached = list((run / "features").glob("*.npz"))
@@ -145,9 +147,10 @@ def test_probe_bad_inputs(run_and_data, tmp_path):
 
 def test_trained_backbone_beats_random_init(tmp_path):
     """Pre-training on the synthetic pool helps on unseen classes of the same generator."""
-    from dptrain.probe import probe_run, read_suite
-    from dptrain.synthetic import Generator, write_pool, write_tasks
     from dptrain.config import make_config
+    from dptrain.downstream import read_suite
+    from dptrain.probe import probe_run
+    from dptrain.synthetic import Generator, write_pool, write_tasks
     from dptrain.train import train
 
     gen = Generator(res=16)  # 16 px: 4x cheaper than the default 32, the same structure

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bad_inputs, make_imagefolder, tree_bytes
 from PIL import Image
 
-from conftest import bad_inputs, make_imagefolder, tree_bytes
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex, idx_name
 from dptrain.shards import ShardOptions, shard_dataset
@@ -179,7 +179,7 @@ def test_flat_folder_with_labels_and_classes_from(tmp_path, folder):
     index = ShardIndex.load(out)
     assert index.class_names == ShardIndex.load(train).class_names  # the train split's ids
     assert index.counts.tolist() == [0, 1, 2, 0]
-    assert {(k, l) for k, _, l in read_samples(out)} == {
+    assert {(k, label) for k, _, label in read_samples(out)} == {
         ("00002_v0", 2), ("00001_v1", 1), ("00002_v2", 2)}
     reasons = {s["input"]: s["reason"] for s in index.meta["skipped"]}
     assert reasons["gone.JPEG"].startswith("listed in labels.csv but missing")
@@ -236,15 +236,15 @@ def test_webdataset_source_reindexed_by_class(tmp_path, texture):
     assert index.class_names == ["0", "1", "2"]  # the original integer labels keep their ids
     assert index.counts.tolist() == [expected[0], expected[1], expected[2]]
     assert all(t["label"] == int(k[:5]) for t in index.meta["tars"] for k in [t["file"]])
-    assert {(k.split("_", 1)[0], l) for k, _, l in read_samples(out)} == {
+    assert {(k.split("_", 1)[0], label) for k, _, label in read_samples(out)} == {
         ("00000", 0), ("00001", 1), ("00002", 2)}
     assert any(s["reason"] == "no .cls in sample" for s in index.meta["skipped"])
 
 
 def test_bad_image_checks(texture):
-    from dptrain.images import BadImage, store_image
-
     from conftest import encode, rgb, with_sof_size
+
+    from dptrain.images import BadImage, store_image
 
     good = encode(rgb(1))
     assert store_image(good).action == "copied"

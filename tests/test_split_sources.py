@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_imagefolder, run_cli
-from dptrain.index import ShardIndex
+from PIL import Image
 from test_shards import read_samples
+
+from dptrain.index import ShardIndex
 
 NAMES = ["zebra", "apple", "moose"]  # not sorted: CIFAR's own ids must survive
 
@@ -89,7 +89,8 @@ def test_cifar_pickles_round_trip(tmp_path, kind):
         index = ShardIndex.load(out / split)
         assert index.class_names == NAMES and index.meta["split"] == split
         assert "quality 95" in index.meta["source_encoding"]
-        assert index.counts.tolist() == np.bincount([l for _, l in expected], minlength=3).tolist()
+        assert index.counts.tolist() == np.bincount([label for _, label in expected],
+                                                        minlength=3).tolist()
         stored = read_samples(out / split)
         assert len(stored) == len(expected)
         # Every image is stored once, with its label, and decodes to its pixels.

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli, tree_bytes
 from PIL import Image
 
 import dptrain.synthetic as synthetic
-from conftest import run_cli, tree_bytes
-from dptrain.index import ShardIndex, verify
-from dptrain.probe import linear_probe
+from dptrain.index import ShardIndex
+from dptrain.logreg import linear_probe
 from dptrain.synthetic import POOL, TEST, TRAIN, Generator, write_pool, write_tasks
+from dptrain.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,31 +1,26 @@
-"""The error model fit, the optimal split, the report and `dptrain predict` on made-up sweeps."""
+"""theory.py: the error model's fits, the optimal split, the bootstrap and the held-out check."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import re
 import statistics
 
 import numpy as np
 import pytest
+from conftest import TRUE, grid_points, model
 
-from conftest import run_cli
-from dptrain.report import write_report
-from dptrain.results import COLUMNS
-from dptrain.theory import (Fit, FitError, best_ratio_measured, best_split, bootstrap, fit,
-                            fit_points, holdout_check, near_minimum, split_for_ratio)
-
-TRUE = dict(c0=0.15, a=0.9, alpha=0.6, b=0.7, beta=0.4)
-
-
-def model(k, n, p=TRUE):
-    return p["c0"] + p["a"] * np.power(k, -p["alpha"]) + p["b"] * np.power(n, -p["beta"])
-
-
-def grid_points(sizes=(1000, 4000, 16000), ks=(4, 10, 25, 63, 160, 400)):
-    return [(k, s // k) for s in sizes for k in ks if s // k >= 2]
+from dptrain.theory import (
+    Fit,
+    FitError,
+    best_ratio_measured,
+    best_split,
+    bootstrap,
+    fit,
+    fit_points,
+    holdout_check,
+    near_minimum,
+    split_for_ratio,
+)
 
 
 def test_fit_recovers_known_parameters_from_noisy_data():
@@ -91,135 +86,6 @@ def test_bootstrap_and_measured_ratio():
     assert m["best_measured_ratio"] / 6.3 <= exact <= m["best_measured_ratio"] * 6.3
     assert split_for_ratio(4.0, 10_000)["classes"] == 200
     assert split_for_ratio(4.0, 10_000, max_classes=100)["clipped"]
-
-
-def fake_sweep(root, sizes=(1000, 4000), ks=(4, 10, 25, 63, 160), seeds=2, sets=("a", "b"),
-               params=TRUE, noise=0.002):
-    """A sweep folder whose results.csv comes from the model plus noise."""
-    rng = np.random.default_rng(2)
-    root.mkdir(parents=True)
-    with open(root / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        for s in sizes:
-            for k in ks:
-                n = s // k
-                for seed in range(seeds):
-                    for j, name in enumerate(sets):
-                        err = float(model(k, n, params)) + 0.02 * j + rng.normal(0, noise)
-                        w.writerow({c: 0 for c in COLUMNS} | {
-                            "run": f"K{k}-n{n}-s{seed}", "K": k, "n": n,
-                            "seed": seed, "dataset": name, "top1_mean": 1 - err, "N": s,
-                            "top1_std": 0.01, "error_mean": err, "val_top1": ""})
-    (root / "sweep.json").write_text(json.dumps({"budget": "fixed epochs: 1 per run",
-                                                 "recipe": "synthetic", "pretrain_args": []}))
-    return root
-
-
-def test_report_writes_figures_and_table(tmp_path):
-    root = fake_sweep(tmp_path / "sw")
-    path = write_report(root)
-    text = path.read_text()
-    assert "fixed epochs" in text and "## Best split per budget" in text
-    for name in ("a", "b", "average"):
-        for kind in ("contour", "ratio"):
-            png = root / "report" / f"{kind}-{name}.png"
-            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in text
-    assert "## The prediction, checked" in text and "Needs 3 or more budgets" in text
-    table = (root / "report" / "table.md").read_text().splitlines()
-    assert len(table) == 2 + 10  # header, rule, one row per (K, n)
-    assert "| 1,000 | 4 | 250 |" in table[2] and table[2].count("+-") == 3
-
-
-def test_predict_command(tmp_path):
-    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), ks=(4, 10, 25, 63, 160))
-    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
-                "--max-per-class", "1300", "--bootstrap", "20", "--json")
-    out = json.loads(p.stdout)
-    free = out["sets"]["a"]["free"]
-    truth = Fit(**TRUE, tied=False, rmse=0, points=0).best_classes(64000)
-    assert 0.6 * truth <= free["prediction"]["classes"] <= 1.6 * truth
-    assert free["all_classes"]["classes"] == 1000 and out["failures"] == []
-    assert out["sets"]["a"]["recommended"] == "tied"  # the alpha = beta fit, see RECOMMENDED
-    p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000",
-                "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
-    assert "measured best at N=16,000" in p.stdout and "ratio rule" in p.stdout
-    tied = re.search(r"tied fit \(alpha = beta\).*?predicted best: K\*=(\d+) n\*=(\d+)",
-                     p.stdout, re.S)
-    assert f"recommended: tied fit: K={tied[1]} n={tied[2]}" in p.stdout
-    p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000", "--fit-near",
-                "7", "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
-    assert "within 7x of each budget's best K/n" in p.stdout
-    assert "a: 6 points at N = [1000, 4000]" in p.stdout  # K/n 0.064 .. 26.6: 3 of 5 each
-    # one budget of 3 points: no fit is possible, and predict says so with exit status 1
-    small = fake_sweep(tmp_path / "small", sizes=(1000,), ks=(4, 10, 25))
-    p = run_cli("predict", small, "--size", "4000", "--max-classes", "100",
-                "--max-per-class", "500", check=False)
-    assert p.returncode == 1 and "too few points" in p.stdout and "Traceback" not in p.stderr
-    p = run_cli("predict", tmp_path, "--size", "10", check=False)
-    assert p.returncode == 2 and "no results.csv" in p.stderr
-
-
-def test_a_bad_field_in_results_csv_names_the_row_and_column(tmp_path):
-    root = fake_sweep(tmp_path / "sw")
-    lines = (root / "results.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    cells = lines[3].split(",")
-    cells[header.index("seed")] = ""  # a hand-merged file, say
-    lines[3] = ",".join(cells)
-    (root / "results.csv").write_text("\n".join(lines) + "\n")
-    for cmd in (["report", root], ["predict", root, "--size", "100"]):
-        p = run_cli(*cmd, check=False)
-        assert p.returncode == 2 and "Traceback" not in p.stderr
-        assert "results.csv, line 4, column seed: '' is not an integer" in p.stderr
-
-
-def test_empty_sweep_is_a_clear_error(tmp_path):
-    (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
-    for cmd in (["report", tmp_path], ["predict", tmp_path, "--size", "100"]):
-        p = run_cli(*cmd, check=False)
-        assert p.returncode == 2 and "no finished run" in p.stderr and "Traceback" not in p.stderr
-
-
-def test_a_parameter_on_a_bound_is_flagged_in_predict_and_the_report(tmp_path):
-    # The errors want a negative floor; c0 >= 0 stops it at 0: a limit, not an estimate.
-    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), params={**TRUE, "c0": -0.1})
-    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
-                "--max-per-class", "1300", "--bootstrap", "0")
-    assert "ON A BOUND: c0" in p.stdout
-    assert "ON A BOUND: c0" in write_report(root).read_text()
-
-
-def test_a_single_seed_gives_no_interval_and_residuals_are_shown(tmp_path):
-    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), seeds=1)
-    args = ["predict", root, "--size", "64000", "--max-classes", "1000", "--max-per-class",
-            "1300", "--bootstrap", "50"]
-    p = run_cli(*args)
-    assert "no 95% intervals: a single seed" in p.stdout and "interval" not in \
-        p.stdout.replace("no 95% intervals", "")
-    assert "residuals (measured - fit): N=1,000: 4x250 " in p.stdout
-    free = json.loads(run_cli(*args, "--json").stdout)["sets"]["a"]["free"]
-    assert free["bootstrap_fits"] == 0 and free["intervals"]["classes"] is None
-    # a residual is the measured error less the fitted one, at its point
-    f = Fit(**free["params"])
-    with open(root / "results.csv") as fh:
-        measured = {(int(r["K"]), int(r["n"])): float(r["error_mean"])
-                    for r in csv.DictReader(fh) if r["dataset"] == "a"}
-    for x in free["residuals"]:
-        k, n = x["classes"], x["per_class"]
-        assert x["residual"] == pytest.approx(measured[k, n] - float(f.err(k, n)), abs=1e-9)
-
-
-def test_an_underdetermined_fit_exits_1_with_the_reason(tmp_path):
-    # Errors that do not depend on K: the class term's exponent could be anything.
-    flat_k = {**TRUE, "a": 0.0}
-    with pytest.raises(FitError, match="underdetermined"):
-        k, n = zip(*grid_points())
-        fit(k, n, model(np.array(k), np.array(n), flat_k))
-    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), params=flat_k, noise=0)
-    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
-                "--max-per-class", "1300", "--bootstrap", "0", check=False)
-    assert p.returncode == 1 and "underdetermined" in p.stdout and "Traceback" not in p.stderr
 
 
 def test_near_minimum_keeps_the_points_around_each_budgets_best():

@@ -12,8 +12,14 @@ larger pool keeps every image of a smaller one. See docs/synthetic.md.
 import click
 
 from dptrain.errors import DataError
-from dptrain.synthetic import (DEFAULT_DIR, POOL_CLASSES, POOL_PER_CLASS, Generator, write_pool,
-                               write_tasks)
+from dptrain.synthetic import (
+    DEFAULT_DIR,
+    POOL_CLASSES,
+    POOL_PER_CLASS,
+    Generator,
+    write_pool,
+    write_tasks,
+)
 
 
 def _sizes(ctx, param, value: str) -> tuple[int, ...]:

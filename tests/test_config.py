@@ -1,0 +1,66 @@
+"""config.py: every TrainConfig field is an option, recipes resolve as --print-config shows,
+a --config file runs as it is and is checked as the command line is."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from conftest import make_shard_set, run_cli
+
+FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
+        "--no-progress", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, texture) -> Path:
+    return make_shard_set(tmp_path_factory.mktemp("config"), texture, 4, 16, (48, 40))
+
+
+def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tmp_path):
+    import click
+
+    from dptrain.cli import main
+    from dptrain.config import TrainConfig
+
+    names = {o.name for o in main.commands["pretrain"].params if isinstance(o, click.Option)}
+    assert {f.name for f in fields(TrainConfig)} <= names  # declared once, in config.py
+    p = run_cli("pretrain", "--data", shards, "--recipe", "paper", "--batch-size", "128",
+                "--min-res", "128", "--bn-wd", "--print-config")
+    cfg = json.loads(p.stdout)
+    assert set(cfg) == {f.name for f in fields(TrainConfig)}
+    assert cfg["lr"] == pytest.approx(0.2) and cfg["epochs"] == 100  # paper's 0.1 at batch 64
+    assert cfg["min_res"] == 128 and cfg["no_bn_wd"] is False and cfg["schedule"] == "cosine"
+    assert not (Path("runs") / f"{shards.name}-Kall-nall-s0").exists()  # nothing was run
+    # The printed config runs as it is; options given replace its values, with no recipe.
+    path = tmp_path / "cfg.json"
+    path.write_text(run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16,
+                            "--epochs", 1, *FAST, "--print-config").stdout)
+    run_cli("pretrain", "--config", path, "--batch-size", 32, "--out", tmp_path / "r",
+            "--no-progress")
+    ran = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert ran == {**json.loads(path.read_text()), "batch_size": 32}  # lr not rescaled
+    path.write_text('{"epochs": 1, "colour": "red"}')
+    p = run_cli("pretrain", "--config", path, check=False)
+    assert p.returncode == 2 and "not a pretrain config (['colour'])" in p.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(prefetch=0), "--prefetch must be 1<=x, not 0"),
+    (dict(hw_decoder_load=1.5), "--hw-decoder-load must be 0<=x<=1, not 1.5"),
+    (dict(label_smoothing=1.0), "--label-smoothing must be 0<=x<1, not 1.0"),
+    (dict(lr=0.0), "--lr must be 0<x, not 0.0"),
+    (dict(schedule="step"), "--schedule must be one of linear, cosine, not 'step'")])
+def test_a_config_file_is_checked_as_the_command_line_is(bad, message):
+    """Values from --config skip click's checks: check_config makes the same ones, from the
+    same declarations."""
+    import re
+    from dataclasses import replace
+
+    from dptrain.config import check_config, make_config
+    from dptrain.errors import DataError
+
+    with pytest.raises(DataError, match=re.escape(message)):
+        check_config(replace(make_config("synthetic", data="x"), **bad), 1, False)

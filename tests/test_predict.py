@@ -1,0 +1,84 @@
+"""`dptrain predict`: the best split of a budget from a sweep's fits, its intervals and warnings."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import TRUE, fake_sweep, grid_points, model, run_cli
+
+from dptrain.report import write_report
+from dptrain.theory import Fit, FitError, fit
+
+
+def test_predict_command(tmp_path):
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), ks=(4, 10, 25, 63, 160))
+    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
+                "--max-per-class", "1300", "--bootstrap", "20", "--json")
+    out = json.loads(p.stdout)
+    free = out["sets"]["a"]["free"]
+    truth = Fit(**TRUE, tied=False, rmse=0, points=0).best_classes(64000)
+    assert 0.6 * truth <= free["prediction"]["classes"] <= 1.6 * truth
+    assert free["all_classes"]["classes"] == 1000 and out["failures"] == []
+    assert out["sets"]["a"]["recommended"] == "tied"  # the alpha = beta fit, see RECOMMENDED
+    p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000",
+                "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
+    assert "measured best at N=16,000" in p.stdout and "ratio rule" in p.stdout
+    tied = re.search(r"tied fit \(alpha = beta\).*?predicted best: K\*=(\d+) n\*=(\d+)",
+                     p.stdout, re.S)
+    assert f"recommended: tied fit: K={tied[1]} n={tied[2]}" in p.stdout
+    p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000", "--fit-near",
+                "7", "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
+    assert "within 7x of each budget's best K/n" in p.stdout
+    assert "a: 6 points at N = [1000, 4000]" in p.stdout  # K/n 0.064 .. 26.6: 3 of 5 each
+    # one budget of 3 points: no fit is possible, and predict says so with exit status 1
+    small = fake_sweep(tmp_path / "small", sizes=(1000,), ks=(4, 10, 25))
+    p = run_cli("predict", small, "--size", "4000", "--max-classes", "100",
+                "--max-per-class", "500", check=False)
+    assert p.returncode == 1 and "too few points" in p.stdout and "Traceback" not in p.stderr
+    p = run_cli("predict", tmp_path, "--size", "10", check=False)
+    assert p.returncode == 2 and "no results.csv" in p.stderr
+
+
+def test_a_parameter_on_a_bound_is_flagged_in_predict_and_the_report(tmp_path):
+    # The errors want a negative floor; c0 >= 0 stops it at 0: a limit, not an estimate.
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), params={**TRUE, "c0": -0.1})
+    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
+                "--max-per-class", "1300", "--bootstrap", "0")
+    assert "ON A BOUND: c0" in p.stdout
+    assert "ON A BOUND: c0" in write_report(root).read_text()
+
+
+def test_a_single_seed_gives_no_interval_and_residuals_are_shown(tmp_path):
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), seeds=1)
+    args = ["predict", root, "--size", "64000", "--max-classes", "1000", "--max-per-class",
+            "1300", "--bootstrap", "50"]
+    p = run_cli(*args)
+    assert "no 95% intervals: a single seed" in p.stdout and "interval" not in \
+        p.stdout.replace("no 95% intervals", "")
+    assert "residuals (measured - fit): N=1,000: 4x250 " in p.stdout
+    free = json.loads(run_cli(*args, "--json").stdout)["sets"]["a"]["free"]
+    assert free["bootstrap_fits"] == 0 and free["intervals"]["classes"] is None
+    # a residual is the measured error less the fitted one, at its point
+    f = Fit(**free["params"])
+    with open(root / "results.csv") as fh:
+        measured = {(int(r["K"]), int(r["n"])): float(r["error_mean"])
+                    for r in csv.DictReader(fh) if r["dataset"] == "a"}
+    for x in free["residuals"]:
+        k, n = x["classes"], x["per_class"]
+        assert x["residual"] == pytest.approx(measured[k, n] - float(f.err(k, n)), abs=1e-9)
+
+
+def test_an_underdetermined_fit_exits_1_with_the_reason(tmp_path):
+    # Errors that do not depend on K: the class term's exponent could be anything.
+    flat_k = {**TRUE, "a": 0.0}
+    with pytest.raises(FitError, match="underdetermined"):
+        k, n = zip(*grid_points())
+        fit(k, n, model(np.array(k), np.array(n), flat_k))
+    root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), params=flat_k, noise=0)
+    p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
+                "--max-per-class", "1300", "--bootstrap", "0", check=False)
+    assert p.returncode == 1 and "underdetermined" in p.stdout and "Traceback" not in p.stderr

@@ -1,0 +1,44 @@
+"""`dptrain report` and the results it reads: figures, table, bad and empty results."""
+
+from __future__ import annotations
+
+from conftest import fake_sweep, run_cli
+
+from dptrain.report import write_report
+from dptrain.results import COLUMNS
+
+
+def test_report_writes_figures_and_table(tmp_path):
+    root = fake_sweep(tmp_path / "sw")
+    path = write_report(root)
+    text = path.read_text()
+    assert "fixed epochs" in text and "## Best split per budget" in text
+    for name in ("a", "b", "average"):
+        for kind in ("contour", "ratio"):
+            png = root / "report" / f"{kind}-{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in text
+    assert "## The prediction, checked" in text and "Needs 3 or more budgets" in text
+    table = (root / "report" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 10  # header, rule, one row per (K, n)
+    assert "| 1,000 | 4 | 250 |" in table[2] and table[2].count("+-") == 3
+
+
+def test_a_bad_field_in_results_csv_names_the_row_and_column(tmp_path):
+    root = fake_sweep(tmp_path / "sw")
+    lines = (root / "results.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[3].split(",")
+    cells[header.index("seed")] = ""  # a hand-merged file, say
+    lines[3] = ",".join(cells)
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    for cmd in (["report", root], ["predict", root, "--size", "100"]):
+        p = run_cli(*cmd, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert "results.csv, line 4, column seed: '' is not an integer" in p.stderr
+
+
+def test_empty_sweep_is_a_clear_error(tmp_path):
+    (tmp_path / "results.csv").write_text(",".join(COLUMNS) + "\n")
+    for cmd in (["report", tmp_path], ["predict", tmp_path, "--size", "100"]):
+        p = run_cli(*cmd, check=False)
+        assert p.returncode == 2 and "no finished run" in p.stderr and "Traceback" not in p.stderr

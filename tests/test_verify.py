@@ -1,0 +1,68 @@
+"""`dptrain verify`: every damaged or missing file named, one verdict, a repair hint, JSON."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+from dptrain.index import idx_name
+
+
+def test_verify_names_each_damaged_file(tmp_path, folder):
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress", "--shard-size", "0.02")
+    assert "OK" in run_cli("verify", out).stdout
+    tars = sorted(out.glob("*.tar"))
+    data = bytearray(tars[1].read_bytes())
+    data[700] ^= 0x01  # one flipped bit inside a JPEG payload
+    tars[1].write_bytes(bytes(data))
+    tars[2].unlink()
+    idx = out / idx_name(tars[3].name)
+    idx.write_text(idx.read_text().replace("jpg 512", "jpg 513", 1))
+    p = run_cli("verify", out, check=False)
+    assert p.returncode == 1
+    damaged = [line for line in p.stderr.splitlines() if line.startswith("DAMAGED")]
+    assert len(damaged) == 3, p.stderr
+    assert tars[1].name in damaged[0] + damaged[1] + damaged[2]
+    assert any(tars[2].name in d and "missing" in d for d in damaged)
+    assert any(idx.name in d for d in damaged)
+
+
+def test_verify_checks_table_against_tars(tmp_path, folder):
+    import numpy as np
+
+    from dptrain.index import sha256_file
+
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress")
+    # A table that points at the wrong bytes, with its hash updated to hide the change.
+    table = np.load(out / "samples.npy")
+    table["offset"][3] += 512
+    np.save(out / "samples.npy", table)
+    meta = json.loads((out / "index.json").read_text())
+    meta["samples_sha256"] = sha256_file(out / "samples.npy")
+    (out / "index.json").write_text(json.dumps(meta))
+    p = run_cli("verify", out, check=False)
+    assert p.returncode == 1 and "00000-000.tar: sample 3 at offset" in p.stderr
+
+
+def test_verify_gives_one_verdict_with_a_hint_and_json(tmp_path, folder):
+    out = tmp_path / "out"
+    run_cli("shard", folder, out, "--no-progress")
+    ok = json.loads(run_cli("verify", out, "--json").stdout)
+    assert ok["ok"] is True and ok["problems"] == [] and ok["hint"] is None
+    tar = sorted(out.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:-1024])  # cut short
+    for damage in ("tar", "samples.npy", "index.json"):  # each: exit 1, never 2
+        if damage != "tar":
+            (out / damage).unlink()
+        p = run_cli("verify", out, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, (damage, p.stderr)
+        source = "SRC" if damage == "index.json" else folder.resolve()  # where it was recorded
+        assert "DAMAGED" in p.stderr and f"dptrain shard {source} {out} --overwrite" \
+            in p.stderr, p.stderr
+        j = json.loads(run_cli("verify", out, "--json", check=False).stdout)
+        assert j["ok"] is False and j["problems"] and "--overwrite" in j["hint"]
+    assert "index.json: missing" in p.stderr
+    assert run_cli("verify", tmp_path / "nowhere", check=False).returncode == 2  # usage
