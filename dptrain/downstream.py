@@ -43,6 +43,9 @@ class ProbeOptions:
                                "reference any pre-training must beat) and print both.")
     allow_unfinished: bool = option(False, "Probe a run whose checkpoint is short of its "
                                     "planned steps (refused otherwise).")
+    log_to: tuple = option((), "Also log the results to the run's TensorBoard or W&B run (as "
+                           "pretrain --log-to).", choices=("tensorboard", "wandb"),
+                           multiple=True)
 
 
 def read_suite(path: Path) -> list[tuple[str, str, str]]:

@@ -99,6 +99,19 @@ def _accuracy(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> float:
     return (torch.addmm(fit.b, x, fit.w.T).argmax(1) == y).double().mean().item()
 
 
+def measure_solver(train: int, test: int, dim: int, classes: int, seed: int = 0) -> float:
+    """Seconds of one `linear_probe` repeat here on features of this shape: Gaussian classes
+    (random means, unit noise), so the solver meets separable-ish data as real features are.
+    What `sweep --dry-run` plans with."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1, (classes, dim)).astype(np.float32)
+    y = rng.integers(0, classes, train + test)
+    x = means[y] + rng.normal(0, 2, (len(y), dim)).astype(np.float32)
+    t = time.perf_counter()
+    linear_probe(x[:train], y[:train], x[train:], y[train:], repeats=1)
+    return time.perf_counter() - t
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, l2_grid: np.ndarray = L2_GRID, val_fraction: float = 0.2,
                  repeats: int = 5, seed: int = 0, device: str = "cpu",

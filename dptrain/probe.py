@@ -27,6 +27,7 @@ from .models import build_model
 from .progress import bar as progress_bar
 from .runfolder import RunFolder, atomic_path, folder_lock, load_checkpoint, save_torch
 from .subset import select
+from .tracking import open_tracker
 
 
 def _penultimate(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,6 +51,25 @@ def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
     # channels_last, as the loader's batches arrive (to_model_input): no layout conversions
     model = model.to(device, memory_format=torch.channels_last)
     return _penultimate(model).eval().requires_grad_(False)
+
+
+def measure_extraction(arch: str, res: int, num_classes: int, device: str,
+                       batch_size: int = 256, steps: int = 3) -> tuple[float, int]:
+    """(images per second, feature dimension) of `features` for this model here: `steps`
+    timed forward passes on one batch of random images held in memory, after one untimed (no
+    loader: an upper bound where decoding is the limit). What `sweep --dry-run` plans with."""
+    dev = torch.device(device)
+    model = _penultimate(build_model(arch, num_classes)).to(
+        dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+    images = torch.randint(0, 256, (batch_size, res, res, 3), dtype=torch.uint8, device=dev)
+    precision = amp_context(dev.type, resolve_amp("auto", True) if dev.type == "cuda" else "off")
+    with torch.inference_mode(), precision:
+        for timed in (False, True):
+            t = time.perf_counter()
+            for _ in range(steps if timed else 1):
+                x = model(to_model_input(images, True))
+            x.float().cpu()  # waits for the device
+    return steps * batch_size / (time.perf_counter() - t), int(x.shape[1])
 
 
 def random_init_checkpoint(checkpoint: Path, cache: Path) -> Path:
@@ -167,19 +187,20 @@ def run_probe(run: Path, o: ProbeOptions, progress: bool = False) -> dict:
                      pixels=cache_dir_option(o.cache_dir), repeats=o.repeats,
                      val_fraction=o.val_fraction, seed=o.seed, device=o.device,
                      threads=o.workers, random_init=o.random_init,
-                     allow_unfinished=o.allow_unfinished, progress=progress)
+                     allow_unfinished=o.allow_unfinished, log_to=o.log_to,
+                     progress=progress)
 
 
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
               cache: Path | None = None, pixels: Path | None = None, repeats: int = 5,
               val_fraction: float = 0.2, seed: int = 0, device: str = "auto",
               threads: int | None = None, random_init: bool = False,
-              allow_unfinished: bool = False, progress: bool = False) -> dict:
+              allow_unfinished: bool = False, log_to=(), progress: bool = False) -> dict:
     """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
     with `random_init`, also the run's architecture as initialised, the reference. `cache`:
     the feature cache [RUN/features]; `pixels`: the eval pixel cache's folder (None: none).
     A run whose checkpoint is short of its planned steps is refused unless
-    `allow_unfinished`."""
+    `allow_unfinished`. `log_to`: tracking backends the results also go to."""
     checkpoint = RunFolder(run).checkpoint if run.is_dir() else run
     if not checkpoint.is_file():
         raise DataError(f"{run} is not a dptrain run (no {RunFolder.CHECKPOINT})")
@@ -188,11 +209,12 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
         return _probe_run(checkpoint, datasets, run_dir, res=res, cache=cache, pixels=pixels,
                           repeats=repeats, val_fraction=val_fraction, seed=seed, device=device,
                           threads=threads, random_init=random_init,
-                          allow_unfinished=allow_unfinished, progress=progress)
+                          allow_unfinished=allow_unfinished, log_to=log_to,
+                          progress=progress)
 
 
 def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pixels, repeats,
-               val_fraction, seed, device, threads, random_init, allow_unfinished,
+               val_fraction, seed, device, threads, random_init, allow_unfinished, log_to,
                progress) -> dict:
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
@@ -213,9 +235,16 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
                                     what="random init, ", **kw)
         merged["random_init"] = {**old.get("random_init", {}), **out["random_init"]}
     out["written"] = str(run_dir.write_probe(merged))
-    run_dir.update_summary(probe=_brief(merged["datasets"]),
-                           **({"probe_random_init": _brief(merged["random_init"])}
-                              if "random_init" in merged else {}))
+    briefs = {"probe": _brief(merged["datasets"]),
+              **({"probe_random_init": _brief(merged["random_init"])}
+                 if "random_init" in merged else {})}
+    run_dir.update_summary(**briefs)
+    record = run_dir.read_config()
+    if log_to and record:
+        with open_tracker(log_to, run_dir.path, record, resume_step=None) as tracker:
+            tracker.log({f"{what}/{name}/top1": r["top1_mean"] for what, sets in briefs.items()
+                         for name, r in sets.items()}, ckpt.get("step", 0))
+            tracker.summary(briefs)
     return out
 
 

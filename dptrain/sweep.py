@@ -35,6 +35,7 @@ from .progress import plural
 from .results import write_results
 from .runfolder import RunFolder, SweepFolder, folder_lock, write_json
 from .subset import select
+from .tracking import BUDGET, SWEEP
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,15 @@ class SweepOptions:
     slurm_time: int = option(240, "Slurm time limit per point, minutes.", low=1)
     slurm_cpus: int = option(16, "CPUs per job.", low=1)
     dry_run: bool = option(False, "Run nothing: print every feasible point, the images its "
-                           "pre-training processes and its estimated wall time, and the "
-                           "sweep's total.")
+                           "pre-training processes and its estimated time (probing included), "
+                           "and the sweep's total.")
     img_per_s: float | None = option(None, "With --dry-run: training throughput per GPU (or per "
                                      "CPU run) [3 training steps timed here, images from "
                                      "memory].", low=0, low_open=True)
+    extract_img_per_s: float | None = option(None, "With --dry-run: feature extraction "
+                                             "throughput of a probe [the model's forward "
+                                             "pass timed here, images from memory].", low=0,
+                                             low_open=True)
     plan_gpus: int | None = option(None, "With --dry-run: GPUs to plan for [the visible ones].",
                                    low=1)
     gpus: int = option(1, "GPUs per run (DDP through torchrun); a local sweep runs one run per "
@@ -94,7 +99,8 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
     if not todo:
         raise DataError("no feasible point in the grid")
     if o.dry_run:
-        return dry_run_text(todo, index, cfg, o.gpus, o.img_per_s, o.plan_gpus), []
+        return dry_run_text(todo, index, cfg, o.gpus, o.img_per_s, o.plan_gpus, suite=o.suite,
+                            repeats=o.repeats, extract_img_per_s=o.extract_img_per_s), []
     out = Path(o.out)
     spec, slots = prepare(cfg, suite=o.suite, out=out, repeats=o.repeats, gpus=o.gpus,
                           launcher=o.launcher, given=given, skipped=skipped)
@@ -141,6 +147,8 @@ def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: st
         cfg.cache_dir or str(out.resolve() / SweepFolder.CACHE)
     cfg = replace(cfg, cache_dir=cache_dir)
     probe_args += ["--cache-dir", cache_dir]
+    for kind in cfg.log_to:  # the probes' results go where the runs' numbers went
+        probe_args += ["--log-to", kind]
     if launcher == "local" and cfg.workers is None:
         threads = cores_for_this_process(share=len(slots or [None]) * gpus)
         cfg = replace(cfg, workers=threads)
@@ -202,69 +210,130 @@ def feasible(index: ShardIndex, triples: list[tuple[int, int, int]], seeds: list
 
 
 def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_run: int = 1,
-         img_per_s: float | None = None) -> dict:
+         img_per_s: float | None = None, probe_images: int = 0,
+         extract_img_per_s: float | None = None, solver_s: float = 0.0,
+         startup_s: float = 0.0) -> dict:
     """What a sweep would cost, before running it: the images each run's pre-training
     processes (as `train` counts its steps) and, from a throughput per GPU (or per CPU run),
     each run's wall time and the sweep's, with the scheduler's order (each point to the
-    first free slot) on `slots` runs at a time. Probing is not counted."""
+    first free slot) on `slots` runs at a time. A run's probing: `probe_images` (every
+    downstream set's train and test images) at `extract_img_per_s` on one GPU, `solver_s` of
+    probe solver, and `startup_s` for each of its two commands."""
     import heapq
 
     from .train import plan_steps
 
     runs = []
+    probe_s = (probe_images / extract_img_per_s if extract_img_per_s else 0.0) + solver_s
     for p in points:
         samples = len(select(index, p.classes, p.per_class, seed=p.seed,
                              allow_fewer=cfg.allow_fewer))
         steps = plan_steps(cfg, samples, gpus_per_run).total_steps
         images = steps * cfg.batch_size
-        seconds = images / (img_per_s * gpus_per_run) if img_per_s else None
+        pretrain_s = images / (img_per_s * gpus_per_run) if img_per_s else None
+        seconds = None if pretrain_s is None else pretrain_s + probe_s + 2 * startup_s
         runs.append({"run": p.name, "K": p.classes, "n": p.per_class, "N": p.size,
                      "seed": p.seed, "samples": samples, "steps": steps, "images": images,
-                     "seconds": seconds})
+                     "pretrain_s": pretrain_s, "probe_s": probe_s, "seconds": seconds})
     total = None
     if img_per_s:
         free = [0.0] * slots
         for r in runs:
             heapq.heappush(free, heapq.heappop(free) + r["seconds"])
         total = max(free)
+    busy = sum(r["seconds"] for r in runs) * gpus_per_run if img_per_s else None
     return {"runs": runs, "images": sum(r["images"] for r in runs), "seconds": total,
-            "slots": slots, "gpus_per_run": gpus_per_run, "img_per_s": img_per_s}
+            "gpu_seconds": busy, "probe_images": probe_images * len(runs), "slots": slots,
+            "gpus_per_run": gpus_per_run, "img_per_s": img_per_s}
+
+
+def probe_cost(suite: str, cfg, repeats: int, device: str, extraction: bool = True) -> dict:
+    """One run's probing, measured here: every downstream set's images, the backbone's
+    forward rate (`probe.measure_extraction`; unless not `extraction`) and one solver repeat
+    per set on features of its shape (`logreg.measure_solver`), times `repeats`; and a
+    command's start-up (importing torch and DALI)."""
+    from .downstream import read_suite
+    from .logreg import measure_solver
+    from .probe import measure_extraction
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import dptrain.train, dptrain.probe"], check=True)
+    startup = time.perf_counter() - t
+    sets = []
+    for name, train, test in read_suite(Path(suite)):
+        counts = ShardIndex.load(train).counts
+        sets.append((name, int(counts.sum()), int(ShardIndex.load(test).counts.sum()),
+                     int((counts > 0).sum())))
+    res = cfg.eval_res or cfg.res
+    rate, dim = measure_extraction(cfg.arch, res, 10, device)
+    solver = sum(measure_solver(n_train, n_test, dim, k) for _, n_train, n_test, k in sets)
+    forward = f"{cfg.arch}'s forward at {res} px from memory on the {device}, " \
+        if extraction else ""
+    return {"images": sum(s[1] + s[2] for s in sets),
+            "extract_img_per_s": rate if extraction else None,
+            "solver_s": repeats * solver, "startup_s": startup, "sets": len(sets),
+            "source": f"measured here: {forward}the solver on {len(sets)} set(s) of random "
+                      f"{dim}-d features x {repeats} repeats on the CPU, a command's start-up "
+                      f"{startup:.1f} s"}
 
 
 def dry_run_text(points: list[Point], index: ShardIndex, cfg, gpus_per_run: int,
-                 img_per_s: float | None, plan_gpus: int | None) -> str:
-    """`sweep --dry-run`: `plan`'s table and total on the visible GPUs (or `plan_gpus`), from
-    `img_per_s` or a few training steps timed here."""
+                 img_per_s: float | None, plan_gpus: int | None, *, suite: str, repeats: int,
+                 extract_img_per_s: float | None = None) -> str:
+    """`sweep --dry-run`: `plan`'s table and totals on the visible GPUs (or `plan_gpus`),
+    from `img_per_s` and `extract_img_per_s` or a few steps timed here, probing included."""
     import torch
 
     from .train import measure_img_per_s
 
     visible = torch.cuda.device_count()
     gpus = plan_gpus or visible
-    source = "--img-per-s"
-    if img_per_s is None and gpus and not visible:
-        source = None  # nothing here to measure a GPU's speed on
-    elif img_per_s is None:
+    here = "cuda" if gpus else "cpu"
+    measurable = bool(visible) or not gpus  # this machine is the kind planned for
+    sources = []
+    if img_per_s is not None:
+        sources.append("training: --img-per-s")
+    elif measurable:
         batch = cfg.batch_size // gpus_per_run
-        img_per_s = measure_img_per_s(cfg, len(index.counts), batch, "cuda" if gpus else "cpu")
-        source = (f"measured here: 3 training steps of {cfg.arch} at {cfg.res} px, batch "
-                  f"{batch}, from memory")
+        img_per_s = measure_img_per_s(cfg, len(index.counts), batch, here)
+        sources.append(f"training measured here: 3 steps of {cfg.arch} at {cfg.res} px, batch "
+                       f"{batch}, from memory")
+    probing = probe_cost(suite, cfg, repeats, here if measurable else "cpu",
+                         extraction=extract_img_per_s is None and measurable)
+    if extract_img_per_s is not None:
+        probing["extract_img_per_s"] = extract_img_per_s
+        sources.append("extraction: --extract-img-per-s")
+    sources.append(probing["source"])
+    if probing["extract_img_per_s"] is None:
+        img_per_s = None  # no estimate without both rates
     slots = max(1, gpus // gpus_per_run) if gpus else 1
-    p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s)
-    lines = [f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'est. time':>10s}"]
+    p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s,
+             probe_images=probing["images"], extract_img_per_s=probing["extract_img_per_s"],
+             solver_s=probing["solver_s"], startup_s=probing["startup_s"])
+    lines = [f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'pretrain':>10s} "
+             f"{'probe':>9s}"]
     for r in p["runs"]:
-        t = f"{r['seconds'] / 60:.1f} min" if r["seconds"] is not None else "-"
+        t, pr = (f"{r['pretrain_s'] / 60:.1f} min", f"{r['probe_s'] / 60:.1f} min") \
+            if r["seconds"] is not None else ("-", "-")
         lines.append(f"{r['run']:>18s} {r['K']:6d} {r['n']:6d} {r['N']:9,d} "
-                     f"{r['images']:12,d} {t:>10s}")
+                     f"{r['images']:12,d} {t:>10s} {pr:>9s}")
     where = (f"{gpus} GPU(s), {slots} run(s) at a time, {gpus_per_run} GPU(s) each" if gpus
              else "this CPU, one run at a time")
-    lines.append(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training, on {where}")
+    lines.append(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training and "
+                 f"{p['probe_images']:,} of feature extraction ({probing['sets']} downstream "
+                 f"set(s) per run), on {where}")
     if p["seconds"] is None:
         lines.append(f"no throughput: planning for {gpus} GPU(s) on a machine without one; give "
-                     "--img-per-s to estimate the time")
+                     "--img-per-s and --extract-img-per-s to estimate the time")
     else:
-        lines.append(f"estimated wall time: {p['seconds'] / 3600:.2f} h at {img_per_s:,.0f} "
-                     f"img/s per {'GPU' if gpus else 'run'} ({source}); probing not counted")
+        per = "GPU" if gpus else "run"
+        lines.append(f"estimated wall time: {p['seconds'] / 3600:.2f} h ({p['seconds']:,.0f} s); "
+                     f"{p['gpu_seconds'] / 3600:.2f} {per}-hours in all, pre-training at "
+                     f"{img_per_s:,.0f} img/s per {per}, extraction at "
+                     f"{probing['extract_img_per_s']:,.0f} img/s, probe solver "
+                     f"{probing['solver_s']:.0f} s and start-ups {2 * probing['startup_s']:.0f} s "
+                     "per run")
+        lines.append("  (" + "; ".join(sources) + ")")
     return "\n".join(lines)
 
 
@@ -286,7 +355,8 @@ def run_point(point: Point, spec: SweepSpec, device: str | None = None) -> dict:
     its output goes to RUN/sweep.log. Never raises for a failed run: returns its error."""
     run = SweepFolder(spec.out).run(point.name)
     run.path.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    # Tracking backends group the points by sweep and tag each with its budget N.
+    env = {**os.environ, SWEEP: Path(spec.out).resolve().name, BUDGET: str(point.size)}
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     t0 = time.perf_counter()

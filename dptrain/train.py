@@ -45,6 +45,7 @@ from .runfolder import (
 )
 from .subset import read_class_list, select
 from .subset import steps_per_epoch as epoch_steps
+from .tracking import open_tracker
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
@@ -200,20 +201,26 @@ def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
 
 
 def _computes(record: dict) -> dict:
-    """What a run computes: its options but those that only change its speed, and its data."""
-    return {**{k: v for k, v in record["config"].items() if k not in SPEED_ONLY},
+    """What a run computes: its options but those that only change its speed, and its data.
+    Records from before --optimizer trained with SGD."""
+    config = {"optimizer": "sgd", "beta2": 0.999, **record["config"]}
+    return {**{k: v for k, v in config.items() if k not in SPEED_ONLY},
             "subset": record["subset"]}
 
 
 def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
-    """The model, its SGD optimiser, and the precision: an autocast context and a gradient
-    scaler (active for fp16 only)."""
+    """The model, its optimiser (--optimizer), and the precision: an autocast context and a
+    gradient scaler (active for fp16 only)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay, cfg.no_bn_wd), lr=cfg.lr,
-                                momentum=cfg.momentum)
+    groups = param_groups(model, cfg.weight_decay, cfg.no_bn_wd)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        optimizer = adam(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     return model, optimizer, amp_context(device.type, amp), scaler
 
@@ -408,6 +415,8 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     # -- the loop
     loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
     metrics = run.open_metrics(step) if ranks.is_main else None
+    tracker = held.enter_context(open_tracker(cfg.log_to if ranks.is_main else (), run.path,
+                                              record, step))
     bar = progress_bar(total=plan.total_steps, initial=step, unit="step",
                        enabled=progress and ranks.is_main)
     while step < plan.total_steps:
@@ -433,6 +442,8 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                 if metrics:
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
+                tracker.log({f"train/{k}": line[k] for k in ("loss", "lr", "images_per_s",
+                                                             "data_wait")}, step)
                 bar.set_postfix(epoch=epoch, loss=f"{line['loss']:.3f}",
                                 img_s=f"{line['images_per_s']:.0f}", refresh=False)
             bar.update(1)
@@ -447,6 +458,9 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                 raise stopped(run.path, step, plan.total_steps, stop.signal)
         epoch += 1
         checkpoint(step, epoch)
+        if tracker.backends:
+            tracker.log({"train/top1_epoch": meter.correct.item() / max(1, meter.seen_epoch)},
+                        step)
     bar.close()
     wall = time.perf_counter() - meter.start
     loader_threads = loader.pipeline["threads"] if loader else None
@@ -467,6 +481,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
                "num_classes": subset.num_classes, "num_samples": len(subset)}
     if ranks.is_main:
         run.write_summary(summary)
+        tracker.summary(summary)
         metrics.close()
     if ranks.world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation

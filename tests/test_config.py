@@ -64,3 +64,26 @@ def test_a_config_file_is_checked_as_the_command_line_is(bad, message):
 
     with pytest.raises(DataError, match=re.escape(message)):
         check_config(replace(make_config("synthetic", data="x"), **bad), 1, False)
+
+
+def test_the_paper_card_is_adam_as_written_and_paper_sgd_is_the_same_with_sgd():
+    import torch
+
+    from dptrain.config import make_config
+    from dptrain.train import build
+
+    paper, sgd = make_config("paper", data="x"), make_config("paper-sgd", data="x")
+    assert (paper.optimizer, paper.lr, paper.momentum, paper.weight_decay, paper.batch_size,
+            paper.epochs, paper.schedule) == ("adam", 0.1, 0.9, 1e-4, 64, 100, "cosine")
+    assert {**vars(paper), "optimizer": "sgd", "recipe": "paper-sgd"} == vars(sgd)
+    for cfg, kind in ((paper, torch.optim.Adam), (sgd, torch.optim.SGD),
+                      (make_config("paper", data="x", optimizer="adamw"), torch.optim.AdamW)):
+        _, opt, _, _ = build(cfg.__class__(**{**vars(cfg), "arch": "smallcnn"}), 10, "off",
+                             torch.device("cpu"))
+        assert type(opt) is kind
+        group = opt.param_groups[0]
+        assert group["lr"] == 0.1 and group["weight_decay"] == 1e-4
+        if kind is not torch.optim.SGD:
+            assert group["betas"] == (0.9, 0.999)  # --momentum is Adam's beta1
+        else:
+            assert group["momentum"] == 0.9

@@ -15,7 +15,9 @@ import pytest
 from conftest import interrupt, run_cli
 
 from dptrain.config import make_config
+from dptrain.downstream import read_suite
 from dptrain.errors import DataError
+from dptrain.index import ShardIndex
 from dptrain.sweep import Point, SweepSpec, device_slots, grid, schedule, sweep
 from dptrain.synthetic import Generator, write_pool, write_tasks
 
@@ -168,26 +170,32 @@ def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
     out = tmp_path / "sw"
     args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8,4:4,9:20",
             "--recipe", "synthetic", "--epochs", "3", "--batch-size", "8", "--seeds", "2",
-            "--dry-run", "--img-per-s", "16"]
+            "--dry-run", "--img-per-s", "16", "--extract-img-per-s", "1000"]
     p = run_cli(*args, "--plan-gpus", "1")
     # By hand: K=2 x n=8 and K=4 x n=4 are 16 images each; 3 epochs of 16 // 8 = 2 steps of
-    # 8 images = 48 images, 3 s at 16 img/s; 2 points x 2 seeds = 4 runs, 12 s one at a time.
+    # 8 images = 48 images, 3 s at 16 img/s; 2 points x 2 seeds = 4 runs. Each run's probe
+    # extracts every image of the suite's sets (their train and test splits).
     assert "skipped (infeasible) K=9 n=20" in p.stderr
     lines = p.stdout.splitlines()
     runs = [x.split() for x in lines if x.strip().startswith("K")]
     assert [r[0] for r in runs] == ["K2-n8-s0", "K2-n8-s1", "K4-n4-s0", "K4-n4-s1"]
-    assert all(r[4] == "48" and r[5:] == ["0.1", "min"] for r in runs)
-    assert "4 runs, 192 images of pre-training, on 1 GPU(s), 1 run(s) at a time" in p.stdout
-    assert f"estimated wall time: {12 / 3600:.2f} h at 16 img/s per GPU (--img-per-s)" \
-        in p.stdout
+    assert all(r[4] == "48" and r[5:7] == ["0.1", "min"] for r in runs)
+    suite_images = sum(int(ShardIndex.load(d).counts.sum()) for _, *ds in read_suite(suite)
+                       for d in ds)
+    assert (f"4 runs, 192 images of pre-training and {4 * suite_images:,} of feature "
+            "extraction") in p.stdout and "on 1 GPU(s), 1 run(s) at a time" in p.stdout
+    assert "pre-training at 16 img/s per GPU, extraction at 1,000 img/s" in p.stdout
+    assert "training: --img-per-s; extraction: --extract-img-per-s; measured here: the " \
+        "solver" in p.stdout
     p = run_cli(*args, "--plan-gpus", "2", "--steps", "10")  # fixed steps: 80 images a run
     assert "4 runs, 320 images" in p.stdout and "2 run(s) at a time" in p.stdout
-    assert f"{2 * 80 / 16 / 3600:.2f} h" in p.stdout
-    p = run_cli(*args[:-2], "--device", "cpu")  # no --img-per-s: a few steps timed here
-    assert "measured here: 3 training steps of smallcnn at 32 px, batch 8" in p.stdout
+    p = run_cli(*args[:-4], "--device", "cpu")  # no rates given: a few steps timed here
+    assert "training measured here: 3 steps of smallcnn at 32 px, batch 8" in p.stdout
+    assert "smallcnn's forward at 32 px from memory on the cpu" in p.stdout
     assert "estimated wall time" in p.stdout
     p = run_cli(*args[:-2], "--plan-gpus", "2", "--device", "cpu")
-    assert "planning for 2 GPU(s) on a machine without one; give --img-per-s" in p.stdout
+    assert "planning for 2 GPU(s) on a machine without one; give --img-per-s and " \
+        "--extract-img-per-s" in p.stdout
     assert not out.exists()  # nothing was run or written
 
 
@@ -202,4 +210,9 @@ def test_plan_schedules_like_the_sweep(synthetic):
     assert [r["images"] for r in p["runs"]] == [16, 16, 16, 72]  # 2 and 9 steps of 8
     # in order, each to the first free slot: 2 s | 2 s, then 2 s on the first (4 s), then the
     # 9 s run on the second (2 + 9 = 11 s): the sweep ends at 11 s
-    assert p["seconds"] == pytest.approx(11.0)
+    assert p["seconds"] == pytest.approx(11.0) and p["gpu_seconds"] == pytest.approx(15.0)
+    # Probing adds to every run: 400 images at 200 img/s, 1 s of solver, two 0.5 s start-ups.
+    p = plan(pts, ShardIndex.load(data), cfg, slots=2, img_per_s=8, probe_images=400,
+             extract_img_per_s=200, solver_s=1.0, startup_s=0.5)
+    assert [r["seconds"] for r in p["runs"]] == pytest.approx([6, 6, 6, 13])
+    assert p["seconds"] == pytest.approx(19.0) and p["probe_images"] == 1600

@@ -139,7 +139,7 @@ def _safe(when, out) -> bool:
         return False
 
 
-def test_ddp_two_processes_gloo(shards, tmp_path):
+def test_ddp_two_processes_gloo_on_one_node_and_on_two(shards, tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "-m", "dptrain", "pretrain", "--data", str(shards),
@@ -152,6 +152,32 @@ def test_ddp_two_processes_gloo(shards, tmp_path):
     # Two processes on one machine: each DALI pipeline gets half of the cores, not all of them.
     assert summary["loader_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert summary["cache"]["where"] == "host" and summary["cache"]["images"] == 32  # its half
+
+    # The same run as two "nodes" of one process each, rendezvous on localhost, each node its
+    # own torchrun and process tree: the same weights, and each node's cores for its process.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes_out = tmp_path / "nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it for 2 local processes
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+         "dptrain", "pretrain", "--data", str(shards), "--classes", "4", "--per-class", "16",
+         "--epochs", "2", "--out", str(nodes_out), *FAST[:-2]], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        for rank in range(2)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [e[-3000:] for _, e in outputs]
+    got, reference = _weights(nodes_out), _weights(out)
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(v, got[k]) for k, v in reference.items())
+    nodes_summary = json.loads((nodes_out / "summary.json").read_text())
+    assert nodes_summary["world_size"] == 2 and nodes_summary["steps"] == 8
+    assert nodes_summary["loader_threads"] == len(os.sched_getaffinity(0))  # one per node
+    assert sum(o.count(f"{nodes_out}: 8 steps") for o, _ in outputs) == 1  # rank 0 only
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="2 GPUs here: --gpus 2 would run")
@@ -286,7 +312,7 @@ def test_gpus_relaunch_torchrun_with_the_resolved_config(shards, tmp_path, monke
     no option again (os.execv is caught here; no GPU is needed)."""
     from dataclasses import asdict
 
-    from dptrain.config import PretrainOptions
+    from dptrain.config import PretrainOptions, load_config
     from dptrain.train import pretrain_run
 
     class Launched(Exception):
@@ -306,4 +332,14 @@ def test_gpus_relaunch_torchrun_with_the_resolved_config(shards, tmp_path, monke
     at = argv.index("--config")
     assert argv[at - 3:at] == ["-m", "dptrain", "pretrain"]
     assert argv[at + 2:] == ["--out", str(tmp_path / "run"), "--no-progress"]
-    assert json.loads(Path(argv[at + 1]).read_text()) == asdict(cfg)  # the run, as resolved
+    assert json.loads(Path(argv[at + 1]).read_text()) == json.loads(json.dumps(asdict(cfg)))
+    assert load_config(argv[at + 1]) == cfg  # the run, as resolved
+
+
+def test_a_resume_with_another_optimizer_is_refused(shards, tmp_path):
+    args = ["pretrain", "--data", shards, "--classes", 2, "--per-class", 16, "--epochs", 1,
+            "--out", tmp_path / "run", *FAST]
+    run_cli(*args)
+    p = run_cli(*args, "--optimizer", "adam", check=False)
+    assert p.returncode == 2 and "optimizer" in p.stderr and "--overwrite" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,80 @@
+"""tracking.py: --log-to tensorboard and wandb (offline), read back with their own readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_shard_set, run_cli
+
+FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
+        "--no-progress", "--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, texture) -> Path:
+    return make_shard_set(tmp_path_factory.mktemp("tracking"), texture, 4, 16, (48, 40))
+
+
+def test_tensorboard_and_wandb_hold_what_the_run_and_its_probe_logged(shards, tmp_path,
+                                                                      monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network here
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 2,
+            "--out", run, *FAST, "--log-to", "tensorboard", "--log-to", "wandb")
+    run_cli("probe", run, "--data", shards, "--test-data", shards, "--name", "self",
+            "--repeats", 1, "--device", "cpu", "--no-progress", "--log-to", "tensorboard",
+            "--log-to", "wandb")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]  # noqa: E731
+    assert scalars("train/loss") == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert [s for s, _ in scalars("train/lr")] == [r["step"] for r in rows]
+    assert [s for s, _ in scalars("train/top1_epoch")] == [4, 8]  # 64 images, 16 a step
+    assert scalars("summary/train_loss") == [(8, pytest.approx(summary["train_loss"]))]
+    assert scalars("probe/self/top1") == [(8, pytest.approx(summary["probe"]["self"]
+                                                            ["top1_mean"]))]
+
+    # W&B offline: the run's folder, then the probe's resume of the same W&B run.
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
+    for r in runs:
+        assert (r / f"run-{r.name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+
+
+def test_a_sweeps_points_are_grouped_and_tagged(tmp_path, monkeypatch):
+    import wandb
+
+    from dptrain import tracking
+
+    seen = {}
+
+    class Run:
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(kw) or Run())
+    monkeypatch.setenv(tracking.SWEEP, "grid-a")
+    monkeypatch.setenv(tracking.BUDGET, "1000")
+    record = {"config": {"classes": 10, "per_class": 100, "seed": 2}, "subset": {}}
+    tracking.open_tracker(["wandb"], tmp_path / "K10-n100-s2", record).close()
+    assert seen["group"] == "grid-a" and seen["name"] == "K10-n100-s2"
+    assert seen["tags"] == ["K=10", "n=100", "seed=2", "N=1000"]
+
+
+def test_a_missing_backend_is_a_one_line_error(tmp_path, monkeypatch):
+    import sys
+
+    from dptrain.errors import DataError
+    from dptrain.tracking import open_tracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r"pip install 'dptrain\[wandb\]'"):
+        open_tracker(["wandb"], tmp_path, {"config": {}})
