@@ -106,10 +106,14 @@ class _WandB:
         tags = [f"K={cfg['classes']}", f"n={cfg['per_class']}", f"seed={cfg['seed']}"]
         if os.environ.get(BUDGET):
             tags.append(f"N={os.environ[BUDGET]}")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dptrain"),
-                              dir=str(run), name=run.name, id=wandb_id(run, record),
-                              resume="allow", group=os.environ.get(SWEEP), tags=tags,
-                              config={**cfg, "subset": subset}, reinit="finish_previous")
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dptrain"),
+                                  dir=str(run), name=run.name, id=wandb_id(run, record),
+                                  resume="allow", group=os.environ.get(SWEEP), tags=tags,
+                                  config={**cfg, "subset": subset}, reinit="finish_previous")
+        except Exception as e:  # no account, no network, a bad setting: W&B's own words
+            raise DataError(f"--log-to wandb: {str(e).strip().splitlines()[0]}; "
+                            "WANDB_MODE=offline logs with no account or network") from None
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
