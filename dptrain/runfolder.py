@@ -208,7 +208,21 @@ def read_record(path: Path, overwrite: bool = False) -> dict | None:
                     "--out")
 
 
-class RunFolder:
+class _Folder:
+    """A folder a command fills: FOLDER / NAME is a path in it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+class RunFolder(_Folder):
     """A run's folder: what `pretrain` writes (its config, metrics, checkpoint and summary) and
     `probe` adds (probe.json, the probes' summary, the feature cache)."""
 
@@ -220,16 +234,6 @@ class RunFolder:
     FEATURES = "features"  # the feature cache
     LOG = "sweep.log"  # the commands a sweep ran here, and their output
     LAUNCH = "launch"  # launch-<hash>.json: the config `pretrain --gpus` started torchrun with
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     @property
     def checkpoint(self) -> Path:
@@ -322,7 +326,7 @@ class RunFolder:
         return None
 
 
-class SweepFolder:
+class SweepFolder(_Folder):
     """A sweep's folder: its spec and resolved pretrain config, a run folder per point
     (runs/K<K>-n<n>-s<seed>), the collected results, the failures, the shared eval cache and
     the report."""
@@ -335,16 +339,6 @@ class SweepFolder:
     CACHE = "cache"  # the eval pixel cache its runs and probes share
     REPORT = "report"
     SUBMITIT = "submitit"
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     def run(self, name: str) -> RunFolder:
         return RunFolder(self.path / self.RUNS / name)

@@ -136,6 +136,11 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+# A pretrain small and quick enough for a test, on the CPU.
+FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
+        "--no-progress", "--workers", "2"]
+
+
 @pytest.fixture(autouse=True)
 def _private_cache_dir(tmp_path_factory, monkeypatch):
     """Pixel caches of the tests' runs and probes (the default --cache-dir) go to a folder of

@@ -8,10 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import make_shard_set, run_cli
-
-FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
-        "--no-progress", "--workers", "2"]
+from conftest import FAST, make_shard_set, run_cli
 
 
 @pytest.fixture(scope="module")

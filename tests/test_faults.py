@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -20,8 +21,7 @@ from conftest import DPTRAIN, interrupt, make_shard_set, run_cli
 from dptrain.index import ShardIndex
 from dptrain.runfolder import folder_lock
 
-FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
-        "--no-progress", "--workers", "2", "--recipe", "synthetic"]
+FAST = [*conftest.FAST, "--recipe", "synthetic"]
 SPEEDS = {"wall_s", "images_per_s", "data_wait_fraction", "data_wait", "loader_ms_per_batch",
           "loader_threads", "cache"}
 

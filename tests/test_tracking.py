@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_shard_set, run_cli
-
-FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
-        "--no-progress", "--workers", "2"]
+from conftest import FAST, make_shard_set, run_cli
 
 
 @pytest.fixture(scope="module")

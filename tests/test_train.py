@@ -11,16 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import interrupt, make_imagefolder, make_shard_set, run_cli
+from conftest import FAST, interrupt, make_imagefolder, make_shard_set, run_cli
 
 from dptrain.config import make_config
 from dptrain.index import ShardIndex
 from dptrain.shards import shard_dataset
 from dptrain.subset import select
 from dptrain.train import lr_at, res_at, train_loader
-
-FAST = ["--res", "32", "--batch-size", "16", "--device", "cpu", "--log-every", "2",
-        "--no-progress", "--workers", "2"]
 
 
 @pytest.fixture(scope="module")
