@@ -48,7 +48,12 @@ def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
     ckpt = load_checkpoint(path, device)
     model = build_model(ckpt["config"]["arch"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model"])
-    # channels_last, as the loader's batches arrive (to_model_input): no layout conversions
+    return _frozen(model, device)
+
+
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The backbone of `model` on `device`, for extraction: channels_last, as the loader's
+    batches arrive (to_model_input), so no layout conversions; no classifier, no gradients."""
     model = model.to(device, memory_format=torch.channels_last)
     return _penultimate(model).eval().requires_grad_(False)
 
@@ -59,8 +64,7 @@ def measure_extraction(arch: str, res: int, num_classes: int, device: str,
     timed forward passes on one batch of random images held in memory, after one untimed (no
     loader: an upper bound where decoding is the limit). What `sweep --dry-run` plans with."""
     dev = torch.device(device)
-    model = _penultimate(build_model(arch, num_classes)).to(
-        dev, memory_format=torch.channels_last).eval().requires_grad_(False)
+    model = _frozen(build_model(arch, num_classes), dev)
     images = torch.randint(0, 256, (batch_size, res, res, 3), dtype=torch.uint8, device=dev)
     precision = amp_context(dev.type, resolve_amp("auto", True) if dev.type == "cuda" else "off")
     with torch.inference_mode(), precision:
