@@ -185,10 +185,12 @@ def report(sweep_dir):
 def predict(sweep_dir, as_json, **options):
     """Fit err(K, n) = c0 + a K^-alpha + b n^-beta to a sweep and predict the best K, n for N.
 
-    Per downstream set and their average: the free fit and the alpha = beta fit (the paper's
-    invariant-ratio case) with bootstrap intervals over seeds, r* at each measured N, and for
-    --size the predicted K*, n* and error against using all classes; plus the paper's rule
-    K* = sqrt(r* N) with r* measured at the fitted budgets. Exits 1 when a fit is impossible.
+    Per downstream set and their average, three predictors: the free fit, the alpha = beta fit
+    (the paper's invariant-ratio case) and the ratio rule K* = sqrt(r* N). With two or more
+    budgets, the one that predicted the sweep's largest budget best from the smaller ones is
+    recommended (the check is printed); with one, none can be validated and predict says which
+    budget to add. The K* interval pools the three predictors' bootstraps of their residuals.
+    --suggest names the splits to run next. Exits 1 when a fit is impossible.
     """
     from .predict import predict_sweep, render
 

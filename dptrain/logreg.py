@@ -46,13 +46,14 @@ def _cross_entropy(x: torch.Tensor, flat_target: torch.Tensor, w: torch.Tensor,
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
                init: LinearFit | tuple[torch.Tensor, torch.Tensor] | None = None,
-               max_iter: int = 500, tol: float = 1e-4) -> LinearFit:
+               max_iter: int = 500, tol: float = 1e-4, count: list[int] | None = None
+               ) -> LinearFit:
     """Multinomial logistic regression by full-batch L-BFGS.
 
     Stops where scikit-learn's lbfgs stops by default (max |gradient| < `tol` = 1e-4 on the
     same mean-form objective). `init` warm-starts: a (w, b) pair, or a `LinearFit` on the same x, y,
     whose stored gradient replaces the first evaluation (when it already meets `tol` at the new
-    strength, nothing is evaluated at all)."""
+    strength, nothing is evaluated at all). `count[0]` is increased by each evaluation."""
     n = len(y)
     flat_target = torch.arange(n, device=x.device) * num_classes + y
     if isinstance(init, LinearFit):
@@ -77,6 +78,8 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
             ev, start = start, None
         else:
             ev = LinearFit(w.clone(), b.clone(), *_cross_entropy(x, flat_target, w, b))
+            if count is not None:
+                count[0] += 1
             recent[:] = recent[-20:] + [ev]
         # The mean keeps the scale of the loss independent of n; l2 / (2n) matches
         # scikit-learn's summed objective with C = 1 / l2.
@@ -99,17 +102,32 @@ def _accuracy(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> float:
     return (torch.addmm(fit.b, x, fit.w.T).argmax(1) == y).double().mean().item()
 
 
-def measure_solver(train: int, test: int, dim: int, classes: int, seed: int = 0) -> float:
-    """Seconds of one `linear_probe` repeat here on features of this shape: Gaussian classes
-    (random means, unit noise), so the solver meets separable-ish data as real features are.
-    What `sweep --dry-run` plans with."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0, 1, (classes, dim)).astype(np.float32)
-    y = rng.integers(0, classes, train + test)
-    x = means[y] + rng.normal(0, 2, (len(y), dim)).astype(np.float32)
+# L-BFGS evaluations (loss + gradient over the fit split) one repeat of `linear_probe` takes:
+# 45 warm-started grid fits and a refit. Counted on trained features of the built-in suites
+# (smallcnn, 5 runs, 10-50 classes, 300-3,000 train images): 380-1,000; on an untrained
+# backbone's features 400-550, on Adam-diverged ones ~100. Gaussian stand-ins converge in ~100
+# and planned with them the solver came out 7x short, so the dry run times one evaluation of
+# the set's shape and plans with the most seen on trained features: it errs long.
+EVALUATIONS_PER_REPEAT = 1000
+
+
+def measure_solver(train: int, test: int, dim: int, classes: int, seed: int = 0,
+                   iterations: int = 20, val_fraction: float = 0.2) -> float:
+    """Seconds of one `linear_probe` repeat here on features of this shape: the seconds per
+    evaluation of an L-BFGS fit on random features of the shape run for `iterations` (after a
+    short untimed one), line search and all, times `EVALUATIONS_PER_REPEAT`. The cost of an
+    evaluation is fixed by the shape; how many a repeat needs is not (see the constant). What
+    `sweep --dry-run` plans with. Most evaluations are the grid's, on the fit split (train
+    less `val_fraction`); `test` is scored once per repeat, nothing beside the fits."""
+    g = torch.Generator().manual_seed(seed)
+    n = train - int(round(val_fraction * train))
+    x = torch.randn(n, dim, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    count = [0]
+    fit_logreg(x, y, classes, 1.0, max_iter=2, tol=0)
     t = time.perf_counter()
-    linear_probe(x[:train], y[:train], x[train:], y[train:], repeats=1)
-    return time.perf_counter() - t
+    fit_logreg(x, y, classes, 1e-3, max_iter=iterations, tol=0, count=count)
+    return EVALUATIONS_PER_REPEAT * (time.perf_counter() - t) / max(1, count[0])
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,

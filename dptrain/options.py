@@ -61,10 +61,14 @@ def as_argv(cls, values: dict) -> list[str]:
     argv = []
     for f in fields(cls):
         value = values.get(f.name)
-        if value is None:
+        if value is None or (f.metadata["multiple"] and not value):
             continue
         flag, off = flags(f)
-        argv += [flag if value else off] if isinstance(value, bool) else [flag, str(value)]
+        if isinstance(value, bool):
+            argv.append(flag if value else off)
+        else:
+            for v in value if f.metadata["multiple"] else [value]:
+                argv += [flag, str(v)]
     return argv
 
 

@@ -1,46 +1,36 @@
 """`dptrain predict`: the best split of a budget N for every downstream set of a sweep, from
-the theory's fits (theory.py) and the ratio rule, with bootstrap intervals, the limits the
-shard set puts on K and n, and which predictor to trust.
+the theory's fits (theory.py) and the ratio rule, with intervals and the held-out check that
+picks the predictor to trust (calibrate.py), the limits the shard set puts on K and n, and the
+splits to run next.
 """
 
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .calibrate import (
+    INTERVAL,
+    PREDICTORS,
+    bootstrap,
+    holdout_check,
+    interval,
+    label,
+    predict_split,
+)
 from .index import ShardIndex
 from .options import option
-from .results import best_per_size, errors_by_point, read_results
+from .results import AVERAGE, best_per_size, errors_by_point, read_results
 from .runfolder import SweepFolder
-from .theory import (
-    PARAMS,
-    Fit,
-    FitError,
-    best_ratio_measured,
-    best_split,
-    bootstrap,
-    fit_line,
-    fit_points,
-    near_minimum,
-    residual_line,
-    split_for_ratio,
-)
+from .theory import PARAMS, Fit, FitError, class_limits, fit_line, near_minimum, residual_line
 
-# The predictor `predict` recommends, and the fallbacks when it cannot be made. From the held-out
-# budget of the built-in study (docs/synthetic.md): fitted on N = 1,000 and 4,000, the alpha = beta
-# fit's split measured 0.5 points from the best at N = 16,000, the ratio rule's 1.0, the free fit's
-# 1.8; with two exponents the free fit's K* 95% interval was 4x as wide (131..248 vs 118..147).
-RECOMMENDED = ("tied", "ratio_rule", "free")
-WHY_RECOMMENDED = "it held out best on the built-in study, docs/synthetic.md"
-
-
-
-def _interval(values: list[float]) -> list[float] | None:
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] \
-        if values else None
+# What the pooled interval means, where `predict` prints it.
+INTERVAL_SOURCE = ("the free fit's bootstrap over budgets and residuals: the model's doubt as "
+                   "well as the seeds'; its coverage of held-out budgets: docs/synthetic.md")
 
 
 def data_limits(sweep_dir, max_classes: int | None = None,
@@ -68,23 +58,68 @@ class PredictOptions:
     max_classes: int | None = option(None, "Classes available [the sweep's shard set].", low=1)
     max_per_class: int | None = option(None, "Images per class available [the smallest class "
                                        "of the shard set].", low=1)
-    samples: int = option(200, "Bootstrap fits over seeds for the uncertainty (0: none).",
+    samples: int = option(200, "Bootstrap fits per predictor for the intervals (0: none).",
                           low=0, flag="--bootstrap")
     near: float | None = option(None, "Fit only the points whose K/n is within this factor of "
                                 "their budget's best measured K/n [all points].", low=1,
                                 flag="--fit-near")
+    suggest: bool = option(False, "Also name the splits of --size that would best confirm "
+                           "the prediction (the recommended K* and the quartiles of its "
+                           "interval's bootstrap), as a `dptrain sweep` command to copy.")
+
+
+def _fit_entry(method: str, pred: dict, boots: list[dict], sizes: list[int],
+               limits: dict, size: int) -> dict:
+    """One fit's part of predict's result: parameters with their bootstrap intervals, r* at
+    the fitted budgets, residuals, the prediction, and using all classes."""
+    f: Fit = pred["fit"]
+    r = {"params": f.as_dict(), "ratio_at": {str(s): f.best_ratio(s) for s in sizes},
+         "prediction": {k: v for k, v in pred.items() if k not in ("fit", "keys")},
+         "bootstrap_fits": len(boots),
+         "intervals": {p: interval([getattr(b["fit"], p) for b in boots]) for p in PARAMS},
+         "residuals": [{"classes": p[0], "per_class": p[1], "size": p[2], "residual": x}
+                       for p, x in zip(pred["keys"], f.residuals)]}
+    r["intervals"]["classes"] = interval([b["classes"] for b in boots])
+    if limits["max_classes"]:
+        k = min(limits["max_classes"], size)
+        r["all_classes"] = {"classes": k, "per_class": round(size / k),
+                            "error": float(f.err(k, size / k)),
+                            "feasible": not limits["max_per_class"]
+                            or size / k <= limits["max_per_class"]}
+    return r
+
+
+def separating_budget(points: dict, size: int, limits: dict, spread: float = 1.5) -> dict:
+    """With one budget fitted: the budget to add that would tell the predictors apart, the
+    smallest of 2x, 4x, ... the fitted one (up to `size`) where their K* differ by `spread`
+    or more (a grid in steps of sqrt(2) in K tells such splits apart), with each one's K*
+    there."""
+    fitted = max(p[2] for p in points)
+    candidates = [fitted * 2 ** i for i in range(1, 64) if fitted * 2 ** i < size] + [size]
+    for n in candidates:
+        ks = {}
+        for m in PREDICTORS:
+            try:
+                ks[m] = predict_split(points, n, m, limits)["classes"]
+            except FitError:
+                pass
+        if len(ks) > 1 and max(ks.values()) >= spread * min(ks.values()) or n == size:
+            return {"size": n, "classes": ks}
+    raise AssertionError("unreachable: the last candidate is returned")
 
 
 def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
                   max_classes: int | None = None, max_per_class: int | None = None,
-                  samples: int = 200, near: float | None = None) -> dict:
-    """`dptrain predict`: fits and predictions for every downstream set of a sweep and their
-    average. Fits that cannot be made are listed in "failures", with no numbers."""
+                  samples: int = 200, near: float | None = None, suggest: bool = False) -> dict:
+    """`dptrain predict`: each predictor's best split of `size` for every downstream set of a
+    sweep and their average, the K* intervals (calibrate.INTERVAL), the held-out check that
+    picks the predictor to trust, and with `suggest` the splits to run next. Fits that cannot
+    be made are listed in "failures", with no numbers."""
     limits = data_limits(sweep_dir, max_classes, max_per_class)
-    max_classes, max_per_class = limits["max_classes"], limits["max_per_class"]
     out = {"size": size, "fit_sizes": sorted(fit_sizes) or "all", "limits": limits, "sets": {},
-           "near": near, "failures": []}
-    for name, points in errors_by_point(read_results(sweep_dir)).items():
+           "near": near, "failures": [], "interval": INTERVAL}
+    by_set = errors_by_point(read_results(sweep_dir))
+    for name, points in by_set.items():
         fitted = {p: v for p, v in points.items() if not fit_sizes or p[2] in fit_sizes}
         if near:
             fitted = near_minimum(fitted, near)
@@ -94,48 +129,79 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         if measured:
             entry["measured_best_at_size"] = {"classes": measured[0], "per_class": measured[1],
                                               "error": float(np.mean(points[measured]))}
-        single = sum(len(v) < 2 for v in fitted.values())
-        for tied in (False, True):
-            label = "tied" if tied else "free"
+        drawn = {}  # each predictor's bootstrap K*s
+        for method in PREDICTORS:
             try:
-                f, keys = fit_points(fitted, tied=tied)
-                pred = best_split(f, size, **limits)
+                pred = predict_split(fitted, size, method, limits)
             except FitError as e:
-                entry[label] = {"error": str(e)}
-                out["failures"].append(f"{name}, {label} fit: {e}")
+                entry[method] = {"error": str(e)}
+                out["failures"].append(f"{name}, {label(method)}: {e}")
                 continue
-            # Resampling one seed per point gives the same fit every time: a zero-width
-            # interval that would claim certainty the runs do not have.
-            boots = bootstrap(fitted, tied=tied, samples=samples) if samples and not single \
-                else []
-            r = {"params": f.as_dict(), "ratio_at": {str(s): f.best_ratio(s) for s in sizes},
-                 "prediction": pred, "bootstrap_fits": len(boots),
-                 "single_seed_points": single,
-                 "intervals": {p: _interval([getattr(b, p) for b in boots]) for p in PARAMS},
-                 "residuals": [{"classes": p[0], "per_class": p[1], "size": p[2],
-                                "residual": x} for p, x in zip(keys, f.residuals)]}
-            r["intervals"]["classes"] = _interval(
-                [best_split(b, size, **limits)["classes"] for b in boots])
-            if max_classes:
-                k = min(max_classes, size)
-                r["all_classes"] = {"classes": k, "per_class": round(size / k),
-                                    "error": float(f.err(k, size / k)),
-                                    "feasible": not max_per_class or size / k <= max_per_class}
-            entry[label] = r
-        ratios = []
-        for s in sizes:
-            try:
-                ratios.append(best_ratio_measured(fitted, s))
-            except FitError:
-                pass
-        if ratios:
-            r_star = float(np.exp(np.mean([math.log(x["ratio"]) for x in ratios])))
-            entry["ratio_rule"] = {"measured": ratios, "ratio": r_star,
-                                   "prediction": split_for_ratio(r_star, size, **limits)}
-        entry["recommended"] = next((m for m in RECOMMENDED if "prediction" in entry.get(m, {})),
-                                    None)
+            boots = bootstrap(fitted, size, method, INTERVAL[1], limits=limits,
+                              samples=samples)
+            drawn[method] = [b["classes"] for b in boots]
+            if method == "ratio_rule":
+                entry[method] = {"measured": pred["measured"], "ratio": pred["ratio"],
+                                 "prediction": {k: v for k, v in pred.items()
+                                                if k not in ("measured", "ratio")},
+                                 "interval": interval([b["classes"] for b in boots])}
+            else:
+                entry[method] = _fit_entry(method, pred, boots, sizes, limits, size)
+        # the printed interval (calibrate.INTERVAL); without that fit, the others' pooled
+        printed = drawn.get(INTERVAL[0]) or sum(drawn.values(), [])
+        entry["interval"], entry["quartiles"] = interval(printed), interval(printed, 0.5)
+        made = [m for m in PREDICTORS if "prediction" in entry[m]]
+        check = holdout_check(fitted, near=None, limits=limits) if len(sizes) > 1 else None
+        entry["check"] = check
+        chosen = check["chosen"] if check else None
+        entry["recommended"] = chosen if chosen in made else None
+        if entry["recommended"]:
+            f = entry[chosen].get("params")
+            entry["warning"] = (f"its fit has {', '.join(f['at_bounds'])} on a bound: a limit "
+                                "of the fit, not an estimate; check the split before trusting "
+                                "it") if f and f["at_bounds"] else None
+        elif len(sizes) == 1 and made:
+            ks = [entry[m]["prediction"]["classes"] for m in made]
+            entry["unvalidated"] = {"spread": [min(ks), max(ks)],
+                                    "add": separating_budget(fitted, size, limits)}
+        if suggest:
+            entry["suggest"] = suggestions(entry, size, points, limits)
         out["sets"][name] = entry
+    if suggest:
+        seeds = max(len(v) for points in by_set.values() for v in points.values())
+        out["command"] = sweep_command(sweep_dir, out, seeds)
     return out
+
+
+def suggestions(entry: dict, size: int, points: dict, limits: dict) -> list[list[int]]:
+    """The splits of `size` that would best confirm the prediction: the recommended K* (or,
+    unvalidated, each predictor's) and the ends of the middle half of the interval's bootstrap
+    K* ("quartiles": whether the error is flat or rising on either side), within the limits,
+    leaving out those already run. (The 95% ends are often the data's limits themselves.)"""
+    pick = [entry["recommended"]] if entry.get("recommended") else PREDICTORS
+    ks = [entry[m]["prediction"]["classes"] for m in pick if "prediction" in entry.get(m, {})]
+    if entry.get("quartiles"):
+        ks += [math.floor(entry["quartiles"][0]), math.ceil(entry["quartiles"][1])]
+    lo, hi = class_limits(size, limits["max_classes"], limits["max_per_class"])
+    run = {p[0] for p in points if p[2] == size}
+    ks = sorted({min(max(k, math.ceil(lo)), math.floor(hi)) for k in ks} - run)
+    return [[k, int(round(size / k))] for k in ks]
+
+
+def sweep_command(sweep_dir, out: dict, seeds: int) -> str | None:
+    """`dptrain sweep` adding the suggested splits to this sweep folder, with its own data,
+    suite and options (those the spec records; placeholders where it records none)."""
+    sets = out["sets"]
+    chosen = sets.get(AVERAGE) or next(iter(sets.values()), {})
+    splits = chosen.get("suggest") or []
+    if not splits:
+        return None
+    spec = SweepFolder(sweep_dir).read_spec()
+    args = ["dptrain", "sweep", "--data", spec.get("data") or "DATA", "--suite",
+            spec.get("suite") or "SUITE", "--out", str(Path(sweep_dir)),
+            *spec.get("options", []), "--points", ",".join(f"{k}:{n}" for k, n in splits),
+            "--seeds", str(seeds)]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def render(out: dict) -> str:
@@ -146,21 +212,17 @@ def render(out: dict) -> str:
              f"{out['limits']['max_per_class']} images per class"]
     for name, e in out["sets"].items():
         lines.append(f"\n{name}: {e['points']} points at N = {e['sizes']}")
-        for label in ("free", "tied"):
-            r = e.get(label)
+        for method in ("free", "tied"):
+            r = e.get(method)
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"  {label} fit: not possible: {r['error']}")
+                lines.append(f"  {label(method)}: not possible: {r['error']}")
                 continue
             pred = r["prediction"]
             f = Fit(**r["params"])
-            lines.append(f"  {label} fit{' (alpha = beta)' if label == 'tied' else ''}: "
+            lines.append(f"  {label(method)}{' (alpha = beta)' if method == 'tied' else ''}: "
                          + fit_line(f, r["intervals"]))
-            if not r["bootstrap_fits"]:
-                lines.append("    no 95% intervals: " + (
-                    f"a single seed at {r['single_seed_points']} of {e['points']} points "
-                    "(run --seeds 2 or more)" if r["single_seed_points"] else "--bootstrap 0"))
             lines.append("    residuals (measured - fit): " + residual_line(
                 [(x["classes"], x["per_class"], x["size"]) for x in r["residuals"]],
                 [x["residual"] for x in r["residuals"]]))
@@ -169,31 +231,78 @@ def render(out: dict) -> str:
             ci = r["intervals"].get("classes")
             lines.append(f"    predicted best: K*={pred['classes']} n*={pred['per_class']} "
                          f"error {pred['error']:.4f}"
-                         + (f" (K* 95% interval {ci[0]:.0f}..{ci[1]:.0f})" if ci else "")
+                         + (f" (its own K* 95% interval {ci[0]:.0f}..{ci[1]:.0f})" if ci else "")
                          + (" [clipped to the limits]" if pred["clipped"] else ""))
             if "all_classes" in r:
                 a = r["all_classes"]
                 lines.append(f"    all classes: K={a['classes']} n={a['per_class']} predicted "
                              f"error {a['error']:.4f}" + ("" if a["feasible"] else
                                                          " (not feasible: too few images)"))
-        if "ratio_rule" in e:
-            rr = e["ratio_rule"]
+        rr = e.get("ratio_rule", {})
+        if "error" in rr:
+            lines.append(f"  ratio rule: not possible: {rr['error']}")
+        elif rr:
             pr = rr["prediction"]
             lines.append("  ratio rule: r* measured " + ", ".join(
                 f"N={m['size']:,}: {m['ratio']:.3g}" + (" (grid edge)" if m["edge"] else "")
                 for m in rr["measured"]) + f" -> K = sqrt(r* N) = {pr['classes']}, "
                 f"n = {pr['per_class']}" + (" [clipped]" if pr["clipped"] else ""))
+        lines += _check_lines(e.get("check"))
+        ci = e.get("interval")
+        q = e.get("quartiles")
+        within = (f", K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}, middle half {q[0]:.0f}..{q[1]:.0f}"
+                  f" ({INTERVAL_SOURCE})") if ci else " (no interval: --bootstrap 0)"
         if e.get("recommended"):
             m = e["recommended"]
             pr = e[m]["prediction"]
-            lines.append(f"  recommended: {m.replace('_', ' ')}"
-                         f"{' fit' if m != 'ratio_rule' else ''}: K={pr['classes']} "
-                         f"n={pr['per_class']} ({WHY_RECOMMENDED})")
+            lines.append(f"  recommended: {label(m)}: K={pr['classes']} n={pr['per_class']} "
+                         f"(it held out best on this sweep){within}")
+            if e.get("warning"):
+                lines.append(f"  WARNING: {e['warning']}")
+        elif e.get("check"):
+            lines.append("  no recommendation: the held-out check could score no predictor")
+        elif "unvalidated" in e:
+            u = e["unvalidated"]
+            add = u["add"]
+            lines.append(f"  one budget fitted: no predictor can be validated. The three give "
+                         f"K* = {u['spread'][0]}..{u['spread'][1]}{within}.")
+            lines.append(f"  to tell them apart, add N={add['size']:,}, where they predict "
+                         + ", ".join(f"{label(m)} K={k}" for m, k in add["classes"].items())
+                         + ": run those splits, then predict again")
         if "measured_best_at_size" in e:
             m = e["measured_best_at_size"]
             lines.append(f"  measured best at N={out['size']:,}: K={m['classes']} "
                          f"n={m['per_class']} error {m['error']:.4f}")
+        if e.get("suggest") is not None:
+            lines.append("  to confirm, run at N={:,}: ".format(out["size"]) + (", ".join(
+                f"K={k} n={n}" for k, n in e["suggest"]) or "nothing new (all run already)"))
+    if out.get("command"):
+        lines.append(f"\nto run the suggested splits (from "
+                     f"{'the average' if AVERAGE in out['sets'] else 'the first set'}):"
+                     f"\n  {out['command']}")
     if out["failures"]:
         lines.append("\nnot fitted (reasons above): "
                      + "; ".join(f.split(":")[0] for f in out["failures"]))
     return "\n".join(lines)
+
+
+def _check_lines(check: dict | None) -> list[str]:
+    """The held-out check as predict prints it."""
+    if not check:
+        return []
+    fitted = ", ".join(f"{s:,}" for s in check["fit_sizes"])
+    b = check["best"]
+    lines = [f"  held-out check: fitted on N = {fitted} alone, predicting N={check['size']:,} "
+             f"(measured best K={b['classes']} n={b['per_class']} error {b['error'][0]:.4f}; "
+             f"seed std {check['seed_std_points']:.1f} points):"]
+    for r in check["rows"]:
+        if "error" in r:
+            lines.append(f"    {label(r['method'])}: not possible: {r['error']}")
+            continue
+        sc = r["scored"]
+        at = "" if r["exact"] else f", scored at the nearest run split K={sc['classes']}"
+        lines.append(f"    {label(r['method'])}: K={r['classes']} n={r['per_class']}{at}: "
+                     f"{r['gap_points']:+.1f} points from the best"
+                     + (f" (fit ON A BOUND: {', '.join(r['at_bounds'])})"
+                        if r["at_bounds"] else ""))
+    return lines

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibrate import holdout_check, label
 from .predict import data_limits
 from .progress import plural
 from .results import AVERAGE, best_per_size, errors_by_point, read_results
 from .runfolder import SweepFolder, write_atomic
-from .theory import FitError, fit_line, fit_points, holdout_check, residual_line
+from .theory import FitError, fit_line, fit_points, residual_line
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -136,41 +137,47 @@ NEAR = 4  # the report also checks the fits to the points within 4x of each budg
 
 
 def holdout_checks(by_set: dict[str, dict], limits: dict) -> dict[str, dict]:
-    """The prediction checked on the largest budget (theory.holdout_check) per set: each method
+    """The prediction checked on the largest budget (calibrate.holdout_check) per set: each method
     fitted on all points, and on the points near each budget's best (`NEAR`)."""
     checks = {name: holdout_check(points, limits=limits) for name, points in by_set.items()}
     checks = {k: v for k, v in checks.items() if v}
     for name, c in checks.items():
         near = holdout_check(by_set[name], limits=limits, near=NEAR)
-        c["rows"] += [{**r, "method": f"{r['method']}, points within {NEAR}x of the best"}
-                      for r in near["rows"] if r["method"] != "ratio rule"]
+        c["rows"] += [{**r, "near": NEAR} for r in near["rows"] if r["method"] != "ratio_rule"]
     return checks
+
+
+def _method(row: dict) -> str:
+    return label(row["method"]) + (f", points within {row['near']}x of the best"
+                                   if row.get("near") else "")
 
 
 def holdout_section(checks: dict[str, dict]) -> list[str]:
     """`holdout_checks` as a table."""
     if not checks:
         return ["", "## The prediction, checked", "",
-                "Needs 3 or more budgets: the smaller ones are fitted, the largest checked.", ""]
+                "Needs 2 or more budgets: the smaller ones are fitted, the largest checked.", ""]
     c0 = next(iter(checks.values()))
     md = ["", f"## The prediction, checked at N={c0['size']:,}", "",
           f"Fitted on N = {', '.join(f'{s:,}' for s in c0['fit_sizes'])} only; the best split "
-          f"of N = {c0['size']:,} predicted by each method, and what was measured there "
-          "(mean +- std over seeds; '-': that split was not run).", "",
-          "| set | method | predicted K x n | its measured error | measured best | gap, points |",
+          f"of N = {c0['size']:,} predicted by each method, and what was measured there: at "
+          "that split, or (marked ~) at the split run nearest it in K (mean +- std over "
+          "seeds). `dptrain predict` recommends, of the methods within one seed std of the "
+          "smallest gap, the one with the fewest parameters.", "",
+          "| set | method | predicted K x n | measured error | measured best | gap, points |",
           "|---|---|---|---|---|---|"]
     for name, c in checks.items():
         b = c["best"]
         best = f"{b['classes']} x {b['per_class']}: {b['error'][0]:.4f} +- {b['error'][1]:.4f}"
         for r in c["rows"]:
+            method = _method(r)
             if "error" in r:
-                md.append(f"| {name} | {r['method']} | not fitted: {r['error']} | | {best} | |")
+                md.append(f"| {name} | {method} | not fitted: {r['error']} | | {best} | |")
                 continue
-            m = r["measured"]
-            got = "-" if m is None else f"{m[0]:.4f} +- {m[1]:.4f}"
-            gap = "-" if r["gap_points"] is None else f"{r['gap_points']:+.1f}"
-            md.append(f"| {name} | {r['method']} | {r['classes']} x {r['per_class']} | {got} | "
-                      f"{best} | {gap} |")
+            m, sc = r["measured"], r["scored"]
+            at = "" if r["exact"] else f"~{sc['classes']} x {sc['per_class']}: "
+            md.append(f"| {name} | {method} | {r['classes']} x {r['per_class']} | "
+                      f"{at}{m[0]:.4f} +- {m[1]:.4f} | {best} | {r['gap_points']:+.1f} |")
     return md + [""]
 
 
@@ -225,7 +232,7 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
         optima = {} if f is None else {
             s: (k, s / k) for s in sorted({p[2] for p in points})
             for k in [f.best_classes(s)] if 0 < k < math.inf}
-        predicted = {r["method"]: (r["classes"], r["per_class"])
+        predicted = {_method(r): (r["classes"], r["per_class"])
                      for r in checks.get(name, {}).get("rows", []) if "classes" in r}
         contour_figure(name, points, out / c, optima, predicted)
         ratio_figure(name, points, out / r, f)

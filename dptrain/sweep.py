@@ -250,10 +250,10 @@ def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_ru
 def probe_cost(suite: str, cfg, repeats: int, device: str, extraction: bool = True) -> dict:
     """One run's probing, measured here: every downstream set's images, the backbone's
     forward rate (`probe.measure_extraction`; unless not `extraction`) and one solver repeat
-    per set on features of its shape (`logreg.measure_solver`), times `repeats`; and a
+    per set of features of its shape (`logreg.measure_solver`), times `repeats`; and a
     command's start-up (importing torch and DALI)."""
     from .downstream import read_suite
-    from .logreg import measure_solver
+    from .logreg import EVALUATIONS_PER_REPEAT, measure_solver
     from .probe import measure_extraction
 
     t = time.perf_counter()
@@ -272,8 +272,10 @@ def probe_cost(suite: str, cfg, repeats: int, device: str, extraction: bool = Tr
     return {"images": sum(s[1] + s[2] for s in sets),
             "extract_img_per_s": rate if extraction else None,
             "solver_s": repeats * solver, "startup_s": startup, "sets": len(sets),
-            "source": f"measured here: {forward}the solver on {len(sets)} set(s) of random "
-                      f"{dim}-d features x {repeats} repeats on the CPU, a command's start-up "
+            "source": f"measured here: {forward}the solver's L-BFGS steps on {len(sets)} "
+                      f"set(s) of random {dim}-d features of their shapes on the CPU, planned "
+                      f"at {EVALUATIONS_PER_REPEAT:,} evaluations per repeat (the most counted "
+                      f"on trained features) x {repeats} repeats, a command's start-up "
                       f"{startup:.1f} s"}
 
 

@@ -23,13 +23,18 @@ def test_predict_command(tmp_path):
     truth = Fit(**TRUE, tied=False, rmse=0, points=0).best_classes(64000)
     assert 0.6 * truth <= free["prediction"]["classes"] <= 1.6 * truth
     assert free["all_classes"]["classes"] == 1000 and out["failures"] == []
-    assert out["sets"]["a"]["recommended"] == "tied"  # the alpha = beta fit, see RECOMMENDED
+    a = out["sets"]["a"]  # recommended: what held out best on this sweep (16,000 from the rest)
+    assert a["check"]["fit_sizes"] == [1000, 4000] and a["recommended"] == a["check"]["chosen"]
+    assert a["interval"][0] <= a[a["recommended"]]["prediction"]["classes"] <= a["interval"][1]
     p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000",
                 "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
     assert "measured best at N=16,000" in p.stdout and "ratio rule" in p.stdout
-    tied = re.search(r"tied fit \(alpha = beta\).*?predicted best: K\*=(\d+) n\*=(\d+)",
-                     p.stdout, re.S)
-    assert f"recommended: tied fit: K={tied[1]} n={tied[2]}" in p.stdout
+    # fitted on two budgets: checked on 4,000 from 1,000 alone, then recommended
+    assert "held-out check: fitted on N = 1,000 alone, predicting N=4,000" in p.stdout
+    rec = re.search(r"recommended: (free fit|tied fit|ratio rule): K=(\d+) n=(\d+)", p.stdout)
+    if rec[1] != "ratio rule":
+        own = re.search(rf"{rec[1]}.*?predicted best: K\*=(\d+) n\*=(\d+)", p.stdout, re.S)
+        assert own.groups() == rec.groups()[1:]
     p = run_cli("predict", root, "--size", "16000", "--fit-sizes", "1000,4000", "--fit-near",
                 "7", "--max-classes", "1000", "--max-per-class", "1300", "--bootstrap", "0")
     assert "within 7x of each budget's best K/n" in p.stdout
@@ -50,18 +55,44 @@ def test_a_parameter_on_a_bound_is_flagged_in_predict_and_the_report(tmp_path):
                 "--max-per-class", "1300", "--bootstrap", "0")
     assert "ON A BOUND: c0" in p.stdout
     assert "ON A BOUND: c0" in write_report(root).read_text()
+    a = json.loads(run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
+                           "--max-per-class", "1300", "--bootstrap", "0", "--json").stdout)
+    for name, e in a["sets"].items():  # a fit on a bound is never recommended silently
+        if e["recommended"] in ("free", "tied"):
+            assert "c0" in e["warning"] and "on a bound" in e["warning"]
+    assert any(e["recommended"] in ("free", "tied") for e in a["sets"].values())
+    assert "WARNING: its fit has c0 on a bound" in p.stdout
 
 
-def test_a_single_seed_gives_no_interval_and_residuals_are_shown(tmp_path):
+def test_one_budget_cannot_validate_and_names_the_budget_to_add(tmp_path):
+    root = fake_sweep(tmp_path / "sw", sizes=(1000,), ks=(4, 8, 16, 32, 63, 125, 250))
+    p = run_cli("predict", root, "--size", "16000", "--max-classes", "1000",
+                "--max-per-class", "1300", "--bootstrap", "30", "--suggest")
+    assert "one budget fitted: no predictor can be validated" in p.stdout
+    assert "recommended" not in p.stdout
+    add = re.search(r"to tell them apart, add N=([\d,]+), where they predict free fit K=(\d+), "
+                    r"tied fit K=(\d+), ratio rule K=(\d+)", p.stdout)
+    assert add and 1000 < int(add[1].replace(",", "")) <= 16000
+    ks = [int(k) for k in add.groups()[1:]]
+    assert max(ks) >= 1.5 * min(ks) or add[1] == "16,000"  # they differ there, or nowhere before
+    # --suggest: the splits that would tell, as a command that adds them to this sweep
+    cmd = re.search(r"dptrain sweep --data DATA --suite SUITE --out (\S+) --points (\S+) "
+                    r"--seeds 2", p.stdout)
+    assert cmd and cmd[1] == str(root)
+    for pair in cmd[2].split(","):
+        k, n = map(int, pair.split(":"))
+        assert k * n == pytest.approx(16000, rel=0.01)
+
+
+def test_a_single_seed_still_gets_intervals_from_the_residuals_and_residuals_are_shown(tmp_path):
     root = fake_sweep(tmp_path / "sw", sizes=(1000, 4000, 16000), seeds=1)
     args = ["predict", root, "--size", "64000", "--max-classes", "1000", "--max-per-class",
-            "1300", "--bootstrap", "50"]
+            "1300", "--bootstrap", "30"]
     p = run_cli(*args)
-    assert "no 95% intervals: a single seed" in p.stdout and "interval" not in \
-        p.stdout.replace("no 95% intervals", "")
     assert "residuals (measured - fit): N=1,000: 4x250 " in p.stdout
+    assert "K* 95% interval" in p.stdout  # residuals carry the noise a second seed would show
     free = json.loads(run_cli(*args, "--json").stdout)["sets"]["a"]["free"]
-    assert free["bootstrap_fits"] == 0 and free["intervals"]["classes"] is None
+    assert free["bootstrap_fits"] > 0 and free["intervals"]["classes"] is not None
     # a residual is the measured error less the fitted one, at its point
     f = Fit(**free["params"])
     with open(root / "results.csv") as fh:

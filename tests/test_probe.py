@@ -163,3 +163,14 @@ def test_trained_backbone_beats_random_init(tmp_path):
     trained = out["datasets"]["synthetic-t1"]["top1_mean"]
     random = out["random_init"]["synthetic-t1"]["top1_mean"]
     assert trained > random + 0.1, (trained, random)
+
+
+def test_the_dry_runs_solver_time_is_evaluations_of_the_sets_shape():
+    x = torch.randn(200, 16)
+    y = torch.randint(0, 4, (200,))
+    count = [0]
+    fit_logreg(x, y, 4, 1e-3, max_iter=6, tol=0, count=count)
+    assert 6 <= count[0] <= 6 * 5 // 4 + 1  # an evaluation per iteration, a few line searches
+    seconds = logreg.measure_solver(500, 100, 32, 5)
+    per_eval = seconds / logreg.EVALUATIONS_PER_REPEAT
+    assert 0 < per_eval < 0.1  # one evaluation of 400 x 32 features, planned 1,000 times

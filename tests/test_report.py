@@ -17,7 +17,12 @@ def test_report_writes_figures_and_table(tmp_path):
         for kind in ("contour", "ratio"):
             png = root / "report" / f"{kind}-{name}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in text
-    assert "## The prediction, checked" in text and "Needs 3 or more budgets" in text
+    # two budgets: the check fits 1,000 alone (5 points: too few for the free fit's 5
+    # parameters, which the table says) and predicts 4,000
+    assert "## The prediction, checked at N=4,000" in text
+    assert "| a | free fit | not fitted: too few points" in text
+    one = write_report(fake_sweep(tmp_path / "one", sizes=(1000,))).read_text()
+    assert "Needs 2 or more budgets" in one
     table = (root / "report" / "table.md").read_text().splitlines()
     assert len(table) == 2 + 10  # header, rule, one row per (K, n)
     assert "| 1,000 | 4 | 250 |" in table[2] and table[2].count("+-") == 3
