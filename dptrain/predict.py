@@ -197,9 +197,12 @@ def sweep_command(sweep_dir, out: dict, seeds: int) -> str | None:
     if not splits:
         return None
     spec = SweepFolder(sweep_dir).read_spec()
+    given = spec.get("options", [])
+    # sweeps before 2026-11-30 recorded an empty --log-to as "--log-to ()"
+    given = [a for i, a in enumerate(given) if a != "()" and given[i + 1:i + 2] != ["()"]]
     args = ["dptrain", "sweep", "--data", spec.get("data") or "DATA", "--suite",
             spec.get("suite") or "SUITE", "--out", str(Path(sweep_dir)),
-            *spec.get("options", []), "--points", ",".join(f"{k}:{n}" for k, n in splits),
+            *given, "--points", ",".join(f"{k}:{n}" for k, n in splits),
             "--seeds", str(seeds)]
     return " ".join(shlex.quote(a) for a in args)
 
