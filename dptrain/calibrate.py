@@ -14,7 +14,7 @@ from itertools import chain
 
 import numpy as np
 
-from .results import best_per_size
+from .results import best_per_size, mean_std
 from .theory import (
     FitError,
     best_ratio_measured,
@@ -199,7 +199,7 @@ def holdout_check(points: dict, *, near: float | None = None,
         mean = float(np.mean(points[run]))
         rows.append({"method": method, "classes": k, "per_class": int(round(size / k)),
                      "exact": run[0] == k, "scored": {"classes": run[0], "per_class": run[1]},
-                     "measured": _mean_std(points[run]), "gap_points": 100 * (mean - best),
+                     "measured": mean_std(points[run]), "gap_points": 100 * (mean - best),
                      "at_bounds": list(f.at_bounds) if f else []})
     scored = [r for r in rows if "gap_points" in r]
     std = 100 * pooled_std(points, size)
@@ -211,13 +211,8 @@ def holdout_check(points: dict, *, near: float | None = None,
                      key=lambda r: (PARAMETERS[r["method"]], r["gap_points"]))
     return {"size": size, "fit_sizes": sizes[:-1], "near": near, "rows": rows,
             "chosen": chosen["method"] if chosen else None,
-            "best": {"classes": bk, "per_class": bn, "error": _mean_std(points[bk, bn, size])},
+            "best": {"classes": bk, "per_class": bn, "error": mean_std(points[bk, bn, size])},
             "seed_std_points": std}
-
-
-def _mean_std(values: list[float]) -> list[float]:
-    """Mean and the sample std over seeds (0 for one seed), as the report's table gives them."""
-    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
 
 
 def lobo_checks(sizes: list[int]) -> list[tuple[tuple[int, ...], int]]:

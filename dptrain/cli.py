@@ -189,7 +189,7 @@ def predict(sweep_dir, as_json, **options):
     (the paper's invariant-ratio case) and the ratio rule K* = sqrt(r* N). With two or more
     budgets, the one that predicted the sweep's largest budget best from the smaller ones is
     recommended (the check is printed); with one, none can be validated and predict says which
-    budget to add. The K* interval pools the three predictors' bootstraps of their residuals.
+    budget to add. The K* interval is the free fit's bootstrap over budgets and residuals.
     --suggest names the splits to run next. Exits 1 when a fit is impossible.
     """
     from .predict import predict_sweep, render

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .options import option
+from .tracking import BACKENDS
 
 SUBSET, TRAIN = "subset", "train"  # which options `sweep` sets per point, and which it passes on
 # Options that change how fast a run goes or where it reports, not what it computes: a resume
@@ -21,17 +22,16 @@ SPEED_ONLY = ("workers", "prefetch", "log_every", "cache", "cache_dir", "log_to"
 
 
 # Recipes are tables of values; any of them can be overridden on the command line.
+# The paper's card as written: 100 epochs, batch 64, the Adam optimizer with lr 0.1, momentum
+# (Adam's beta1) 0.9 and weight decay 1e-4 (Adam's, added to the gradient), at 224 px; it names
+# no schedule: cosine. README's recipe table has what it trains to.
+_PAPER = dict(epochs=100, batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-4,
+              no_bn_wd=False, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0,
+              res=224, min_res=None)
 RECIPES: dict[str, dict] = {
-    # The paper's card as written: 100 epochs, batch 64, the Adam optimizer with lr 0.1,
-    # momentum (Adam's beta1) 0.9 and weight decay 1e-4 (Adam's, added to the gradient), at
-    # 224 px; it names no schedule: cosine. README's recipe table has what it trains to.
-    "paper": dict(optimizer="adam", epochs=100, batch_size=64, lr=0.1, momentum=0.9,
-                  weight_decay=1e-4, no_bn_wd=False, label_smoothing=0.0, schedule="cosine",
-                  warmup_epochs=0.0, res=224, min_res=None),
+    "paper": dict(optimizer="adam", **_PAPER),
     # The card with SGD instead of Adam (momentum 0.9), all else the same.
-    "paper-sgd": dict(optimizer="sgd", epochs=100, batch_size=64, lr=0.1, momentum=0.9,
-                      weight_decay=1e-4, no_bn_wd=False, label_smoothing=0.0, schedule="cosine",
-                      warmup_epochs=0.0, res=224, min_res=None),
+    "paper-sgd": dict(optimizer="sgd", **_PAPER),
     # FFCV-style: label smoothing, warm-up + linear decay, no wd on norms/biases, 160 -> 192 px,
     # large batch with the lr scaled (0.5 per 256 images).
     "fast": dict(optimizer="sgd", epochs=16, batch_size=512, lr=1.0, momentum=0.9,
@@ -135,7 +135,7 @@ class TrainConfig:
                          "(RUN/wandb; WANDB_MODE=offline works without a network); repeat for "
                          "both. Each needs its extra: pip install 'dptrain[tensorboard]'. "
                          "[none]",
-                         choices=("tensorboard", "wandb"), multiple=True)
+                         choices=BACKENDS, multiple=True)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .options import option
+from .tracking import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ProbeOptions:
     allow_unfinished: bool = option(False, "Probe a run whose checkpoint is short of its "
                                     "planned steps (refused otherwise).")
     log_to: tuple = option((), "Also log the results to the run's TensorBoard or W&B run (as "
-                           "pretrain --log-to).", choices=("tensorboard", "wandb"),
+                           "pretrain --log-to).", choices=BACKENDS,
                            multiple=True)
 
 

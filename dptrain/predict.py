@@ -96,16 +96,16 @@ def separating_budget(points: dict, size: int, limits: dict, spread: float = 1.5
     there."""
     fitted = max(p[2] for p in points)
     candidates = [fitted * 2 ** i for i in range(1, 64) if fitted * 2 ** i < size] + [size]
-    for n in candidates:
+    for n in candidates:  # the last is `size`: no later budget is asked for
         ks = {}
         for m in PREDICTORS:
             try:
                 ks[m] = predict_split(points, n, m, limits)["classes"]
             except FitError:
                 pass
-        if len(ks) > 1 and max(ks.values()) >= spread * min(ks.values()) or n == size:
-            return {"size": n, "classes": ks}
-    raise AssertionError("unreachable: the last candidate is returned")
+        if len(ks) > 1 and max(ks.values()) >= spread * min(ks.values()):
+            break
+    return {"size": n, "classes": ks}
 
 
 def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
@@ -151,7 +151,7 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         printed = drawn.get(INTERVAL[0]) or sum(drawn.values(), [])
         entry["interval"], entry["quartiles"] = interval(printed), interval(printed, 0.5)
         made = [m for m in PREDICTORS if "prediction" in entry[m]]
-        check = holdout_check(fitted, near=None, limits=limits) if len(sizes) > 1 else None
+        check = holdout_check(fitted, limits=limits) if len(sizes) > 1 else None
         entry["check"] = check
         chosen = check["chosen"] if check else None
         entry["recommended"] = chosen if chosen in made else None

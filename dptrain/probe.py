@@ -222,7 +222,8 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
                progress) -> dict:
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
-    done, total = unfinished(ckpt, run_dir)
+    record = run_dir.read_config()  # None beside a bare checkpoint; unreadable: refused now
+    done, total = unfinished(ckpt, record)
     if done is not None and not allow_unfinished:
         raise DataError(f"{run_dir.path} is unfinished: its checkpoint is at step {done} of "
                         f"{total}; finish it (run its pretrain command again), or probe it as "
@@ -243,7 +244,6 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
               **({"probe_random_init": _brief(merged["random_init"])}
                  if "random_init" in merged else {})}
     run_dir.update_summary(**briefs)
-    record = run_dir.read_config()
     if log_to and record:
         with open_tracker(log_to, run_dir.path, record, resume_step=None) as tracker:
             tracker.log({f"{what}/{name}/top1": r["top1_mean"] for what, sets in briefs.items()
@@ -252,12 +252,11 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
     return out
 
 
-def unfinished(ckpt: dict, run_dir: RunFolder) -> tuple[int | None, int | None]:
+def unfinished(ckpt: dict, record: dict | None) -> tuple[int | None, int | None]:
     """(step, planned steps) of a run whose checkpoint is short of its plan (its run folder's
-    config says how many steps); (None, None) when it is finished or nothing says."""
-    try:
-        total = run_dir.read_config()["total_steps"]
-    except (DataError, KeyError, TypeError):
+    config `record` says how many steps); (None, None) when it is finished or nothing says."""
+    total = (record or {}).get("total_steps")
+    if total is None:
         return None, None
     return (ckpt["step"], total) if ckpt.get("step", total) < total else (None, None)
 

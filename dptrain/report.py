@@ -19,13 +19,9 @@ import numpy as np
 from .calibrate import holdout_check, label
 from .predict import data_limits
 from .progress import plural
-from .results import AVERAGE, best_per_size, errors_by_point, read_results
+from .results import AVERAGE, best_per_size, errors_by_point, mean_std, read_results
 from .runfolder import SweepFolder, write_atomic
 from .theory import FitError, fit_line, fit_points, residual_line
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _slug(name: str) -> str:
@@ -99,7 +95,7 @@ def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], pat
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for size in sorted({p[2] for p in points}):
-        pts = sorted((k / n, *_stats(v)) for (k, n, s), v in points.items() if s == size)
+        pts = sorted((k / n, *mean_std(v)) for (k, n, s), v in points.items() if s == size)
         r, mean, std = (np.array(c) for c in zip(*pts))
         line, = ax.plot(r, mean, "o-", label=f"N={size:,}")
         ax.fill_between(r, mean - std, mean + std, alpha=0.2)
@@ -126,7 +122,7 @@ def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
         cells = []
         for name in names:
             v = by_set[name].get((k, n, size))
-            cells.append("-" if not v else "{:.4f} +- {:.4f}".format(*_stats(v)))
+            cells.append("-" if not v else "{:.4f} +- {:.4f}".format(*mean_std(v)))
         seeds = max(len(by_set[name].get((k, n, size), [])) for name in names)
         lines.append(f"| {size:,} | {k} | {n} | {k / n:.3g} | {seeds} | " + " | ".join(cells)
                      + " |")

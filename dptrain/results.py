@@ -99,6 +99,12 @@ def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], li
     return out
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """A point's mean error and its sample std over seeds (0 for one seed), as the report's
+    tables and the held-out check give them."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def best_per_size(points: dict[tuple[int, int, int], list[float]]) -> dict[int, tuple]:
     """The (K, n, N) of lowest mean error at each budget N."""
     best: dict[int, tuple] = {}
