@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto  # a worker per core: most tests wait on one-core start-ups
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_write.py

@@ -46,6 +46,8 @@ def model_names() -> list[str]:
 
 
 def check_arch(arch: str) -> None:
+    if arch in BUILT_IN:  # torchvision's import is ~2 s: a built-in model's run does not pay it
+        return
     names = model_names()
     if arch not in names:
         close = [a for a in names if a.startswith(arch[:4])][:5] or names[:5]

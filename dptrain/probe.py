@@ -25,7 +25,7 @@ from .loader import EVAL_RESIZE, Loader
 from .logreg import linear_probe
 from .models import build_model
 from .progress import bar as progress_bar
-from .runfolder import RunFolder, atomic_path, folder_lock, load_checkpoint, save_torch
+from .runfolder import LOCK, RunFolder, atomic_path, folder_lock, load_checkpoint, save_torch
 from .subset import select
 from .tracking import open_tracker
 
@@ -207,6 +207,9 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
     `allow_unfinished`. `log_to`: tracking backends the results also go to."""
     checkpoint = RunFolder(run).checkpoint if run.is_dir() else run
     if not checkpoint.is_file():
+        if (run / LOCK).is_file():  # a run before its first checkpoint: who is writing it
+            with folder_lock(run, "probe"):
+                pass
         raise DataError(f"{run} is not a dptrain run (no {RunFolder.CHECKPOINT})")
     run_dir = RunFolder(checkpoint.parent)
     with folder_lock(run_dir.path, "probe"):  # one writer of probe.json and summary.json

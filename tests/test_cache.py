@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, make_shard_set, run_cli, tree_bytes
+from conftest import DEVICES, make_shard_set, run_cli, run_here, tree_bytes
 
 from dptrain import pixelcache
 from dptrain.config import make_config
@@ -137,7 +137,7 @@ def test_pretrain_reports_its_cache_and_refuses_a_gpu_cache_without_a_gpu(shards
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["cache"]["where"] == "host" and summary["cache"]["side"] == 32
     if not torch.cuda.is_available():
-        p = run_cli(*args, "--out", tmp_path / "r2", "--cache", "gpu", check=False)
+        p = run_here(*args, "--out", tmp_path / "r2", "--cache", "gpu")
         assert p.returncode == 2 and "--cache gpu needs a GPU" in p.stderr
         assert "Traceback" not in p.stderr
     # Where the pixels come from does not change what the run computes: a resume may differ.

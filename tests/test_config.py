@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import FAST, make_shard_set, run_cli
+from conftest import FAST, make_shard_set, run_cli, run_here
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tm
     ran = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
     assert ran == {**json.loads(path.read_text()), "batch_size": 32}  # lr not rescaled
     path.write_text('{"epochs": 1, "colour": "red"}')
-    p = run_cli("pretrain", "--config", path, check=False)
+    p = run_here("pretrain", "--config", path)
     assert p.returncode == 2 and "not a pretrain config (['colour'])" in p.stderr
 
 

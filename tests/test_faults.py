@@ -16,7 +16,7 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import DPTRAIN, interrupt, make_shard_set, run_cli
+from conftest import DPTRAIN, interrupt, make_shard_set, run_cli, run_here
 
 from dptrain.index import ShardIndex
 from dptrain.runfolder import folder_lock
@@ -102,7 +102,7 @@ def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
              "--no-progress"]
     run_cli(*probe)
     zero_sample(down)
-    one_line_error(run_cli(*probe, check=False), "changed since the set was sharded",
+    one_line_error(run_here(*probe), "changed since the set was sharded",
                    "dptrain verify")
     one_line_error(run_cli(*probe, "--cache-dir", "off", "--feature-cache", tmp_path / "f2",
                            check=False), "dptrain verify")
@@ -114,8 +114,8 @@ def test_a_truncated_tar_is_named_on_every_path(sets, reference, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-3000])
     one_line_error(run_cli(*pretrain_args(data, tmp_path / "run", 1), check=False),
                    tar.name, "cut short", "dptrain verify")
-    one_line_error(run_cli("probe", reference, "--data", data, "--test-data", data,
-                           "--repeats", 1, "--no-progress", check=False),
+    one_line_error(run_here("probe", reference, "--data", data, "--test-data", data,
+                            "--repeats", 1, "--no-progress"),
                    "changed since", "dptrain verify")  # refused before anything is written
 
 
@@ -130,10 +130,9 @@ def test_a_second_writer_is_refused_with_who_holds_the_folder(sets, tmp_path, te
         deadline = time.time() + 120
         while not (run / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.05)
-        p = run_cli(*args, check=False)
+        p = run_here(*args)
         one_line_error(p, f"another dptrain pretrain (pid {first.pid}) is writing {run}")
-        p = run_cli("probe", run, "--data", sets["down"], "--test-data", sets["test"],
-                    check=False)
+        p = run_here("probe", run, "--data", sets["down"], "--test-data", sets["test"])
         one_line_error(p, f"another dptrain pretrain (pid {first.pid}) is writing")
     finally:
         first.kill()
@@ -268,10 +267,10 @@ def test_unreadable_run_records_are_refused_and_overwrite_clears_them(sets, tmp_
     run = tmp_path / "run"
     run_cli(*pretrain_args(sets["train"], run, 1))
     (run / "summary.json").write_text("{ cut")
-    one_line_error(run_cli(*pretrain_args(sets["train"], run, 1), check=False),
+    one_line_error(run_here(*pretrain_args(sets["train"], run, 1)),
                    "summary.json is not readable JSON", "--overwrite")
     (run / "config.json").write_bytes(b"\x00" * 10)
-    one_line_error(run_cli(*pretrain_args(sets["train"], run, 1), check=False),
+    one_line_error(run_here(*pretrain_args(sets["train"], run, 1)),
                    "config.json is not readable JSON", "--overwrite")
     run_cli(*pretrain_args(sets["train"], run, 1), "--overwrite")
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
@@ -282,7 +281,7 @@ def test_an_unknown_key_in_a_suite_is_named(sets, reference, tmp_path):
     suite = tmp_path / "suite.toml"
     suite.write_text(f'[[dataset]]\nname = "d"\ndata = "{sets["down"]}"\n'
                      f'test_data = "{sets["test"]}"\ntets = 3\n')
-    one_line_error(run_cli("probe", run, "--suite", suite, check=False),
+    one_line_error(run_here("probe", run, "--suite", suite),
                    "unknown key(s) tets", "name, data, test_data")
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 
 import pytest
-from conftest import interrupt, run_cli
+from conftest import interrupt, run_cli, run_here
 
 from dptrain.config import make_config
 from dptrain.downstream import read_suite
@@ -138,8 +138,7 @@ def test_bad_sweep_options(tmp_path, synthetic):
                       (["--points", "3x4"], "K:n pairs"),
                       (["--points", "2:4", "--arch", "nope"], "unknown --arch"),
                       (["--points", "100:100"], "no feasible point")):
-        r = run_cli("sweep", "--data", data, "--suite", suite, "--out", tmp_path / "x", *args,
-                    check=False)
+        r = run_here("sweep", "--data", data, "--suite", suite, "--out", tmp_path / "x", *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, interrupt, make_imagefolder, make_shard_set, run_cli
+from conftest import FAST, interrupt, make_imagefolder, make_shard_set, run_cli, run_here
 
 from dptrain.config import make_config
 from dptrain.index import ShardIndex
@@ -26,9 +26,11 @@ def shards(tmp_path_factory, texture) -> Path:
 
 
 def test_run_end_to_end_writes_every_file(shards, tmp_path):
+    """On the default model, resnet18 (the other tests train smallcnn: faster on the CPU)."""
     out = tmp_path / "run"
+    fast = [*FAST, "--arch", "resnet18"]
     p = run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 2,
-                "--out", out, *FAST)
+                "--out", out, *fast)
     assert "8 steps, 2 epochs" in p.stdout  # 64 images / 16 per step, twice
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["classes"] == 4 and config["subset"]["num_samples"] == 64
@@ -45,12 +47,12 @@ def test_run_end_to_end_writes_every_file(shards, tmp_path):
     # A finished run is not retrained; other options are refused; --overwrite restarts.
     assert "finished already" in run_cli("pretrain", "--data", shards, "--classes", 4,
                                          "--per-class", 16, "--epochs", 2, "--out", out,
-                                         *FAST).stdout
-    p = run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3,
-                "--out", out, *FAST, check=False)
+                                         *fast).stdout
+    p = run_here("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3,
+                 "--out", out, *fast)
     assert p.returncode == 2 and "epochs" in p.stderr and "--overwrite" in p.stderr
     run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3,
-            "--out", out, *FAST, "--overwrite")
+            "--out", out, *fast, "--overwrite")
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
 
 
@@ -179,8 +181,8 @@ def test_ddp_two_processes_gloo_on_one_node_and_on_two(shards, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="2 GPUs here: --gpus 2 would run")
 def test_gpus_beyond_the_visible_ones_are_refused(shards, tmp_path):
-    p = run_cli("pretrain", "--gpus", 2, "--data", shards, "--classes", 4, "--per-class", 16,
-                "--epochs", 1, "--out", tmp_path / "run", *FAST, check=False)
+    p = run_here("pretrain", "--gpus", 2, "--data", shards, "--classes", 4, "--per-class", 16,
+                 "--epochs", 1, "--out", tmp_path / "run", *FAST)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--gpus 2, but" in p.stderr and "GPU(s) are visible here" in p.stderr
     assert not (tmp_path / "run").exists()
@@ -200,8 +202,7 @@ def test_schedule_and_progressive_resolution():
 
 def test_bad_options_are_one_line_errors(shards, tmp_path):
     def err(*args):
-        p = run_cli("pretrain", "--data", shards, "--out", tmp_path / "r", *FAST, *args,
-                    check=False)
+        p = run_here("pretrain", "--data", shards, "--out", tmp_path / "r", *FAST, *args)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         return p.stderr
 
@@ -229,7 +230,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_on_resume(shards, tmp_path, da
     (out / "summary.json").unlink()  # as if killed after its last checkpoint: it resumes
     ckpt = out / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000] if damage == "truncated" else b"junk" * 100)
-    p = run_cli(*args, check=False)
+    p = run_here(*args)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "cannot resume" in p.stderr and "checkpoint.pt" in p.stderr
     assert "--overwrite" in p.stderr and len(p.stderr.strip().splitlines()) <= 2
@@ -337,6 +338,6 @@ def test_a_resume_with_another_optimizer_is_refused(shards, tmp_path):
     args = ["pretrain", "--data", shards, "--classes", 2, "--per-class", 16, "--epochs", 1,
             "--out", tmp_path / "run", *FAST]
     run_cli(*args)
-    p = run_cli(*args, "--optimizer", "adam", check=False)
+    p = run_here(*args, "--optimizer", "adam")
     assert p.returncode == 2 and "optimizer" in p.stderr and "--overwrite" in p.stderr
     assert "Traceback" not in p.stderr
