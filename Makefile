@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/probe.py
 	$(PY) benchmarks/synthetic.py
+	$(PY) benchmarks/predict_fit.py
 
 # The fixed-compute study on the built-in data (docs/synthetic.md): 83 min on 2 bf16 CPU cores,
 # ~2 h where the CPU trains in fp32; resumable. Its outputs are committed in docs/study-synthetic/.

@@ -127,6 +127,16 @@ def run_here(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, r.exit_code, r.stdout, err)
 
 
+def one_line_error(p: subprocess.CompletedProcess, *needles: str, status: int = 2) -> None:
+    """`p` exited with `status` (2: bad input, as click's usage errors; 1: a run that could
+    not finish) and said why in one "Error:" line holding every needle; no traceback."""
+    assert p.returncode == status, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, p.stderr
+    assert all(n in errors[0] for n in needles), errors[0]
+
+
 def interrupt(args, ready: Callable[[], bool], sig: int = signal.SIGKILL, *, delay: float = 0.0,
               group: bool = False, timeout: float = 300) -> tuple[int, str]:
     """Start `dptrain ARGS`, wait until `ready()` (or until it ends, or `timeout` s), wait

@@ -16,7 +16,7 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import DPTRAIN, interrupt, make_shard_set, run_cli, run_here
+from conftest import DPTRAIN, interrupt, make_shard_set, one_line_error, run_cli, run_here
 
 from dptrain.index import ShardIndex
 from dptrain.runfolder import folder_lock
@@ -56,13 +56,6 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def pretrain_args(data: Path, out: Path, epochs: int = 6) -> list:
     return ["pretrain", "--data", data, "--classes", 6, "--per-class", 24, "--epochs", epochs,
             "--out", out, *FAST]
-
-
-def one_line_error(p: subprocess.CompletedProcess, *needles: str, status: int = 2) -> None:
-    assert p.returncode == status, (p.returncode, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    last = p.stderr.strip().splitlines()[-1]
-    assert all(n in last for n in needles), last
 
 
 # -- damaged data ----------------------------------------------------------------------------
