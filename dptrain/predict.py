@@ -259,7 +259,7 @@ def render(out: dict) -> str:
             m = e["recommended"]
             pr = e[m]["prediction"]
             lines.append(f"  recommended: {label(m)}: K={pr['classes']} n={pr['per_class']} "
-                         f"(it held out best on this sweep){within}")
+                         f"({_why(e.get('check'), m)}){within}")
             if e.get("warning"):
                 lines.append(f"  WARNING: {e['warning']}")
         elif e.get("check"):
@@ -287,6 +287,17 @@ def render(out: dict) -> str:
         lines.append("\nnot fitted (reasons above): "
                      + "; ".join(f.split(":")[0] for f in out["failures"]))
     return "\n".join(lines)
+
+
+def _why(check: dict | None, method: str) -> str:
+    """Why `method` was recommended: the best held-out score, or the one-standard-error rule."""
+    scored = [r for r in (check or {}).get("rows", []) if "gap_points" in r]
+    best = min(scored, key=lambda r: r["gap_points"], default=None)
+    mine = next((r for r in scored if r["method"] == method), None)
+    if best is None or mine is None or mine["gap_points"] <= best["gap_points"]:
+        return "it held out best on this sweep"
+    return (f"it held out within a seed std ({check['seed_std_points']:.1f} points) of the "
+            f"best, the {label(best['method'])}, with fewer parameters")
 
 
 def _check_lines(check: dict | None) -> list[str]:

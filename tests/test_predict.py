@@ -121,3 +121,16 @@ def test_an_underdetermined_fit_exits_1_with_the_reason(tmp_path):
     p = run_cli("predict", root, "--size", "64000", "--max-classes", "1000",
                 "--max-per-class", "1300", "--bootstrap", "0", check=False)
     assert p.returncode == 1 and "underdetermined" in p.stdout and "Traceback" not in p.stderr
+
+
+def test_the_recommended_line_says_why_it_was_chosen():
+    from dptrain.predict import _why
+
+    # the study's average at 4,000 fitted on 1,000: the free fit scored best, the ratio rule
+    # was within a seed std of it with one parameter, and so was recommended
+    check = {"seed_std_points": 1.9, "rows": [{"method": "free", "gap_points": 1.8},
+                                              {"method": "tied", "gap_points": 3.4},
+                                              {"method": "ratio_rule", "gap_points": 3.4}]}
+    assert _why(check, "free") == "it held out best on this sweep"
+    assert _why(check, "ratio_rule") == ("it held out within a seed std (1.9 points) of the "
+                                         "best, the free fit, with fewer parameters")
