@@ -45,7 +45,7 @@ def test_the_command_line_starts_without_torch():
 
 def test_bad_usage_one_line_errors(tmp_path, folder, texture):
     one_line_error(run_cli("shard", tmp_path / "nope", tmp_path / "o", check=False),
-                       "does not exist")
+                   "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(run_cli("shard", empty, tmp_path / "o", check=False), "holds no images")
@@ -54,7 +54,7 @@ def test_bad_usage_one_line_errors(tmp_path, folder, texture):
     (flat / "a.jpg").write_bytes((folder / "class_1" / "img_1_0.JPEG").read_bytes())
     one_line_error(run_cli("shard", flat, tmp_path / "o", check=False), "--labels")
     one_line_error(run_cli("shard", folder, tmp_path / "o", "--format", "zip", check=False),
-                       "zip")
+                   "zip")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     one_line_error(run_cli("shard", folder, a_file / "sub", check=False), "cannot write")
@@ -67,16 +67,16 @@ def test_bad_usage_one_line_errors(tmp_path, folder, texture):
     one_line_error(run_cli("info", folder, check=False), "not a dptrain shard set")
     one_image = folder / "class_1" / "img_1_0.JPEG"
     one_line_error(run_cli("shard", one_image, tmp_path / "o", check=False),
-                       "not an uncompressed tar")
+                   "not an uncompressed tar")
     with tarfile.open(tmp_path / "x.tar.gz", "w:gz") as tf:
         tf.add(one_image, arcname="a.jpg")
     one_line_error(run_cli("shard", tmp_path / "x.tar.gz", tmp_path / "o", check=False),
-                       "not an uncompressed tar")
+                   "not an uncompressed tar")
     unfinished = tmp_path / "unfinished"
     (unfinished / ".progress").mkdir(parents=True)
     one_line_error(run_cli("info", unfinished, check=False), "run the dptrain shard command")
     one_line_error(run_cli("shard", folder, tmp_path / "o", "--quality", "0", check=False),
-                       "--quality")
+                   "--quality")
 
 
 def test_rerun_is_noop_and_other_options_refused(tmp_path, folder):
@@ -87,7 +87,7 @@ def test_rerun_is_noop_and_other_options_refused(tmp_path, folder):
     assert "up to date" in p.stdout
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
     one_line_error(run_cli("shard", folder, out, "--seed", "3", check=False),
-                       "--overwrite", "options")
+                   "--overwrite", "options")
     run_cli("shard", folder, out, "--seed", "3", "--overwrite", "--no-progress")
     assert ShardIndex.load(out).meta["options"]["seed"] == 3
 
@@ -156,7 +156,7 @@ def test_second_writer_is_refused(tmp_path, big_folder):
         while not (out / ".progress" / "job.json").exists():
             time.sleep(0.005)
         one_line_error(run_cli("shard", big_folder, out, *SLOW, check=False),
-                           "another dptrain shard")
+                       "another dptrain shard")
     finally:
         proc.wait()
     assert proc.returncode == 0
