@@ -129,11 +129,12 @@ def run_here(*args) -> subprocess.CompletedProcess:
 
 def one_line_error(p: subprocess.CompletedProcess, *needles: str, status: int = 2) -> None:
     """`p` exited with `status` (2: bad input, as click's usage errors; 1: a run that could
-    not finish) and said why in one "Error:" line holding every needle; no traceback."""
+    not finish) and said why in one "Error:" line, its last, holding every needle; no
+    traceback."""
     assert p.returncode == status, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, p.stderr
+    assert len(errors) == 1 and p.stderr.strip().splitlines()[-1] == errors[0], p.stderr
     assert all(n in errors[0] for n in needles), errors[0]
 
 
