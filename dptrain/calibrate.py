@@ -61,6 +61,16 @@ def predict_split(points: dict, size: int, method: str, limits: dict | None = No
     return {**best_split(f, size, **limits), "fit": f, "keys": keys}
 
 
+def at_budget(pred: dict, size: int, limits: dict | None = None) -> dict:
+    """`predict_split`'s prediction for another budget, without fitting again: neither the
+    fit nor the measured ratio depends on the budget. FitError when no split of `size` fits
+    the limits."""
+    limits = limits or {}
+    split = best_split(pred["fit"], size, **limits) if "fit" in pred else \
+        split_for_ratio(pred["ratio"], size, **limits)
+    return {**pred, **split}
+
+
 def draws(points: dict, how: str, samples: int, seed: int = 0, tied: bool = False):
     """Resampled versions of `points` for a bootstrap.
 
@@ -99,7 +109,7 @@ def bootstrap(points: dict, size: int, method: str, how: str, *, limits: dict | 
     """`method`'s prediction (`predict_split`) for each of `samples` resamplings of the points
     (`draws`), each refit from the fit to the points themselves. Draws whose fit fails are
     left out; none when the points cannot be fitted."""
-    if how == "seeds" and all(len(v) < 2 for v in points.values()):
+    if samples < 1 or how == "seeds" and all(len(v) < 2 for v in points.values()):
         return []
     try:
         start = None if method == "ratio_rule" else \

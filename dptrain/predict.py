@@ -16,6 +16,7 @@ import numpy as np
 from .calibrate import (
     INTERVAL,
     PREDICTORS,
+    at_budget,
     bootstrap,
     holdout_check,
     interval,
@@ -89,18 +90,18 @@ def _fit_entry(method: str, pred: dict, boots: list[dict], sizes: list[int],
     return r
 
 
-def separating_budget(points: dict, size: int, limits: dict, spread: float = 1.5) -> dict:
+def separating_budget(preds: dict, fitted: int, size: int, limits: dict,
+                      spread: float = 1.5) -> dict:
     """With one budget fitted: the budget to add that would tell the predictors apart, the
     smallest of 2x, 4x, ... the fitted one (up to `size`) where their K* differ by `spread`
     or more (a grid in steps of sqrt(2) in K tells such splits apart), with each one's K*
-    there."""
-    fitted = max(p[2] for p in points)
+    there. `preds`: each predictor's `predict_split`, moved along the budgets unfitted."""
     candidates = [fitted * 2 ** i for i in range(1, 64) if fitted * 2 ** i < size] + [size]
     for n in candidates:  # the last is `size`: no later budget is asked for
         ks = {}
-        for m in PREDICTORS:
+        for m, pred in preds.items():
             try:
-                ks[m] = predict_split(points, n, m, limits)["classes"]
+                ks[m] = at_budget(pred, n, limits)["classes"]
             except FitError:
                 pass
         if len(ks) > 1 and max(ks.values()) >= spread * min(ks.values()):
@@ -129,10 +130,10 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         if measured:
             entry["measured_best_at_size"] = {"classes": measured[0], "per_class": measured[1],
                                               "error": float(np.mean(points[measured]))}
-        drawn = {}  # each predictor's bootstrap K*s
+        drawn, preds = {}, {}  # each predictor's bootstrap K*s, and its prediction
         for method in PREDICTORS:
             try:
-                pred = predict_split(fitted, size, method, limits)
+                pred = preds[method] = predict_split(fitted, size, method, limits)
             except FitError as e:
                 entry[method] = {"error": str(e)}
                 out["failures"].append(f"{name}, {label(method)}: {e}")
@@ -163,7 +164,7 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         elif len(sizes) == 1 and made:
             ks = [entry[m]["prediction"]["classes"] for m in made]
             entry["unvalidated"] = {"spread": [min(ks), max(ks)],
-                                    "add": separating_budget(fitted, size, limits)}
+                                    "add": separating_budget(preds, sizes[0], size, limits)}
         if suggest:
             entry["suggest"] = suggestions(entry, size, points, limits)
         out["sets"][name] = entry

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, make_shard_set, run_cli, run_here, tree_bytes
+from conftest import DEVICES, make_shard_set, run_here, tree_bytes
 
 from dptrain import pixelcache
 from dptrain.config import make_config
@@ -132,7 +132,7 @@ def test_a_cache_that_does_not_fit_falls_back_to_streaming(shards, tmp_path, mon
 def test_pretrain_reports_its_cache_and_refuses_a_gpu_cache_without_a_gpu(shards, tmp_path):
     args = ["pretrain", "--data", shards, "--classes", 4, "--per-class", 8, "--epochs", 1,
             "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress"]
-    p = run_cli(*args, "--out", tmp_path / "run", "--cache-side", 32)
+    p = run_here(*args, "--out", tmp_path / "run", "--cache-side", 32, check=True)
     assert p.stderr.startswith("pixel cache: host (") and "at <= 32 px" in p.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["cache"]["where"] == "host" and summary["cache"]["side"] == 32
@@ -141,7 +141,8 @@ def test_pretrain_reports_its_cache_and_refuses_a_gpu_cache_without_a_gpu(shards
         assert p.returncode == 2 and "--cache gpu needs a GPU" in p.stderr
         assert "Traceback" not in p.stderr
     # Where the pixels come from does not change what the run computes: a resume may differ.
-    p = run_cli(*args, "--out", tmp_path / "run", "--cache-side", 32, "--cache", "off")
+    p = run_here(*args, "--out", tmp_path / "run", "--cache-side", 32, "--cache", "off",
+                 check=True)
     assert "finished already" in p.stdout
 
 
@@ -242,13 +243,13 @@ def test_probe_through_the_pixel_cache_on_a_read_only_set(tmp_path, texture):
     before = {r: (tree_bytes(r), sorted(p.name for p in r.iterdir())) for r in sets}
     run = tmp_path / "run"
     pixels = tmp_path / "pixels"
-    run_cli("pretrain", "--data", train_set, "--classes", 4, "--per-class", 16, "--epochs", 1,
-            "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress",
-            "--val-data", train_set, "--cache-dir", pixels, "--out", run)
+    run_here("pretrain", "--data", train_set, "--classes", 4, "--per-class", 16, "--epochs", 1,
+             "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress",
+             "--val-data", train_set, "--cache-dir", pixels, "--out", run, check=True)
     args = ["probe", run, "--data", down, "--test-data", test, "--repeats", 1, "--no-progress",
             "--cache-dir", pixels]
-    first = run_cli(*args, "--feature-cache", tmp_path / "f1")
-    second = run_cli(*args, "--feature-cache", tmp_path / "f2")
+    first = run_here(*args, "--feature-cache", tmp_path / "f1", check=True)
+    second = run_here(*args, "--feature-cache", tmp_path / "f2", check=True)
     assert "(0/2 cached)" in second.stdout  # features computed again, from cached pixels
     assert first.stdout.splitlines()[1].split()[:2] == second.stdout.splitlines()[1].split()[:2]
     assert len(list(pixels.glob("eval/*/*.npy"))) == 4 + 3 + 3  # validation's, the probe's

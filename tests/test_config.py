@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import FAST, make_shard_set, run_cli, run_here
+from conftest import FAST, make_shard_set, run_here
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tm
 
     names = {o.name for o in main.commands["pretrain"].params if isinstance(o, click.Option)}
     assert {f.name for f in fields(TrainConfig)} <= names  # declared once, in config.py
-    p = run_cli("pretrain", "--data", shards, "--recipe", "paper", "--batch-size", "128",
-                "--min-res", "128", "--bn-wd", "--print-config")
+    p = run_here("pretrain", "--data", shards, "--recipe", "paper", "--batch-size", "128",
+                 "--min-res", "128", "--bn-wd", "--print-config", check=True)
     cfg = json.loads(p.stdout)
     assert set(cfg) == {f.name for f in fields(TrainConfig)}
     assert cfg["lr"] == pytest.approx(0.2) and cfg["epochs"] == 100  # paper's 0.1 at batch 64
@@ -33,10 +33,10 @@ def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tm
     assert not (Path("runs") / f"{shards.name}-Kall-nall-s0").exists()  # nothing was run
     # The printed config runs as it is; options given replace its values, with no recipe.
     path = tmp_path / "cfg.json"
-    path.write_text(run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 16,
-                            "--epochs", 1, *FAST, "--print-config").stdout)
-    run_cli("pretrain", "--config", path, "--batch-size", 32, "--out", tmp_path / "r",
-            "--no-progress")
+    path.write_text(run_here("pretrain", "--data", shards, "--classes", 4, "--per-class", 16,
+                             "--epochs", 1, *FAST, "--print-config", check=True).stdout)
+    run_here("pretrain", "--config", path, "--batch-size", 32, "--out", tmp_path / "r",
+             "--no-progress", check=True)
     ran = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
     assert ran == {**json.loads(path.read_text()), "batch_size": 32}  # lr not rescaled
     path.write_text('{"epochs": 1, "colour": "red"}')

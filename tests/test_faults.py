@@ -82,7 +82,7 @@ def test_a_zeroed_jpeg_in_training_data_names_shard_key_and_verify(sets, tmp_pat
 
 def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
     run = tmp_path / "run"
-    run_cli(*pretrain_args(sets["train"], run, 1))
+    run_here(*pretrain_args(sets["train"], run, 1), check=True)
     val = copy_set(sets["train"], tmp_path / "val")
     zero_sample(val)
     p = run_cli(*pretrain_args(sets["train"], tmp_path / "v", 1), "--val-data", val,
@@ -93,7 +93,7 @@ def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
     down = copy_set(sets["down"], tmp_path / "down")
     probe = ["probe", run, "--data", down, "--test-data", sets["test"], "--repeats", 1,
              "--no-progress"]
-    run_cli(*probe)
+    run_here(*probe, check=True)
     zero_sample(down)
     one_line_error(run_here(*probe), "changed since the set was sharded",
                    "dptrain verify")
@@ -149,7 +149,7 @@ def reference(sets, tmp_path_factory) -> Path:
     """An uninterrupted run: 6 epochs of 9 steps, a metrics row every 2 steps (so a log
     window spans each epoch's end, where checkpoints are)."""
     ref = tmp_path_factory.mktemp("ref") / "run"
-    run_cli(*pretrain_args(sets["train"], ref))
+    run_here(*pretrain_args(sets["train"], ref), check=True)
     return ref
 
 
@@ -176,9 +176,9 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_records_the_same(sets, 
     # Unfinished: a probe says so, unless asked to probe it as it is.
     probe = ["probe", out, "--data", sets["down"], "--test-data", sets["test"], "--repeats", 1,
              "--no-progress"]
-    one_line_error(run_cli(*probe, check=False), f"step {stopped} of 54", "--allow-unfinished")
-    run_cli(*probe, "--allow-unfinished")
-    run_cli(*pretrain_args(sets["train"], out))
+    one_line_error(run_here(*probe), f"step {stopped} of 54", "--allow-unfinished")
+    run_here(*probe, "--allow-unfinished", check=True)
+    run_here(*pretrain_args(sets["train"], out), check=True)
     assert records(out) == records(ref)
     assert all(torch.equal(v, weights(out)[k]) for k, v in weights(ref).items())
 
@@ -194,7 +194,7 @@ def test_kill_9_mid_epoch_resumes_with_the_records_of_an_uninterrupted_run(sets,
     assert not (out / "summary.json").exists()
     rows = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1] > torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    run_cli(*pretrain_args(sets["train"], out))
+    run_here(*pretrain_args(sets["train"], out), check=True)
     assert records(out) == records(reference)
 
 
@@ -222,7 +222,7 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path):
         pass
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 80
-    r = run_cli(*args)
+    r = run_here(*args, check=True)
     assert "1 to run" in r.stderr and json.loads((run / "summary.json").read_text())["steps"] \
         == 80
 
@@ -252,20 +252,20 @@ def test_a_failed_write_is_one_line_and_a_rerun_resumes(sets, tmp_path):
     p = limited(pretrain_args(sets["train"], run, 2), 60_000)
     one_line_error(p, "cannot write", "checkpoint.pt", "run the same command again", status=1)
     assert not (run / "checkpoint.pt").exists() and not list(run.glob("*.partial"))
-    run_cli(*pretrain_args(sets["train"], run, 2))
+    run_here(*pretrain_args(sets["train"], run, 2), check=True)
     assert json.loads((run / "summary.json").read_text())["steps"] == 18
 
 
 def test_unreadable_run_records_are_refused_and_overwrite_clears_them(sets, tmp_path):
     run = tmp_path / "run"
-    run_cli(*pretrain_args(sets["train"], run, 1))
+    run_here(*pretrain_args(sets["train"], run, 1), check=True)
     (run / "summary.json").write_text("{ cut")
     one_line_error(run_here(*pretrain_args(sets["train"], run, 1)),
                    "summary.json is not readable JSON", "--overwrite")
     (run / "config.json").write_bytes(b"\x00" * 10)
     one_line_error(run_here(*pretrain_args(sets["train"], run, 1)),
                    "config.json is not readable JSON", "--overwrite")
-    run_cli(*pretrain_args(sets["train"], run, 1), "--overwrite")
+    run_here(*pretrain_args(sets["train"], run, 1), "--overwrite", check=True)
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
 
 
@@ -281,7 +281,7 @@ def test_an_unknown_key_in_a_suite_is_named(sets, reference, tmp_path):
 def test_resume_may_change_what_only_changes_speed(sets, tmp_path):
     run = tmp_path / "run"
     interrupt(pretrain_args(sets["train"], run, 3), lambda: (run / "checkpoint.pt").is_file())
-    run_cli(*pretrain_args(sets["train"], run, 3), "--workers", "1", "--log-every", "3",
-            "--progress", "--cache", "off")
+    run_here(*pretrain_args(sets["train"], run, 3), "--workers", "1", "--log-every", "3",
+             "--progress", "--cache", "off", check=True)
     assert json.loads((run / "summary.json").read_text())["steps"] == 27
     assert np.isfinite(json.loads((run / "summary.json").read_text())["train_loss"])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, make_shard_set, run_cli, run_here
+from conftest import DEVICES, make_shard_set, run_here
 
 import dptrain.logreg as logreg
 from dptrain.logreg import fit_logreg, linear_probe
@@ -79,8 +79,8 @@ def run_and_data(tmp_path_factory, texture):
     test = make_shard_set(root / "test", texture, 4, 4, (48, 40), classes_from=train)
     other = make_shard_set(root / "other", texture, 3, 4, (48, 40))
     run = root / "run"
-    run_cli("pretrain", "--data", train, "--epochs", 1, "--batch-size", 16,
-            "--res", 32, "--device", "cpu", "--no-progress", "--out", run)
+    run_here("pretrain", "--data", train, "--epochs", 1, "--batch-size", 16,
+             "--res", 32, "--device", "cpu", "--no-progress", "--out", run, check=True)
     return run, {"train": train, "test": test, "other": other}
 
 
@@ -88,9 +88,9 @@ def test_probe_command_writes_results_and_hits_the_cache(run_and_data):
     run, data = run_and_data
     args = ["probe", run, "--data", data["train"], "--test-data", data["test"],
             "--name", "tiny", "--repeats", 2]
-    first = run_cli(*args)
+    first = run_here(*args, check=True)
     assert "tiny" in first.stdout and "(0/2 cached)" in first.stdout
-    second = run_cli(*args)
+    second = run_here(*args, check=True)
     assert "(2/2 cached)" in second.stdout  # no forward pass the second time
     probe = json.loads((run / "probe.json").read_text())["datasets"]["tiny"]
     assert probe["train_samples"] == 48 and probe["test_samples"] == 16
@@ -110,12 +110,13 @@ def test_suite_file(run_and_data, tmp_path):
     suite = tmp_path / "suite.toml"
     suite.write_text(f'[[dataset]]\nname = "from-toml"\ndata = "{data["train"]}"\n'
                      f'test_data = "{data["test"]}"\n')
-    p = run_cli("probe", run, "--suite", suite, "--repeats", 1)
+    p = run_here("probe", run, "--suite", suite, "--repeats", 1, check=True)
     assert "from-toml" in p.stdout and "(2/2 cached)" in p.stdout
     listing = tmp_path / "suite.json"
     listing.write_text(json.dumps([{"data": str(data["train"]), "test_data": str(data["test"])}]))
     default_name = data["train"].name  # a dataset without a name is named by its folder
-    assert f"\n{default_name} " in run_cli("probe", run, "--suite", listing, "--repeats", 1).stdout
+    p = run_here("probe", run, "--suite", listing, "--repeats", 1, check=True)
+    assert f"\n{default_name} " in p.stdout
     assert "from-toml" in json.loads((run / "probe.json").read_text())["datasets"]
     p = run_here("probe", run)
     assert p.returncode == 2 and "--suite" in p.stderr

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 
 import pytest
-from conftest import interrupt, run_cli, run_here
+from conftest import interrupt, run_here
 
 from dptrain.config import make_config
 from dptrain.downstream import read_suite
@@ -88,8 +88,8 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     first = out / "runs" / "K2-n8-s0"
     assert (first / "summary.json").is_file()
     mtime = (first / "checkpoint.pt").stat().st_mtime_ns
-    r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out,
-                "--points", "2:8,4:4,9:20", *TINY)
+    r = run_here("sweep", "--data", data, "--suite", suite, "--out", out,
+                 "--points", "2:8,4:4,9:20", *TINY, check=True)
     assert "skipped (infeasible) K=9 n=20" in r.stderr  # 6 classes of 12 images
     assert "2 points, 1 finished already, 1 to run" in r.stderr
     assert (first / "checkpoint.pt").stat().st_mtime_ns == mtime  # not retrained
@@ -104,10 +104,10 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     assert f"--workers {cores}" in commands[1]  # the probe's; pretrain's is in its config:
     assert json.loads((out / "pretrain.json").read_text())["workers"] == cores
     assert json.loads((first / "config.json").read_text())["config"]["workers"] == cores
-    r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out,
-                "--points", "2:8,4:4", *TINY)
+    r = run_here("sweep", "--data", data, "--suite", suite, "--out", out,
+                 "--points", "2:8,4:4", *TINY, check=True)
     assert "2 finished already, 0 to run" in r.stderr
-    r = run_cli("report", out)
+    r = run_here("report", out, check=True)
     assert (out / "report" / "report.md").is_file() and (out / "report" / "table.md").is_file()
 
 
@@ -115,8 +115,9 @@ def test_a_later_call_adds_points_and_keeps_the_earlier_budgets(tmp_path, synthe
     data, suite = synthetic
     out = tmp_path / "sw"
     common = ["sweep", "--data", data, "--suite", suite, "--out", out, *TINY]
-    run_cli(*common, "--sizes", "30", "--classes", "4")  # n = 8: K n = 32, its budget is 30
-    run_cli(*common, "--points", "2:8")  # e.g. a predicted split, added later
+    # n = 8: K n = 32, its budget is 30
+    run_here(*common, "--sizes", "30", "--classes", "4", check=True)
+    run_here(*common, "--points", "2:8", check=True)  # e.g. a predicted split, added later
     assert sorted({(x["run"], x["N"]) for x in rows(out)}) == [("K2-n8-s0", "16"),
                                                                ("K4-n8-s0", "30")]
 
@@ -125,8 +126,8 @@ def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, synthetic):
     data, suite = synthetic
     out = tmp_path / "sw"
     # batch 16 > 2 x 4 images: the K=2, n=4 run fails, the K=4, n=4 one still runs
-    r = run_cli("sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:4,4:4",
-                *TINY[:4], "--batch-size", "16", *TINY[6:], check=False)
+    r = run_here("sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:4,4:4",
+                 *TINY[:4], "--batch-size", "16", *TINY[6:], check=False)
     assert r.returncode == 1 and "failed K2-n4-s0" in r.stderr and "no full batch" in r.stderr
     assert [x["run"] for x in rows(out)] == ["K4-n4-s0"]
     assert "K2-n4-s0" in (out / "failures.json").read_text()
@@ -170,7 +171,7 @@ def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
     args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8,4:4,9:20",
             "--recipe", "synthetic", "--epochs", "3", "--batch-size", "8", "--seeds", "2",
             "--dry-run", "--img-per-s", "16", "--extract-img-per-s", "1000"]
-    p = run_cli(*args, "--plan-gpus", "1")
+    p = run_here(*args, "--plan-gpus", "1")
     # By hand: K=2 x n=8 and K=4 x n=4 are 16 images each; 3 epochs of 16 // 8 = 2 steps of
     # 8 images = 48 images, 3 s at 16 img/s; 2 points x 2 seeds = 4 runs. Each run's probe
     # extracts every image of the suite's sets (their train and test splits).
@@ -186,13 +187,13 @@ def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
     assert "pre-training at 16 img/s per GPU, extraction at 1,000 img/s" in p.stdout
     assert "training: --img-per-s; extraction: --extract-img-per-s; measured here: the " \
         "solver" in p.stdout
-    p = run_cli(*args, "--plan-gpus", "2", "--steps", "10")  # fixed steps: 80 images a run
+    p = run_here(*args, "--plan-gpus", "2", "--steps", "10")  # fixed steps: 80 images a run
     assert "4 runs, 320 images" in p.stdout and "2 run(s) at a time" in p.stdout
-    p = run_cli(*args[:-4], "--device", "cpu")  # no rates given: a few steps timed here
+    p = run_here(*args[:-4], "--device", "cpu")  # no rates given: a few steps timed here
     assert "training measured here: 3 steps of smallcnn at 32 px, batch 8" in p.stdout
     assert "smallcnn's forward at 32 px from memory on the cpu" in p.stdout
     assert "estimated wall time" in p.stdout
-    p = run_cli(*args[:-2], "--plan-gpus", "2", "--device", "cpu")
+    p = run_here(*args[:-2], "--plan-gpus", "2", "--device", "cpu")
     assert "planning for 2 GPU(s) on a machine without one; give --img-per-s and " \
         "--extract-img-per-s" in p.stdout
     assert not out.exists()  # nothing was run or written

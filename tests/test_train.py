@@ -68,9 +68,9 @@ def test_loss_decreases_and_val_top1(shards, tmp_path, texture):
     out = tmp_path / "run"
     # lr 0.05 without warm-up spiked the loss in fp32 too and diverged in bf16 on some CPUs;
     # 0.01 with one warm-up epoch learns on every seed and precision tried (issue 20).
-    run_cli("pretrain", "--data", shards, "--classes", 4, "--per-class", 24, "--epochs", 8,
-            "--recipe", "paper", "--lr", "0.01", "--warmup-epochs", "1",
-            "--val-data", tmp_path / "valshards", "--out", out, *FAST)
+    run_here("pretrain", "--data", shards, "--classes", 4, "--per-class", 24, "--epochs", 8,
+             "--recipe", "paper", "--lr", "0.01", "--warmup-epochs", "1",
+             "--val-data", tmp_path / "valshards", "--out", out, *FAST, check=True)
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     summary = json.loads((out / "summary.json").read_text())
@@ -85,7 +85,7 @@ def test_kill_9_and_resume_has_the_same_steps(shards, tmp_path):
     assert not (out / "summary.json").exists(), "finished before the kill"
     done = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < done < 54
-    run_cli(*args)
+    run_here(*args, check=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 * (144 // 16) == 54  # as many as an uninterrupted run
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -107,9 +107,9 @@ def test_resume_after_kill_9_is_exact(shards, tmp_path):
         return ["pretrain", "--data", shards, "--classes", 6, "--per-class", 24, "--epochs", 4,
                 "--out", out, *FAST, "--cache", cache]
 
-    run_cli(*args(tmp_path / "ref", cache="off"))
+    run_here(*args(tmp_path / "ref", cache="off"), check=True)  # a process only where killed
     reference = _weights(tmp_path / "ref")
-    run_cli(*args(tmp_path / "again"))  # two uninterrupted runs agree to the bit
+    run_here(*args(tmp_path / "again"), check=True)  # two uninterrupted runs agree to the bit
     assert all(torch.equal(v, _weights(tmp_path / "again")[k]) for k, v in reference.items())
     ready = {  # when to kill: at once (nothing saved yet), mid-epoch 2, and mid-epoch 3 with a
         "start": lambda out: (out / "config.json").exists(),  # half-written checkpoint left
@@ -123,7 +123,7 @@ def test_resume_after_kill_9_is_exact(shards, tmp_path):
         assert not (out / "summary.json").exists(), f"{name}: finished before the kill"
         if name == "during a write":  # what a kill inside torch.save leaves beside the last one
             (out / "checkpoint.pt.999999999.partial").write_bytes(b"PK\x03\x04 cut short")
-        run_cli(*args(out, cache))
+        run_here(*args(out, cache), check=True)
         assert not list(out.glob("*.partial"))
         assert json.loads((out / "summary.json").read_text())["cache"]["where"] == cache
         got = _weights(out)
@@ -226,7 +226,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_on_resume(shards, tmp_path, da
     out = tmp_path / "run"
     args = ["pretrain", "--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 1,
             "--out", out, *FAST]
-    run_cli(*args)
+    run_here(*args, check=True)
     (out / "summary.json").unlink()  # as if killed after its last checkpoint: it resumes
     ckpt = out / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000] if damage == "truncated" else b"junk" * 100)
@@ -235,7 +235,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_on_resume(shards, tmp_path, da
     assert "cannot resume" in p.stderr and "checkpoint.pt" in p.stderr
     assert "--overwrite" in p.stderr and len(p.stderr.strip().splitlines()) <= 2
     assert "weights_only" not in p.stderr  # never the advice to turn the safe loader off
-    run_cli(*args, "--overwrite")  # and the way out works
+    run_here(*args, "--overwrite", check=True)  # and the way out works
     assert (out / "summary.json").is_file()
 
 
@@ -251,8 +251,8 @@ def test_logged_loss_is_the_mean_over_its_window(shards, tmp_path):
     """A log window that spans an epoch end averages exactly its own steps."""
     per_step, windowed = tmp_path / "a", tmp_path / "b"
     common = ["--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3, *FAST]
-    run_cli("pretrain", *common, "--out", per_step, "--log-every", 1)
-    run_cli("pretrain", *common, "--out", windowed, "--log-every", 3)  # 4 steps per epoch
+    run_here("pretrain", *common, "--out", per_step, "--log-every", 1, check=True)
+    run_here("pretrain", *common, "--out", windowed, "--log-every", 3, check=True)  # 4 a epoch
     read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     losses = {m["step"]: m["loss"] for m in read(per_step)}
     lines = read(windowed)
@@ -337,7 +337,7 @@ def test_gpus_relaunch_torchrun_with_the_resolved_config(shards, tmp_path, monke
 def test_a_resume_with_another_optimizer_is_refused(shards, tmp_path):
     args = ["pretrain", "--data", shards, "--classes", 2, "--per-class", 16, "--epochs", 1,
             "--out", tmp_path / "run", *FAST]
-    run_cli(*args)
+    run_here(*args, check=True)
     p = run_here(*args, "--optimizer", "adam")
     assert p.returncode == 2 and "optimizer" in p.stderr and "--overwrite" in p.stderr
     assert "Traceback" not in p.stderr
