@@ -10,6 +10,7 @@ import pytest
 from conftest import TRUE, model
 
 from dptrain.calibrate import (
+    at_budget,
     coverage,
     draws,
     holdout_check,
@@ -22,7 +23,7 @@ from dptrain.calibrate import (
     pooled_std,
     predict_split,
 )
-from dptrain.theory import Fit, best_split, fit_points
+from dptrain.theory import Fit, FitError, best_split, fit_points
 
 KS = (4, 10, 25, 63, 160, 400)
 
@@ -132,3 +133,21 @@ def test_each_predictor_gives_a_split_and_the_ratio_rule_reads_the_runs():
     assert 0.7 * truth <= free["classes"] <= 1.4 * truth and free["fit"].points == len(pts)
     rule = predict_split(pts, 64000, "ratio_rule", {"max_classes": 100})
     assert rule["classes"] == 100 and rule["clipped"] and len(rule["measured"]) == 3
+
+
+def test_a_prediction_moved_to_another_budget_is_the_prediction_made_there():
+    """at_budget reuses the fit (or the measured ratio): it is the same at any budget, so the
+    split equals a fresh prediction at that budget, limits included."""
+    pts = noisy_points(np.random.default_rng(6), sizes=(1000, 4000))
+    limits = {"max_classes": 100, "max_per_class": 1000}
+    keys = ("size", "classes", "per_class", "clipped")
+    clipped = 0
+    for method in ("free", "tied", "ratio_rule"):
+        pred = predict_split(pts, 16000, method, limits)
+        for size in (2000, 8000, 64000):
+            moved, fresh = at_budget(pred, size, limits), predict_split(pts, size, method, limits)
+            assert {k: moved[k] for k in keys} == {k: fresh[k] for k in keys}, (method, size)
+            clipped += moved["clipped"]
+    assert clipped  # the limits were met on the way
+    with pytest.raises(FitError):  # no split of 200,000 fits 100 classes of 1,000
+        at_budget(predict_split(pts, 16000, "free", limits), 200_000, limits)
