@@ -151,7 +151,7 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         # the printed interval (calibrate.INTERVAL); without that fit, the others' pooled
         printed = drawn.get(INTERVAL[0]) or sum(drawn.values(), [])
         entry["interval"], entry["quartiles"] = interval(printed), interval(printed, 0.5)
-        made = [m for m in PREDICTORS if "prediction" in entry[m]]
+        made = list(preds)
         check = holdout_check(fitted, limits=limits) if len(sizes) > 1 else None
         entry["check"] = check
         chosen = check["chosen"] if check else None

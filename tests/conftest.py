@@ -114,11 +114,15 @@ def make_shard_set(root: Path, texture: np.ndarray, classes: int, per_class: int
     return root / "out"
 
 
-def run_cli(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([*DPTRAIN, *map(str, args)], capture_output=True, text=True, **kw)
+def _checked(p: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
-        raise AssertionError(f"dptrain {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(f"{p.args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def run_cli(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return _checked(subprocess.run([*DPTRAIN, *map(str, args)], capture_output=True, text=True,
+                                   **kw), check)
 
 
 def run_here(*args, check: bool = False) -> subprocess.CompletedProcess:
@@ -135,9 +139,7 @@ def run_here(*args, check: bool = False) -> subprocess.CompletedProcess:
     err = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         err += "".join(traceback.format_exception(r.exception))
-    if check and r.exit_code != 0:
-        raise AssertionError(f"dptrain {args} exited {r.exit_code}:\n{r.stdout}\n{err}")
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, err)
+    return _checked(subprocess.CompletedProcess(args, r.exit_code, r.stdout, err), check)
 
 
 def one_line_error(p: subprocess.CompletedProcess, *needles: str, status: int = 2) -> None:
