@@ -132,16 +132,19 @@ def info(out, as_json):
 @main.command()
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @workers_option()
+@click.option("--decode", is_flag=True, help="Decode every sample with the loader's decoder "
+              "(done anyway for a set whose writer did not).")
 @json_option
-def verify(out, workers, as_json):
-    """Re-hash every tar and index in OUT and check samples.npy against the tars.
+def verify(out, workers, decode, as_json):
+    """Re-hash every tar and index in OUT, check samples.npy against the tars and each JPEG's
+    header (size, EXIF orientation), and decode the samples where the set's writer did not.
 
-    One verdict: OK (exit 0), or a DAMAGED line per bad or missing file, with how to rebuild
-    the set (exit 1). Exit 2 is for usage errors only.
+    One verdict: OK (exit 0), or a DAMAGED line per bad or missing file or sample, with how to
+    rebuild the set (exit 1). Exit 2 is for usage errors only.
     """
     from .verify import verdict
 
-    text, ok = verdict(out, workers, as_json)
+    text, ok = verdict(out, workers, as_json, decode)
     click.echo(text, err=not ok and not as_json)
     sys.exit(0 if ok else 1)
 

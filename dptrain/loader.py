@@ -196,6 +196,10 @@ def _pipeline(reader: _Reader, *, train: bool, res: int, gpu: bool, decode: str,
         # pipelines of two processes on one machine would otherwise share.
         decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, affine=False) \
             if on_gpu else dict(device="cpu")
+        # The stored pixel grid, whose size the index records: `dptrain shard` stores images
+        # upright, and an older set's EXIF-rotated JPEG is decoded as PIL decodes it (unrotated)
+        # instead of failing its crop windows (images.LoaderDecoder decodes the same way).
+        decoder["adjust_orientation"] = False
         if train:
             # Fused decode + crop: only the window (drawn by the reader) is decoded.
             anchor, shape, flip = window

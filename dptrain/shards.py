@@ -34,7 +34,7 @@ import numpy as np
 
 from .environment import cores_for_this_process
 from .errors import DataError
-from .images import BadImage, store_image
+from .images import DECODER, BadImage, store_image
 from .index import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -71,8 +71,10 @@ class ShardOptions:
     max_side: int | None = option(None, "Re-encode images whose longer side exceeds this (px); "
                                   "default: copy all.", low=16)
     quality: int = option(90, "JPEG quality of re-encoded images.", low=1, high=100)
-    check: str = option("header", "header: validate JPEG structure (fast); decode: also decode "
-                        "every JPEG.", choices=("header", "decode"))
+    check: str = option("decode", "decode: decode every image with the loader's decoder and "
+                        "convert or skip what it complains about; header: only walk each JPEG's "
+                        "markers (faster; damage inside a JPEG then shows in training).",
+                        choices=("header", "decode"))
     max_pixels: int = option(100_000_000, "Skip larger images as decompression bombs.", low=1)
 
 
@@ -249,7 +251,7 @@ def _job(source: Source, labels: Path | None, classes_from: Path | None, opts: S
             "source_format": source.format, "split": split, "source_encoding": source.encoding,
             "labels_file": str(labels.resolve()) if labels else None,
             "classes_from": str(classes_from.resolve()) if classes_from else None,
-            "options": asdict(opts)}
+            "options": asdict(opts), "decoded_with": DECODER if opts.check == "decode" else None}
 
 
 def _prepare_out(out: Path, job: dict, overwrite: bool) -> bool:

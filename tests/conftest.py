@@ -88,6 +88,34 @@ def bad_inputs() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def rotated(texture: np.ndarray, orientation: int, c: int = 0, i: int = 0,
+            size: tuple[int, int] = (100, 60)) -> bytes:
+    """An ImageNet-like JPEG of `size` (as stored) that carries an EXIF orientation, as phone
+    photos do: 5-8 show it with its sides swapped."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = Image.open(io.BytesIO(imagenet_like.jpeg(texture, 0, c, i, width=size[0],
+                                                      height=size[1])))
+    return encode(stored, exif=exif.tobytes())
+
+
+def damaged_jpegs(texture: np.ndarray) -> dict[str, tuple[bytes, str]]:
+    """JPEGs whose markers all check out but whose compressed data only a decoder finds
+    damaged, each with the message libjpeg-turbo gives it and its fate at shard time:
+    name -> (bytes, 'converted' or the skip reason's start)."""
+    good = imagenet_like.jpeg(texture, 0, 1, 2, width=100, height=60)
+    progressive = encode(Image.open(io.BytesIO(good)), progressive=True)
+    dht = progressive.index(b"\xff\xc4", progressive.index(b"\xff\xda"))  # between scans
+    n = len(good)
+    return {  # PIL decodes the first (libjpeg's warning), neither decoder the other two
+        "extraneous.jpg": (good[:-2] + bytes(40) + good[-2:], "converted"),
+        "bogus_length.jpg": (progressive[:dht + 2] + b"\x00\x01" + progressive[dht + 4:],
+                             "damaged JPEG: Bogus marker length"),
+        "premature_end.jpg": (good[:n // 2] + bytes(range(256)) * 2 + good[n // 2 + 300:],
+                              "damaged JPEG: Corrupt JPEG data: premature end of data segment"),
+    }
+
+
 def make_imagefolder(root: Path, texture: np.ndarray, classes: int = 4, per_class: int = 6,
                      size: tuple[int, int] = (64, 48), bad: bool = True) -> Path:
     """root/<class>/<file>: ImageNet-like JPEGs, plus the bad inputs in the first class."""

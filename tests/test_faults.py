@@ -285,3 +285,65 @@ def test_resume_may_change_what_only_changes_speed(sets, tmp_path):
              "--progress", "--cache", "off", check=True)
     assert json.loads((run / "summary.json").read_text())["steps"] == 27
     assert np.isfinite(json.loads((run / "summary.json").read_text())["train_loss"])
+
+
+# -- real-world images: EXIF rotations, damage that only a decoder sees ----------------------
+
+@pytest.fixture(scope="module")
+def phone_photos(tmp_path_factory, texture) -> dict[str, Path]:
+    """4 classes x 20 JPEGs of 100x60 px, half of them EXIF-rotated (orientation 6), class 0
+    also with orientations 2-8: sharded as dptrain wrote them before shard decoded and rotated
+    (the set `verify` flags), then with the damaged JPEGs added, as shard writes them now."""
+    from conftest import damaged_jpegs, rotated
+
+    from dptrain import images
+    from dptrain.shards import ShardOptions, shard_dataset
+
+    root = tmp_path_factory.mktemp("phone")
+    for c in range(4):
+        (root / "src" / f"c{c}").mkdir(parents=True)
+        for i in range(20):
+            (root / "src" / f"c{c}" / f"p{i}.jpg").write_bytes(rotated(texture, 6 if i % 2
+                                                                        else 1, c, i))
+    for o in range(2, 9):
+        (root / "src" / "c0" / f"o{o}.jpg").write_bytes(rotated(texture, o, 0, 20 + o))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(images, "_conversion_needed", lambda header: None)
+    shard_dataset(root / "src", root / "old", options=ShardOptions(check="header"),
+                  progress=False)
+    mp.undo()
+    for name, (data, _) in damaged_jpegs(texture).items():
+        (root / "src" / "c0" / name).write_bytes(data)
+    run_here("shard", root / "src", root / "new", "--no-progress", check=True)
+    return {"new": root / "new", "old": root / "old"}
+
+
+@pytest.mark.parametrize("cache", ["off", "host"])
+def test_rotated_and_damaged_jpegs_are_stored_so_that_training_and_probes_run(
+        phone_photos, tmp_path, cache):
+    new = phone_photos["new"]
+    meta = ShardIndex.load(new).meta
+    assert meta["num_samples"] == 80 + 7 + 1  # the two undecodable ones skipped
+    assert sum(c["action"].startswith("converted (EXIF orientation") for c in meta["converted"]) \
+        == 4 * 10 + 7
+    assert run_here("verify", new, check=True).stdout.startswith(f"{new}: OK")
+    run = tmp_path / "run"
+    run_here("pretrain", "--data", new, "--classes", 4, "--per-class", 20, "--epochs", 2,
+             "--out", run, "--cache", cache, "--val-data", new, *FAST, check=True)
+    assert json.loads((run / "summary.json").read_text())["val_top1"] >= 0
+    probe = run_here("probe", run, "--data", new, "--test-data", new, "--repeats", 1,
+                     "--no-progress", check=True)
+    assert "top-1" in probe.stdout
+
+
+@pytest.mark.parametrize("cache", ["off", "host"])
+def test_a_set_written_before_the_decode_check_still_trains_and_verify_flags_it(
+        phone_photos, tmp_path, cache):
+    """The loader decodes the stored pixel grid (no EXIF rotation), so an old set's rotated
+    JPEGs fit the index's sizes instead of failing a crop or the pixel cache; verify names
+    each rotated sample."""
+    old = phone_photos["old"]
+    p = run_cli("verify", old, check=False)
+    assert p.returncode == 1 and p.stderr.count("carries EXIF orientation") == 47
+    run_here("pretrain", "--data", old, "--classes", 4, "--per-class", 18, "--epochs", 1,
+             "--out", tmp_path / "run", "--cache", cache, *FAST, check=True)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import bad_inputs, make_imagefolder, tree_bytes
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex, idx_name
@@ -254,13 +255,16 @@ def test_bad_image_checks(texture):
             store_image(data)
     with pytest.raises(BadImage, match="too many pixels"):
         store_image(encode(rgb(2), "PNG"), max_pixels=100)
-    # Garbage inside the entropy-coded data passes the header walk; --check decode catches it.
+    # Garbage inside the entropy-coded data passes the header walk (--check header copies it);
+    # the default decode check hears the loader's decoder complain, and PIL cannot decode it
+    # either, so it is skipped with both reasons.
     big = encode(rgb(1, 200, 150))
     n = len(big)
     garbage = big[: n // 2] + bytes(range(256)) * 4 + big[n // 2 + 1024 :]
-    assert store_image(garbage).action == "copied"
-    with pytest.raises(BadImage, match="not a decodable image"):
-        store_image(garbage, check="decode")
+    assert store_image(garbage, check="header").action == "copied"
+    with pytest.raises(BadImage, match="damaged JPEG: Corrupt JPEG data: premature end of data "
+                       "segment; not a decodable image"):
+        store_image(garbage)
 
 
 def test_a_plain_labels_csv_keeps_class_names_with_spaces(tmp_path, folder):
@@ -307,3 +311,65 @@ def test_hostile_and_linked_tar_members_are_named_in_the_index(tmp_path, texture
     assert reasons["shard-0000.tar:linked"] == ("linked.jpg is a symbolic link, not a file: "
                                                  "links are not followed")
     assert all(not p.is_symlink() and p.parent == out for p in out.rglob("*"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_an_exif_orientation_is_applied_and_stored_upright(texture, orientation):
+    """DALI applies EXIF orientation and PIL does not: stored upright, with no tag left, the
+    index's size is what every decoder makes of it."""
+    from conftest import rotated
+
+    from dptrain.images import LoaderDecoder, read_jpeg_header, store_image
+
+    data = rotated(texture, orientation)
+    stored = store_image(data)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert (stored.width, stored.height) == upright.size
+    assert (stored.width, stored.height) == ((60, 100) if orientation >= 5 else (100, 60))
+    if orientation == 1:
+        assert stored.action == "copied" and stored.data is data
+        return
+    assert stored.action == f"converted (EXIF orientation {orientation} applied)"
+    assert read_jpeg_header(stored.data).orientation == 1
+    pixels = np.asarray(Image.open(io.BytesIO(stored.data)).convert("RGB"), np.float64)
+    off = np.abs(pixels - np.asarray(upright, np.float64)).mean()
+    assert off < 6  # q90 re-encoding of a noisy texture
+    if orientation <= 4:  # the sides kept: far from the image as stored, unturned
+        as_stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64)
+        assert np.abs(pixels - as_stored).mean() > 4 * off
+    assert LoaderDecoder().problems([stored.data], [(stored.height, stored.width)]) == [None]
+
+
+def test_damage_only_a_decoder_sees_is_converted_or_skipped(texture):
+    from conftest import damaged_jpegs
+
+    from dptrain.images import BadImage, LoaderDecoder, read_jpeg_header, store_image
+
+    for name, (data, fate) in damaged_jpegs(texture).items():
+        assert read_jpeg_header(data) is not None, name  # the marker walk passes them
+        assert store_image(data, check="header").action == "copied", name
+        if fate == "converted":
+            stored = store_image(data)
+            assert stored.action == ("converted (damaged JPEG: Corrupt JPEG data: extraneous "
+                                     "bytes before marker 0xd9)")
+            assert LoaderDecoder().problems([stored.data], [(60, 100)]) == [None]
+        else:
+            with pytest.raises(BadImage, match=re.escape(fate)):
+                store_image(data)
+
+
+def test_the_loader_decoder_names_the_damaged_images_of_a_batch(texture):
+    from conftest import damaged_jpegs, rotated
+
+    from dptrain.images import LoaderDecoder
+
+    good = [rotated(texture, 1, i=i) for i in range(6)]
+    bad = {k: v[0] for k, v in damaged_jpegs(texture).items()}
+    batch = good[:2] + [bad["premature_end.jpg"]] + good[2:4] + [bad["extraneous.jpg"]] + good[4:]
+    sizes = [(60, 100)] * len(batch)
+    sizes[1] = (100, 60)
+    found = LoaderDecoder(batch_size=4, threads=2).problems(batch, sizes)
+    assert [i for i, f in enumerate(found) if f] == [1, 2, 5]
+    assert found[1] == "decodes to 100x60, not the 60x100 of its header"
+    assert "premature end of data segment" in found[2]
+    assert "extraneous bytes before marker 0xd9" in found[5]

@@ -66,3 +66,38 @@ def test_verify_gives_one_verdict_with_a_hint_and_json(tmp_path, folder):
         assert j["ok"] is False and j["problems"] and "--overwrite" in j["hint"]
     assert "index.json: missing" in p.stderr
     assert run_cli("verify", tmp_path / "nowhere", check=False).returncode == 2  # usage
+
+
+def test_verify_flags_a_set_written_before_shard_decoded_and_rotated(tmp_path, texture,
+                                                                     monkeypatch):
+    """A set written as dptrain wrote them before the decode check (EXIF rotations copied,
+    damage inside the compressed data unseen) is DAMAGED, each sample named; written now,
+    the same folder verifies OK, with the decoder run or not."""
+    from conftest import damaged_jpegs, rotated
+
+    from dptrain import images
+    from dptrain.shards import ShardOptions, shard_dataset
+
+    src = tmp_path / "src"
+    for c in range(2):
+        (src / f"c{c}").mkdir(parents=True)
+        for o in range(1, 9):
+            (src / f"c{c}" / f"o{o}.jpg").write_bytes(rotated(texture, o, c, o))
+    for name, (data, _) in damaged_jpegs(texture).items():
+        (src / "c0" / name).write_bytes(data)
+    with monkeypatch.context() as old:  # the old writer: no orientation, no decoder
+        old.setattr(images, "_conversion_needed", lambda header: None)
+        shard_dataset(src, tmp_path / "old", options=ShardOptions(check="header"),
+                      progress=False)
+    p = run_cli("verify", tmp_path / "old", check=False)
+    assert p.returncode == 1
+    damaged = [line for line in p.stderr.splitlines() if line.startswith("DAMAGED")]
+    assert sum("carries EXIF orientation" in d for d in damaged) == 14  # 2-8 in 2 classes
+    assert sum("does not decode in the loader" in d for d in damaged) == 3, p.stderr
+    assert all("00000-000.tar" in d for d in damaged if "does not decode" in d)
+    assert "dptrain shard" in p.stderr.splitlines()[-1] and "--overwrite" in p.stderr
+
+    out = tmp_path / "new"
+    summary = shard_dataset(src, out, progress=False)
+    assert summary["written"] == 17 and summary["converted"] == 15  # 14 rotated, 1 repaired
+    assert run_cli("verify", out, "--decode").stdout.startswith(f"{out}: OK (")
