@@ -50,7 +50,7 @@ def _verify_tar(root: Path, tar_id: int, tar: dict, rows: np.ndarray) -> tuple[l
                 cls_at = row["offset"] + -(-jpg.size // 512) * 512
                 cls = tarfile.TarInfo.frombuf(os.pread(fd, 512, cls_at), "utf-8", "strict")
                 label = os.pread(fd, cls.size, cls_at + 512)
-            except tarfile.TarError as e:
+            except (tarfile.TarError, UnicodeDecodeError) as e:  # a field that is not UTF-8
                 return [f"{tar['file']}: sample {i} at offset {row['offset']}: bad tar header "
                         f"({e})"], False
             if (not jpg.name.endswith(".jpg") or jpg.size != row["size"]
@@ -143,9 +143,10 @@ def verify(root: str | os.PathLike, workers: int | None = None, decode: bool = F
 def repair_hint(root: str | os.PathLike) -> str:
     """How to mend a damaged shard set: shard its source again into it."""
     try:
-        source = json.loads((Path(root) / INDEX_FILE).read_text()).get("source", "SRC")
+        meta = json.loads((Path(root) / INDEX_FILE).read_text())
     except (OSError, ValueError):
-        source = "SRC"
+        meta = None
+    source = meta.get("source", "SRC") if isinstance(meta, dict) else "SRC"
     if str(source).startswith("{"):  # generated data: its generator's own command
         return f"rebuild it: python tools/make_shards.py (or remove {root} and run again)"
     return f"rebuild it: dptrain shard {source} {root} --overwrite"

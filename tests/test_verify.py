@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import run_cli, run_here
 
 from dptrain.index import idx_name
 
@@ -101,3 +101,27 @@ def test_verify_flags_a_set_written_before_shard_decoded_and_rotated(tmp_path, t
     summary = shard_dataset(src, out, progress=False)
     assert summary["written"] == 17 and summary["converted"] == 15  # 14 rotated, 1 repaired
     assert run_cli("verify", out, "--decode").stdout.startswith(f"{out}: OK (")
+
+
+def test_verify_reports_records_it_cannot_parse_instead_of_crashing(tmp_path, folder):
+    """Two crashes the fuzzer found (tools/fuzz.py): an index.json holding JSON that is not an
+    object, and a tar header field that is not UTF-8 (its checksum and the index kept true)."""
+    from dptrain.index import sha256_file
+
+    out = tmp_path / "out"
+    run_here("shard", folder, out, "--no-progress", check=True)
+    tar = sorted(out.glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[157] = 0x80  # the first member's linkname
+    data[148:156] = b"%06o\0 " % (sum(data[:148]) + 8 * 32 + sum(data[156:512]))
+    tar.write_bytes(bytes(data))
+    meta = json.loads((out / "index.json").read_text())
+    meta["tars"][0]["sha256"] = sha256_file(tar)
+    (out / "index.json").write_text(json.dumps(meta))
+    p = run_here("verify", out)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"{tar.name}: sample 0 at offset 512: bad tar header" in p.stderr
+    (out / "index.json").write_text("null")
+    p = run_here("verify", out)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "DAMAGED" in p.stderr and f"dptrain shard SRC {out} --overwrite" in p.stderr
