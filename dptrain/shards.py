@@ -440,6 +440,13 @@ def _shard(source: Source, out: Path, progress_dir: Path, job: dict, class_names
     bar.close()
     for p in out.glob("*" + PARTIAL):
         p.unlink()
+    if not any(m["rows"] for m in done.values()):
+        reasons = Counter(r for m in done.values() for _, r in m["skipped"])
+        reasons.update(r for _, r in source.skipped)
+        common = "; ".join(f"{n:,} {r}" for r, n in reasons.most_common(3))
+        shutil.rmtree(progress_dir)  # nothing was written: OUT is as empty as it was
+        raise DataError(f"no input of {source.path} could be stored ({common or 'no inputs'}): "
+                        "a shard set needs at least one image")
     meta = _assemble(out, job, class_names, done, source.skipped)
     shutil.rmtree(progress_dir)
     seconds = time.perf_counter() - t0

@@ -373,3 +373,18 @@ def test_the_loader_decoder_names_the_damaged_images_of_a_batch(texture):
     assert found[1] == "decodes to 100x60, not the 60x100 of its header"
     assert "premature end of data segment" in found[2]
     assert "extraneous bytes before marker 0xd9" in found[5]
+
+
+def test_a_source_with_no_storable_image_is_refused_and_leaves_out_empty(tmp_path):
+    from conftest import one_line_error, run_here
+
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "src" / c / f"x{i}.jpg").write_bytes(b"not a jpeg %d" % i)
+    out = tmp_path / "out"
+    for _ in range(2):  # and again: nothing half-done is left to resume
+        one_line_error(run_here("shard", tmp_path / "src", out, "--no-progress"),
+                       "no input of", "could be stored (6 not an image",
+                       "a shard set needs at least one image")
+        assert [p.name for p in out.iterdir()] == [".dptrain.lock"]
