@@ -77,6 +77,10 @@ def test_bad_usage_one_line_errors(tmp_path, folder, texture):
     one_line_error(run_cli("info", unfinished, check=False), "run the dptrain shard command")
     one_line_error(run_cli("shard", folder, tmp_path / "o", "--quality", "0", check=False),
                    "--quality")
+    # probe's feature cache is --feature-cache: --cache (pretrain's mode) is no folder name
+    one_line_error(run_cli("probe", tmp_path, "--cache", "off", cwd=tmp_path, check=False),
+                   "No such option '--cache'", "'--feature-cache'")
+    assert not (tmp_path / "off").exists()
 
 
 def test_rerun_is_noop_and_other_options_refused(tmp_path, folder):
