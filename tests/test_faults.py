@@ -13,12 +13,21 @@ import time
 from pathlib import Path
 
 import conftest
-import numpy as np
 import pytest
 import torch
-from conftest import DPTRAIN, interrupt, make_shard_set, one_line_error, run_cli, run_here
+from conftest import (
+    DPTRAIN,
+    interrupt,
+    make_imagefolder,
+    make_shard_set,
+    one_line_error,
+    run_cli,
+    run_here,
+    tree_bytes,
+)
 
-from dptrain.index import ShardIndex
+from dptrain import imagenet_like
+from dptrain.index import ShardIndex, sha256_file
 from dptrain.runfolder import folder_lock
 
 FAST = [*conftest.FAST, "--recipe", "synthetic"]
@@ -94,11 +103,18 @@ def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
     probe = ["probe", run, "--data", down, "--test-data", sets["test"], "--repeats", 1,
              "--no-progress"]
     run_here(*probe, check=True)
-    zero_sample(down)
+    tar, offset = zero_sample(down)
     one_line_error(run_here(*probe), "changed since the set was sharded",
                    "dptrain verify")
+    # The decoder's own refusal, for a damaged set whose index was made to agree with it
+    # (a set the caches' keys cannot tell from a good one): it names tar, offset and key.
+    meta = json.loads((down / "index.json").read_text())
+    meta["tars"][ShardIndex.load(down).samples[3]["tar"]]["sha256"] = sha256_file(tar)
+    (down / "index.json").write_text(json.dumps(meta))
     one_line_error(run_cli(*probe, "--cache-dir", "off", "--feature-cache", tmp_path / "f2",
-                           check=False), "dptrain verify")
+                           check=False),
+                   f"{tar.name}: sample at offset {offset} (key ", "is not a JPEG",
+                   "dptrain verify")
 
 
 def test_a_truncated_tar_is_named_on_every_path(sets, reference, tmp_path):
@@ -107,9 +123,12 @@ def test_a_truncated_tar_is_named_on_every_path(sets, reference, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-3000])
     one_line_error(run_cli(*pretrain_args(data, tmp_path / "run", 1), check=False),
                    tar.name, "cut short", "dptrain verify")
+    one_line_error(run_cli(*pretrain_args(sets["train"], tmp_path / "v", 1), "--val-data", data,
+                           "--cache", "off", check=False),
+                   tar.name, "cut short", "dptrain verify")
     one_line_error(run_here("probe", reference, "--data", data, "--test-data", data,
                             "--repeats", 1, "--no-progress"),
-                   "changed since", "dptrain verify")  # refused before anything is written
+                   tar.name, "changed since", "dptrain verify")  # refused before any write
 
 
 # -- one writer per folder -------------------------------------------------------------------
@@ -239,21 +258,62 @@ def limited(args: list, max_bytes: int) -> subprocess.CompletedProcess:
                           preexec_fn=limit)
 
 
-def test_a_failed_write_is_one_line_and_a_rerun_resumes(sets, tmp_path):
-    out = tmp_path / "set"
-    src = sets["train"].parent / "src"
-    p = limited(["shard", src, out, "--no-progress", "--shard-size", "1000000"], 20_000)
+def test_a_failed_write_is_one_line_and_a_rerun_resumes(sets, tmp_path, texture):
+    """A write fails after part of the work was finished: the finished part is kept and the
+    rerun goes on from it (shard: the finished classes' tars untouched, the set byte-identical
+    to an uninterrupted one's)."""
+    src = tmp_path / "src"
+    make_imagefolder(src, texture, classes=5, per_class=6, size=(48, 40), bad=False)
+    big = src / "z_big"  # the last class: its tar alone is past the limit
+    big.mkdir()
+    for i in range(6):
+        (big / f"b{i}.jpg").write_bytes(imagenet_like.jpeg(texture, 0, 9, i, width=400,
+                                                           height=300))
+    out, whole = tmp_path / "set", tmp_path / "whole"
+    args = ["--no-progress", "--workers", "1"]  # one class after another, in label order
+    p = limited(["shard", src, out, *args], 100_000)
     one_line_error(p, "cannot write", "File too large", "run the same command again",
                    status=1)
-    assert not list(out.glob("*.tar"))  # nothing half-written passes for a tar
-    run_cli("shard", src, out, "--no-progress", "--shard-size", "1000000")
-    assert "OK" in run_cli("verify", out).stdout
-    run = tmp_path / "run"  # config.json fits, the first checkpoint does not
-    p = limited(pretrain_args(sets["train"], run, 2), 60_000)
-    one_line_error(p, "cannot write", "checkpoint.pt", "run the same command again", status=1)
-    assert not (run / "checkpoint.pt").exists() and not list(run.glob("*.partial"))
-    run_here(*pretrain_args(sets["train"], run, 2), check=True)
-    assert json.loads((run / "summary.json").read_text())["steps"] == 18
+    finished = sorted(out.glob("*.tar"))
+    assert [t.name[:5] for t in finished] == ["00000", "00001", "00002", "00003", "00004"]
+    assert not (out / "index.json").exists() and not list(out.glob("*.partial"))
+    inodes = [t.stat().st_ino for t in finished]
+    run_here("shard", src, out, *args, check=True)
+    assert [t.stat().st_ino for t in finished] == inodes  # kept, not written again
+    run_here("shard", src, whole, *args, check=True)
+    assert tree_bytes(out) == tree_bytes(whole)
+
+
+def test_a_failed_checkpoint_write_keeps_the_epochs_before_it(sets, reference, tmp_path,
+                                                             monkeypatch):
+    """The disk fills at the third epoch's checkpoint: one line, the second epoch's
+    checkpoint kept, and the rerun ends with the records and weights of an uninterrupted run."""
+    import errno
+
+    from dptrain import runfolder
+
+    run, real, saved = tmp_path / "run", runfolder.write_atomic, []
+
+    def full_at_the_third(path, data):
+        if Path(path).name == "checkpoint.pt":
+            saved.append(1)
+            if len(saved) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(runfolder, "write_atomic", full_at_the_third)
+    one_line_error(run_here(*pretrain_args(sets["train"], run)), "cannot write",
+                   "No space left on device", "run the same command again", status=1)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 18  # 2 epochs of 9
+    monkeypatch.undo()
+    from dptrain import train
+
+    steps, step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a: steps.append(1) or step(*a))
+    run_here(*pretrain_args(sets["train"], run), check=True)
+    assert len(steps) == 54 - 18  # resumed, not started over
+    assert records(run) == records(reference)
+    assert all(torch.equal(v, weights(run)[k]) for k, v in weights(reference).items())
 
 
 def test_unreadable_run_records_are_refused_and_overwrite_clears_them(sets, tmp_path):
@@ -278,13 +338,17 @@ def test_an_unknown_key_in_a_suite_is_named(sets, reference, tmp_path):
                    "unknown key(s) tets", "name, data, test_data")
 
 
-def test_resume_may_change_what_only_changes_speed(sets, tmp_path):
+def test_resume_may_change_what_only_changes_speed(sets, reference, tmp_path):
+    """Killed mid-run, resumed with other DALI threads, prefetch, pixel caches (training and
+    eval) and progress: the uninterrupted run's records and weights, bit for bit."""
     run = tmp_path / "run"
-    interrupt(pretrain_args(sets["train"], run, 3), lambda: (run / "checkpoint.pt").is_file())
-    run_here(*pretrain_args(sets["train"], run, 3), "--workers", "1", "--log-every", "3",
-             "--progress", "--cache", "off", check=True)
-    assert json.loads((run / "summary.json").read_text())["steps"] == 27
-    assert np.isfinite(json.loads((run / "summary.json").read_text())["train_loss"])
+    interrupt(pretrain_args(sets["train"], run), lambda: (run / "checkpoint.pt").is_file())
+    assert not (run / "summary.json").exists()  # killed before it finished
+    assert 0 < torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 54
+    run_here(*pretrain_args(sets["train"], run), "--workers", "1", "--prefetch", "1",
+             "--progress", "--cache", "off", "--cache-dir", tmp_path / "pixels", check=True)
+    assert records(run) == records(reference)
+    assert all(torch.equal(v, weights(run)[k]) for k, v in weights(reference).items())
 
 
 # -- real-world images: EXIF rotations, damage that only a decoder sees ----------------------
