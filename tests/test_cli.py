@@ -156,8 +156,10 @@ def test_ctrl_c_then_rerun(tmp_path, big_folder):
 def test_second_writer_is_refused(tmp_path, big_folder):
     out = tmp_path / "out"
     proc = subprocess.Popen([*DPTRAIN, "shard", str(big_folder), str(out), *SLOW])
+    deadline = time.time() + 120
     try:
         while not (out / ".progress" / "job.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the first shard never began"
             time.sleep(0.005)
         one_line_error(run_cli("shard", big_folder, out, *SLOW, check=False),
                        "another dptrain shard")
@@ -180,7 +182,9 @@ def test_shard_rerun_notices_a_truncated_tar(tmp_path, folder):
 
 
 def test_progress_in_a_log_is_whole_lines(tmp_path, folder):
+    started = time.monotonic()
     p = run_cli("shard", folder, tmp_path / "out")  # stderr is a pipe here, as in a log file
+    took = time.monotonic() - started  # however long a loaded machine makes it
     lines = p.stderr.splitlines()
     assert "\r" not in p.stderr and lines and "100%" in lines[-1], p.stderr
-    assert len(lines) <= 3  # the start, the end, and at most one line per 10 s between
+    assert len(lines) <= 2 + took // 10  # the start, the end, and one line per 10 s between

@@ -27,6 +27,7 @@ from conftest import (
 )
 
 from dptrain import imagenet_like
+from dptrain.errors import DataError
 from dptrain.index import ShardIndex, sha256_file
 from dptrain.runfolder import folder_lock
 
@@ -236,9 +237,13 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path):
         assert time.time() < deadline, "the sweep's pretrain child was not stopped"
         time.sleep(0.2)
     assert "(SIGTERM); checkpoint saved" in (run / "sweep.log").read_text()
-    time.sleep(2)  # it exits as it says so: then its run folder is free
-    with folder_lock(run, "pretrain"):
-        pass
+    while True:  # it exits as it says so: then its run folder is free
+        try:
+            with folder_lock(run, "pretrain"):
+                break
+        except DataError:  # still held
+            assert time.time() < deadline, "the sweep's pretrain child kept its run folder"
+            time.sleep(0.1)
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 80
     r = run_here(*args, check=True)
