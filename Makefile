@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO := runs/demo
 DEMO_EPOCHS := 8
 
-.PHONY: demo test bench study clean
+.PHONY: demo test test-slurm bench study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n auto  # a worker per core: most tests wait on one-core start-ups
+
+# The Slurm tests (tests/test_slurm.py): a real one-node cluster started here and stopped after
+# (tools/slurm_cluster.sh; needs root, installs Debian's Slurm if missing); ~N min on 2 cores.
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard_write.py

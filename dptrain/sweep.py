@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,9 +59,20 @@ class SweepOptions:
     launcher: str = option("local", "local: one run per visible GPU (one at a time on a CPU); "
                            "slurm: one job per point through submitit (submitit-local: the same "
                            "path, run here).", choices=("local", "slurm", "submitit-local"))
-    slurm_partition: str | None = option(None, "Slurm partition.")
+    slurm_partition: str | None = option(None, "Slurm partition [the cluster's default].")
     slurm_time: int = option(240, "Slurm time limit per point, minutes.", low=1)
     slurm_cpus: int = option(16, "CPUs per job.", low=1)
+    slurm_gpus_as: str = option("gpus-per-node", "How each job asks for its --gpus: "
+                                "gpus-per-node (sbatch --gpus-per-node=[TYPE:]G) or gres "
+                                "(--gres=gpu:[TYPE:]G, for clusters that count GPUs as generic "
+                                "resources only); as the cluster's documentation says.",
+                                choices=("gpus-per-node", "gres"))
+    slurm_gpu_type: str | None = option(None, "GPU type in each job's request, e.g. a100 "
+                                        "(--gpus-per-node=a100:G).")
+    slurm_extra: tuple = option((), "Another sbatch option for every job, KEY=VALUE as in "
+                                "sbatch --KEY=VALUE, or KEY for a flag: account=proj, qos=high, "
+                                "constraint=ib, mem=64G, exclusive; repeat for more.",
+                                multiple=True)
     dry_run: bool = option(False, "Run nothing: print every feasible point, the images its "
                            "pre-training processes and its estimated time (probing included), "
                            "and the sweep's total.")
@@ -73,7 +86,8 @@ class SweepOptions:
     plan_gpus: int | None = option(None, "With --dry-run: GPUs to plan for [the visible ones].",
                                    low=1)
     gpus: int = option(1, "GPUs per run (DDP through torchrun); a local sweep runs one run per "
-                       "group of this many visible GPUs at a time.", low=1)
+                       "group of this many visible GPUs at a time. 0: no GPU (--launcher slurm "
+                       "on a CPU partition).", low=0)
 
 
 def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
@@ -90,7 +104,21 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
     given = as_argv(TrainConfig, train_options)
     cfg = make_config(**{**train_options, "recipe": train_options.get("recipe") or "fast",
                          "data": str(Path(o.data).resolve())})
-    check_config(cfg, 1, torch.cuda.is_available())
+    # Under Slurm the runs have the GPUs their jobs ask for, whatever this machine has.
+    check_config(cfg, max(1, o.gpus),
+                 o.gpus > 0 if o.launcher == "slurm" else torch.cuda.is_available())
+    if o.launcher == "slurm":
+        if not shutil.which("sbatch"):
+            raise DataError("--launcher slurm submits with Slurm's sbatch, which is not on PATH "
+                            "here: run the sweep on the cluster's login node")
+        slurm = slurm_parameters(o, cfg.device)
+    else:
+        if o.gpus == 0:
+            raise DataError("--gpus 0 (no GPU per run) is for --launcher slurm on a CPU "
+                            "partition; a local sweep runs on the visible GPUs, or on the CPU "
+                            "with --device cpu")
+        slurm = {"timeout_min": o.slurm_time, "cpus_per_task": o.slurm_cpus,
+                 "gpus_per_node": o.gpus}
     datasets = [d[0] for d in read_suite(Path(o.suite))]
     index = ShardIndex.load(o.data)
     todo, skipped = feasible(index, pairs, list(range(o.seeds)), cfg.allow_fewer)
@@ -99,18 +127,46 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
     if not todo:
         raise DataError("no feasible point in the grid")
     if o.dry_run:
-        return dry_run_text(todo, index, cfg, o.gpus, o.img_per_s, o.plan_gpus, suite=o.suite,
+        return dry_run_text(todo, index, cfg, max(1, o.gpus), o.img_per_s, o.plan_gpus,
+                            suite=o.suite,
                             repeats=o.repeats, extract_img_per_s=o.extract_img_per_s), []
     out = Path(o.out)
     spec, slots = prepare(cfg, suite=o.suite, out=out, repeats=o.repeats, gpus=o.gpus,
                           launcher=o.launcher, given=given, skipped=skipped)
-    slurm = {"timeout_min": o.slurm_time, "cpus_per_task": o.slurm_cpus, "gpus_per_node": o.gpus}
-    if o.slurm_partition:
-        slurm["slurm_partition"] = o.slurm_partition
     r = sweep(spec, todo, datasets, launcher=o.launcher, slots=slots, slurm=slurm, log=log,
               progress=progress)
     return (f"{out}: {plural(r['points'], 'point')}, {r['ran']} run now, {len(r['failed'])} "
             f"failed; results in {out / SweepFolder.RESULTS}"), r["failed"]
+
+
+def slurm_parameters(o: SweepOptions, device: str) -> dict:
+    """submitit's parameters for each point's job: its time, CPUs and partition, its GPUs asked
+    for as the cluster names them (`--slurm-gpus-as`, `--slurm-gpu-type`; none for --gpus 0),
+    and any other sbatch option (`--slurm-extra`)."""
+    if o.gpus == 0 and device == "cuda":
+        raise DataError("--gpus 0 asks Slurm for no GPU, but --device cuda needs one: give "
+                        "--gpus 1 or more, or --device cpu")
+    if o.gpus == 0 and o.slurm_gpu_type:
+        raise DataError(f"--slurm-gpu-type {o.slurm_gpu_type} with --gpus 0: no GPU is asked "
+                        "for; give --gpus 1 or more, or leave out --slurm-gpu-type")
+    extra = {}
+    for item in o.slurm_extra:
+        key, eq, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not key or (eq and not value):
+            raise DataError(f"--slurm-extra {item!r}: expected KEY=VALUE (sbatch --KEY=VALUE), "
+                            "e.g. account=proj, or KEY for a flag, e.g. exclusive")
+        extra[key.replace("-", "_")] = value if eq else True
+    gpus = f"{o.slurm_gpu_type}:{o.gpus}" if o.slurm_gpu_type else str(o.gpus)
+    if o.gpus and o.slurm_gpus_as == "gres":
+        extra.setdefault("gres", f"gpu:{gpus}")
+    elif o.gpus:
+        extra.setdefault("gpus_per_node", gpus)
+    params = {"timeout_min": o.slurm_time, "cpus_per_task": o.slurm_cpus,
+              "slurm_additional_parameters": extra}
+    if o.slurm_partition:
+        params["slurm_partition"] = o.slurm_partition
+    return params
 
 
 @dataclass(frozen=True)
@@ -400,17 +456,28 @@ def run_child(cmd: list[str], log, env: dict) -> int:
 
 
 class PointJob:
-    """`run_point` as a submitit job. Checkpointable: when Slurm is about to preempt or time
-    out the job, submitit calls `checkpoint` and requeues the job, `run_child` stops the
-    point's run with a checkpoint, and the requeued job resumes it."""
+    """`run_point` as a submitit job. Checkpointable: when Slurm is about to preempt the job or
+    end it at its time limit (SIGUSR2, submitit's --signal), submitit calls `checkpoint` and
+    requeues the job, `run_child` stops the point's run with a checkpoint, and the requeued job
+    resumes it."""
 
     def __call__(self, point: Point, spec: SweepSpec) -> dict:
+        # Slurm ends a job with SIGTERM to all its processes (scancel, scontrol requeue, the end
+        # of a preemption's grace time or of the time limit); the point's run saves a
+        # checkpoint. The job then leaves no result (submitit writes none for SystemExit), so a
+        # requeued job runs the point again and it resumes, and a job ended for good is
+        # reported by its Slurm state, not as a run that failed.
+        signal.signal(signal.SIGTERM, _job_ended)
         return run_point(point, spec)
 
     def checkpoint(self, point: Point, spec: SweepSpec):
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, point, spec)
+
+
+def _job_ended(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def device_slots(gpus_per_run: int = 1) -> list[str | None]:
@@ -446,23 +513,147 @@ def schedule(points: list[Point], slots: list, run) -> list[dict]:
         return list(pool.map(job, points))
 
 
+# Slurm's states of a job that will not run again; a requeued job is PENDING.
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+         "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"}
+POLL_S = 5.0
+# A job Slurm says has ended but whose result file is not there (yet: a shared file system
+# shows a new file late) is reported as ended without a result after this long.
+RESULT_GRACE_S = 15.0
+
+
 def submit_slurm(points: list[Point], spec: SweepSpec, *, cluster: str = "slurm",
-                 slurm: dict | None = None) -> list[dict]:
-    """One submitit job per point (cluster "local": submitit's local executor, for tests)."""
+                 slurm: dict | None = None, done=lambda point, result: None,
+                 log=print) -> list[dict]:
+    """One submitit job per point (cluster "local": submitit's local executor, for tests),
+    watched until each has a result: `done(point, result)` as each ends. A job that ends
+    without one (cancelled, out of time, its node lost) is a failed point naming its Slurm
+    state. The states come from squeue, not from submitit's sacct, which clusters without
+    accounting (slurmdbd) lack: there submitit never sees a job end."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=SweepFolder(spec.out) / SweepFolder.SUBMITIT,
                                      cluster=cluster)
     executor.update_parameters(**(slurm or {}))
-    jobs = [executor.submit(PointJob(), p, spec) for p in points]
-    results = []
-    for p, j in zip(points, jobs):
-        try:
-            results.append(j.result())
-        except Exception as e:  # a job that died (time limit, node failure): record it
-            results.append({"run": p.name, "status": "failed", "device": None, "seconds": None,
-                            "error": f"job {j.job_id}: {type(e).__name__}: {str(e)[-300:]}"})
-    return results
+    jobs = {}
+    for p in points:
+        jobs[submit(executor, p, spec, slurm or {})] = p
+    log(f"submitted {plural(len(jobs), 'job')} ({', '.join(j.job_id for j in jobs)}), "
+        f"waiting for them; their logs: {executor.folder}")
+    try:
+        return _wait(jobs, cluster, done)
+    except KeyboardInterrupt:  # the jobs are Slurm's: they go on without this process
+        running = [j.job_id for j in jobs if not has_result(j)]
+        if cluster == "slurm" and running:
+            log(f"the jobs still to end keep running in Slurm; scancel {' '.join(running)} "
+                "stops them (each point saves a checkpoint); run the same command again once "
+                "they end")
+        raise
+
+
+def _wait(jobs: dict, cluster: str, done) -> list[dict]:
+    """Each job's result, `done(point, result)` called as each ends."""
+    results, ended_at = {}, {}
+    while len(results) < len(jobs):
+        states = job_states() if cluster == "slurm" else None
+        for j, p in jobs.items():
+            if j in results:
+                continue
+            if has_result(j) or (cluster != "slurm" and j.done()):  # locally: process gone
+                r = job_result(j, p)
+            elif states is not None and states.get(j.job_id, "gone") in ENDED | {"gone"}:
+                since = ended_at.setdefault(j, time.monotonic())
+                if time.monotonic() - since < RESULT_GRACE_S:
+                    continue
+                state = states.get(j.job_id, "no longer listed by squeue")
+                r = {"run": p.name, "status": "failed", "device": None, "seconds": None,
+                     "job": j.job_id,
+                     "error": f"job {j.job_id} ended {state} without a result (cancelled, out "
+                              f"of time, or its node lost); its log: {j.paths.stderr}"}
+            else:
+                ended_at.pop(j, None)  # requeued: running or pending again
+                continue
+            results[j] = r
+            done(p, r)
+        if len(results) < len(jobs):
+            time.sleep(POLL_S)
+    return [results[j] for j in jobs]
+
+
+def submit(executor, point: Point, spec: SweepSpec, slurm: dict):
+    """Submit one point's job; sbatch's refusal is a DataError naming the option to change."""
+    import contextlib
+    import io
+
+    from submitit.core.utils import FailedJobError
+
+    stderr = io.StringIO()  # submitit prints sbatch's refusal, which the error says
+    # Named as the sweep and the point, for squeue and scancel.
+    executor.update_parameters(name=f"{Path(spec.out).name}.{point.name}")
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return executor.submit(PointJob(), point, spec)
+    except FailedJobError as e:
+        raise DataError(sbatch_refusal(str(e), slurm)) from None
+
+
+# sbatch's refusals, and the option of `dptrain sweep` to change for each.
+REFUSALS = {
+    "generic resource": "--gpus (0 for a CPU partition), --slurm-gpus-as or --slurm-gpu-type",
+    "gres": "--gpus (0 for a CPU partition), --slurm-gpus-as or --slurm-gpu-type",
+    "gpu": "--gpus (0 for a CPU partition), --slurm-gpus-as or --slurm-gpu-type",
+    "partition": "--slurm-partition",
+    "time limit": "--slurm-time",
+    "--time": "--slurm-time",
+    "processors": "--slurm-cpus",
+    "cpus": "--slurm-cpus",
+    "node configuration": "--slurm-cpus or --gpus",
+}
+
+
+def sbatch_refusal(stderr: str, slurm: dict) -> str:
+    """One line for sbatch's refusal of a job: its reason and the option to change."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+    errors = [x.removeprefix("sbatch: error: ") for x in lines if "error" in x.lower()]
+    reason = "; ".join(dict.fromkeys(errors)) or (lines[-1] if lines else "no reason given")
+    change = next((opt for key, opt in REFUSALS.items() if key in reason.lower()), None)
+    if change is None and slurm.get("slurm_additional_parameters"):
+        change = "--slurm-extra"
+    return (f"sbatch refused the job: {reason}; change "
+            f"{change or 'the --slurm-* options'} for this cluster")
+
+
+def job_states() -> dict[str, str] | None:
+    """Slurm's state of each of this user's jobs it still lists (finished ones for
+    MinJobAge, 5 minutes by default), from squeue: job id -> state."""
+    p = subprocess.run(["squeue", "--me", "--noheader", "--states=all", "--format=%i %T"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:  # the controller not answering for a moment: nothing is known
+        return None
+    return dict(line.split()[:2] for line in p.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def has_result(job) -> bool:
+    """Whether the job wrote its result file. (submitit's `done` asks sacct too: not here.)"""
+    folder = job.paths.folder
+    try:  # as submitit does: on a shared file system, refresh the folder's cached listing
+        folder.chmod(folder.stat().st_mode)
+    except OSError:
+        pass
+    return job.paths.result_pickle.exists()
+
+
+def job_result(job, point: Point) -> dict:
+    """A finished job's result: the point's own, or the job's failure as one line."""
+    try:
+        return {**job.result(), "job": job.job_id}
+    except Exception as e:  # the job's Python failed (its traceback is in its log)
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raised = [x for x in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt): ", x)]
+        return {"run": point.name, "status": "failed", "device": None, "seconds": None,
+                "job": job.job_id,
+                "error": f"job {job.job_id}: {(raised or lines or [type(e).__name__])[-1]}; "
+                         f"its log: {job.paths.stderr}"}
 
 
 def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
@@ -489,30 +680,31 @@ def _sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *, launche
     todo = [p for p in points if not folder.run(p.name).finished(datasets)]
     log(f"{plural(len(points), 'point')}, {len(points) - len(todo)} finished already, "
         f"{len(todo)} to run")
-    if launcher == "local":
-        slots = slots or [None]
-        lock = threading.Lock()
-        bar = progress_bar(total=len(todo), unit="point", desc="sweep", enabled=progress)
-        failed = 0
+    lock = threading.Lock()
+    bar = progress_bar(total=len(todo), unit="point", desc="sweep", enabled=progress)
+    failed = 0
 
-        def run(point: Point, slot) -> dict:
-            nonlocal failed
-            r = run_point(point, spec, slot)
-            where = f" on GPU {slot}" if slot is not None else ""
-            with lock:
-                bar.write(f"{point.name}: {r['status']}{where} in {r['seconds']:.0f} s"
-                          + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
-                write_results(out)  # after every point: a partial sweep is readable
-                failed += r["status"] != "done"
-                bar.set_postfix_str(f"last {point.name}, {failed} failed", refresh=False)
-                bar.update(1)  # with the ETA from the points so far
-            return r
+    def done(point: Point, r: dict) -> dict:
+        nonlocal failed
+        where = f" on GPU {r['device']}" if r.get("device") is not None else \
+            f" (job {r['job']})" if r.get("job") else ""
+        took = f" in {r['seconds']:.0f} s" if r.get("seconds") is not None else ""
+        with lock:
+            bar.write(f"{point.name}: {r['status']}{where}{took}"
+                      + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
+            write_results(out)  # after every point: a partial sweep is readable
+            failed += r["status"] != "done"
+            bar.set_postfix_str(f"last {point.name}, {failed} failed", refresh=False)
+            bar.update(1)  # with the ETA from the points so far
+        return r
 
-        with bar:
-            results = schedule(todo, slots, run)
-    else:
-        results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
-                               else "slurm", slurm=slurm)
+    with bar:
+        if launcher == "local":
+            results = schedule(todo, slots or [None],
+                               lambda point, slot: done(point, run_point(point, spec, slot)))
+        else:
+            results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
+                                   else "slurm", slurm=slurm, done=done, log=log)
     failures = [r for r in results if r["status"] != "done"]
     write_json(folder / SweepFolder.FAILURES, failures)
     write_results(out)
