@@ -17,6 +17,7 @@ from dptrain.index import ShardIndex
 from dptrain.loader import EVAL_RESIZE, Loader
 from dptrain.shards import shard_dataset
 from dptrain.subset import select
+from dptrain.transforms import batch_augmentation
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,9 @@ def test_eval_transform_matches_pil(index, ratio, device, decode):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_transform_crops_resizes_and_flips_half(tmp_path, device):
-    """Images brighten left to right: a mirrored crop brightens right to left."""
+    """Images brighten left to right (120 x 90 px): a res x res crop of a window w px wide
+    spans w px of the ramp, and a mirrored one brightens right to left. Every image is the
+    same size, so the windows are those drawn from (seed, epoch, step) alone."""
     src = tmp_path / "src"
     ramp = np.repeat(np.linspace(0, 255, 120)[None, :, None], 90, 0).repeat(3, 2)
     for c in range(2):
@@ -153,15 +156,24 @@ def test_train_transform_crops_resizes_and_flips_half(tmp_path, device):
     shard_dataset(src, tmp_path / "out", progress=False)
     loader = Loader(select(ShardIndex.load(tmp_path / "out")), batch_size=16, train=True,
                     res=32, seed=3, device=device)
-    slopes = []
-    for _ in range(2):
-        for images, _labels in loader:
+    flipped, widths = [], []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for step, (images, _labels) in zip(range(3), loader):
             assert images.device.type == device and images.dtype == torch.uint8
+            assert images.shape == (16, 32, 32, 3)
             cols = images.cpu().float().mean(dim=(1, 3))  # mean brightness of each column
-            slopes += (cols[:, -1] - cols[:, 0]).tolist()
-    slopes = np.array(slopes)
-    assert len(slopes) == 96 and (np.abs(slopes) > 10).all()  # every crop keeps its ramp
-    assert 0.3 < (slopes < 0).mean() < 0.7  # about half mirrored
+            slopes = (cols[:, -1] - cols[:, 0]).numpy()
+            _, size, flips = batch_augmentation(3 * 1009, epoch, step, np.full(16, 90),
+                                                np.full(16, 120))  # seed * 1009 + rank
+            # The ramp rises 255/119 a pixel; the output's columns sample the window's
+            # middles, (w - w/32) px apart end to end.
+            span = 255 / 119 * size[:, 1] * 31 / 32 * np.where(flips, -1, 1)
+            assert np.allclose(slopes / span, 1, atol=0.05), (epoch, step, slopes / span)
+            flipped += flips.tolist()
+            widths += size[:, 1].tolist()
+    assert 0.3 < np.mean(flipped) < 0.7  # about half mirrored
+    assert min(widths) < 60 and max(widths) > 100  # scales from 0.08 to 1 of the area
 
 
 def test_damaged_tar_names_file_and_sample(tmp_path, texture):
