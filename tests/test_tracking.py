@@ -39,11 +39,44 @@ def test_tensorboard_and_wandb_hold_what_the_run_and_its_probe_logged(shards, tm
     assert scalars("probe/self/top1") == [(8, pytest.approx(summary["probe"]["self"]
                                                             ["top1_mean"]))]
 
-    # W&B offline: the run's folder, then the probe's resume of the same W&B run.
+    # W&B offline: the run's folder, then the probe's resume of the same W&B run, each read
+    # back record by record.
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
-    for r in runs:
-        assert (r / f"run-{r.name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+    train, probe = (wandb_history(r / f"run-{r.name.rsplit('-', 1)[1]}.wandb") for r in runs)
+    assert [(s, h["train/loss"]) for s, h in train if "train/loss" in h] == \
+        [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert [s for s, h in train if "train/top1_epoch" in h] == [4, 8]
+    assert [h["probe/self/top1"] for _, h in probe if "probe/self/top1" in h] == \
+        [pytest.approx(summary["probe"]["self"]["top1_mean"])]
+
+
+def wandb_history(path: Path) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of each history record of a W&B offline run file: its records in
+    W&B's block log (a 7-byte header, then records of crc, length, type in 32 KB blocks, as
+    leveldb's log), each parsed by W&B's own protobuf schema."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, history, pos, part = path.read_bytes(), [], 7, b""
+    assert data[:6] == b":W&B\xe1\xbe", data[:7]
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, or the last fragment
+            record = pb.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                history.append((record.history.step.num,
+                                {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                 for i in record.history.item}))
+    return history
 
 
 def test_a_sweeps_points_are_grouped_and_tagged(tmp_path, monkeypatch):
