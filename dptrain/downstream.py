@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, mismatch
 from .options import option
 from .tracking import BACKENDS
 
@@ -74,6 +74,10 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
         if unknown:
             raise DataError(f"suite {path}: unknown key(s) {', '.join(unknown)} in {e!r}; a "
                             f"dataset takes {', '.join(allowed)}")
+        problem = mismatch(e, {"data": str, "test_data": str, "name?": str})
+        if problem:
+            raise DataError(f"suite {path}: {problem} in {e!r}; data and test_data are paths, "
+                            "name a text")
         train, test = (str((path.parent / e[k]).resolve()) for k in ("data", "test_data"))
         out.append((str(e.get("name") or Path(train).name), train, test))
     return out

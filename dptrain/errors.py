@@ -55,3 +55,43 @@ def output_error(e: OSError) -> str:
     verb = "access" if e.errno in (errno.EACCES, errno.EPERM) else "write"
     return (f"cannot {verb}{what}: {e.strerror or e}; fix that and run the same command "
             "again: it goes on from what was finished")
+
+
+# A schema (mismatch) for a count or a step: an int from 0 that fits the int64 it becomes.
+COUNT = (int, lambda v: 0 <= v < 2**63, "0 or more")
+
+
+def mismatch(value, schema, where: str = "") -> str | None:
+    """What is wrong with a record read back from disk, or None: `schema` is a type (or a
+    tuple of types; an int is never a bool), {key: schema} for an object with at least those
+    keys ("key?": one it may lack), [schema] for a list of such values, or (schema, test,
+    what) where the value must also pass `test`. Records are checked before any code indexes
+    into them, so a damaged or hand-edited file is reported as what it is instead of failing
+    somewhere inside."""
+    if isinstance(schema, tuple) and len(schema) == 3 and callable(schema[1]):
+        problem = mismatch(value, schema[0], where)
+        return problem or (None if schema[1](value) else f"{where} is {value!r}, not {schema[2]}")
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'it'} is {type(value).__name__}, not an object"
+        for key, inner in schema.items():
+            optional, key = key.endswith("?"), key.rstrip("?")
+            name = f"{where}.{key}" if where else key
+            if key not in value:
+                if optional:
+                    continue
+                return f"{name} is missing"
+            problem = mismatch(value[key], inner, name)
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where} is {type(value).__name__}, not a list"
+        return next(filter(None, (mismatch(v, schema[0], f"{where}[{i}]")
+                                  for i, v in enumerate(value))), None)
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        return f"{where} is {type(value).__name__}, not {allowed}"
+    return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import COUNT, DataError, mismatch
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -37,6 +37,20 @@ SAMPLE_DTYPE = np.dtype(
 )
 
 
+_name = (str, lambda v: v not in ("", ".", "..") and "/" not in v and "\0" not in v,
+         "a file name in the set's folder")
+_optional_str = (str, type(None))
+# What readers of index.json use, checked when it is loaded (other keys are kept as written).
+INDEX_SCHEMA = {
+    "source": str, "source_format": str, "options": {"seed": int}, "num_samples": COUNT,
+    "samples_sha256": str, "classes": [{"name": str, "count": COUNT, "tars": [_name]}],
+    "tars": [{"file": _name, "bytes": COUNT, "sha256": str, "idx_sha256": str}],
+    "skipped": [{"input": str, "reason": str}], "converted": [{"input": str, "action": str}],
+    "split?": _optional_str, "source_encoding?": _optional_str, "job?": dict,
+    "renamed?": [{"input": str, "key": str}],
+}
+
+
 def tar_name(label: int, part: int) -> str:
     return f"{label:05d}-{part:03d}.tar"
 
@@ -49,6 +63,26 @@ def idx_name(tar: str) -> str:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _table_problem(samples: np.ndarray, meta: dict) -> str | None:
+    """What in the sample table no reader may meet, or None: rows out of label order, a
+    label or tar that does not exist, a JPEG outside its tar (readers take the table's
+    offsets as they are; that each row matches its tar's headers is `verify`'s to check)."""
+    labels, tars = samples["label"], samples["tar"]
+    counts = [c["count"] for c in meta["classes"]]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(counts)
+                        or (np.diff(labels) < 0).any()):
+        return "labels out of order or range"
+    if not np.array_equal(np.bincount(labels, minlength=len(counts)), counts):
+        return "per-class counts differ"
+    if len(tars) and (tars.min() < 0 or tars.max() >= len(meta["tars"])):
+        return "a tar that is not in the index"
+    sizes = np.array([t["bytes"] for t in meta["tars"]] + [0], dtype=np.int64)[tars]
+    if ((samples["offset"] < 512) | (samples["size"] < 0)
+            | (samples["offset"] > sizes - samples["size"])).any():
+        return "a sample outside its tar"
+    return None
 
 
 class ShardIndex:
@@ -75,17 +109,26 @@ class ShardIndex:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {path}: {e}") from None
-        if meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
             raise DataError(
-                f"{path} has format version {meta.get('format_version')!r}; this dptrain reads "
+                f"{path} has format version {version!r}; this dptrain reads "
                 f"version {FORMAT_VERSION}: re-shard with this version"
             )
+        problem = mismatch(meta, INDEX_SCHEMA)
+        if problem:
+            raise DataError(f"{path} is damaged ({problem}): run dptrain verify, or re-shard")
         try:
             samples = np.load(root / SAMPLES_FILE, mmap_mode="r" if mmap else None)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # numpy raises many types for a file that is not .npy
             raise DataError(f"cannot read {root / SAMPLES_FILE}: {e}") from None
-        if samples.dtype != SAMPLE_DTYPE or len(samples) != meta["num_samples"]:
+        if (samples.dtype != SAMPLE_DTYPE or samples.ndim != 1
+                or len(samples) != meta["num_samples"]):
             raise DataError(f"{root / SAMPLES_FILE} does not match {path}: re-shard or verify")
+        problem = _table_problem(samples, meta)
+        if problem:
+            raise DataError(f"{root / SAMPLES_FILE} does not match {path} ({problem}): "
+                            "run dptrain verify, or re-shard")
         return cls(root, meta, samples)
 
     @property

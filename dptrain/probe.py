@@ -25,7 +25,15 @@ from .loader import EVAL_RESIZE, Loader
 from .logreg import linear_probe
 from .models import build_model
 from .progress import bar as progress_bar
-from .runfolder import LOCK, RunFolder, atomic_path, folder_lock, load_checkpoint, save_torch
+from .runfolder import (
+    LOCK,
+    RunFolder,
+    atomic_path,
+    folder_lock,
+    load_checkpoint,
+    restoring,
+    save_torch,
+)
 from .subset import select
 from .tracking import open_tracker
 
@@ -46,8 +54,9 @@ def _penultimate(model: torch.nn.Module) -> torch.nn.Module:
 def load_backbone(path: Path, device: torch.device) -> torch.nn.Module:
     """A dptrain checkpoint's model, frozen, without its classifier."""
     ckpt = load_checkpoint(path, device)
-    model = build_model(ckpt["config"]["arch"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
+    with restoring(path):
+        model = build_model(ckpt["config"]["arch"], ckpt["num_classes"])
+        model.load_state_dict(ckpt["model"])
     return _frozen(model, device)
 
 

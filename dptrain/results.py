@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from pathlib import Path
 
@@ -61,19 +62,38 @@ def read_results(out: Path) -> list[dict]:
     path = Path(out) / SweepFolder.RESULTS
     if not path.is_file():
         raise DataError(f"{out} has no {SweepFolder.RESULTS}: is it a dptrain sweep folder?")
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    missing = [c for c in ("run", "dataset", *NUMBERS) if c not in header]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: a dptrain sweep "
+                        f"writes {', '.join(COLUMNS)}")
     if not rows:
         raise DataError(f"{path} lists no finished run yet: run or finish the sweep first")
     for line, r in enumerate(rows, start=2):  # line 1 is the header
-        for key, kind in (*((k, int) for k in ("K", "n", "N", "seed", "steps", "epochs")),
-                          *((k, float) for k in ("top1_mean", "top1_std", "error_mean"))):
+        for key in ("run", "dataset"):
+            if not r[key]:
+                raise DataError(f"{path}, line {line}, column {key}: empty")
+        for key, (kind, low) in NUMBERS.items():
             try:
                 r[key] = kind(r[key])
-            except (TypeError, ValueError):
+                if not math.isfinite(r[key]) or (low is not None and r[key] < low):
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
                 raise DataError(f"{path}, line {line}, column {key}: {r.get(key)!r} is not "
-                                f"{'an integer' if kind is int else 'a number'}") from None
+                                f"{'an integer' if kind is int else 'a number'}"
+                                f"{f' of at least {low}' if low is not None else ''}") from None
     return rows
+
+
+# results.csv's columns that are numbers: their type and least value (None: any finite one)
+NUMBERS = {"K": (int, 1), "n": (int, 1), "N": (int, 1), "seed": (int, 0), "steps": (int, 0),
+           "epochs": (int, 0), "top1_mean": (float, None), "top1_std": (float, 0),
+           "error_mean": (float, None)}
 
 
 AVERAGE = "average"  # the mean over downstream sets, per run

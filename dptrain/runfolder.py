@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
+from .errors import COUNT, DataError, mismatch
 
 PARTIAL = ".partial"  # suffix of files and folders being written
 LOCK = ".dptrain.lock"  # in a folder a command writes: who holds it, and its flock
@@ -178,34 +178,57 @@ def must_replace(folder: Path, old: dict | None, new: dict, *, overwrite: bool,
     return old != new
 
 
-def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
+# What every reader of a checkpoint uses (a run's, or a random init's that probe saves).
+CHECKPOINT_SCHEMA = {"config": {"arch": str, "seed": int, "res": int}, "model": dict,
+                     "num_classes": (int, lambda v: v >= 1, "1 or more"), "step?": COUNT}
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu", schema: dict | None = None) -> dict:
     """A dptrain checkpoint (weights_only: loading runs no code), or a DataError saying the
-    file is not one (damaged, truncated, or something else)."""
+    file is not one (damaged, truncated, or something else); `schema`: what the caller needs
+    of it besides CHECKPOINT_SCHEMA (errors.mismatch)."""
     import torch
 
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        ckpt["config"]["arch"], ckpt["model"], ckpt["num_classes"]
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise DataError(f"{path} is not a dptrain checkpoint ({type(e).__name__})") from None
+    problem = mismatch(ckpt, {**CHECKPOINT_SCHEMA, **(schema or {})})
+    if problem:
+        raise DataError(f"{path} is not a dptrain checkpoint ({problem})")
     return ckpt
 
 
-def read_record(path: Path, overwrite: bool = False) -> dict | None:
-    """A folder's JSON record (None where there is none). An unreadable one is refused, or
-    None with --overwrite, which will replace it."""
+@contextmanager
+def restoring(path: str | os.PathLike) -> Iterator[None]:
+    """Loading a checkpoint's states into a model, an optimiser, a meter: states that do not
+    fit them (other keys, shapes or types: a damaged or foreign file) are refused, naming the
+    file, instead of failing inside torch."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path} does not fit this run's model and optimizer "
+                        f"({why[:200]})") from None
+
+
+def read_record(path: Path, overwrite: bool = False, schema: dict | None = None) -> dict | None:
+    """A folder's JSON record (None where there is none), with what `schema` says its readers
+    use (errors.mismatch). An unreadable one is refused, or None with --overwrite, which will
+    replace it."""
     try:
         record = json.loads(path.read_text())
-        if isinstance(record, dict):
-            return record
+        problem = mismatch(record, schema or {})
     except FileNotFoundError:
         return None
     except (OSError, ValueError, UnicodeDecodeError):
-        pass
+        problem = "not JSON"
+    if problem is None:
+        return record
     if overwrite:
         return None
-    raise DataError(f"{path} is not readable JSON: use --overwrite to start again, or another "
-                    "--out")
+    raise DataError(f"{path} is not readable JSON ({problem}): use --overwrite to start again, "
+                    "or another --out")
 
 
 class _Folder:
@@ -244,8 +267,13 @@ class RunFolder(_Folder):
         """runs/<data>-K<K>-n<n>-s<seed>: a run's folder when --out is not given."""
         return Path("runs") / f"{Path(data).name}-K{classes or 'all'}-n{per_class or 'all'}-s{seed}"
 
+    # What readers of config.json use (train's resume check, probe, a sweep's results).
+    CONFIG_SCHEMA = {"config": {"classes": (int, type(None)), "per_class": (int, type(None)),
+                                "seed": int},
+                     "subset": dict, "total_steps?": COUNT}
+
     def read_config(self, overwrite: bool = False) -> dict | None:
-        return read_record(self / self.CONFIG, overwrite)
+        return read_record(self / self.CONFIG, overwrite, self.CONFIG_SCHEMA)
 
     def read_summary(self, overwrite: bool = False) -> dict | None:
         return read_record(self / self.SUMMARY, overwrite)
@@ -346,9 +374,19 @@ class SweepFolder(_Folder):
     def runs(self) -> list[RunFolder]:
         return [RunFolder(p) for p in sorted((self / self.RUNS).glob("K*-n*-s*"))]
 
+    # What report and predict read of sweep.json (sweep.SweepSpec and the points' budgets).
+    SPEC_SCHEMA = {**{f"{k}?": (str, type(None)) for k in ("data", "suite", "recipe", "budget")},
+                   "options?": [str], "pretrain_args?": [str],
+                   "points?": [{"run": str, "N": (int, lambda v: v >= 1, "1 or more")}]}
+
     def read_spec(self) -> dict:
-        """sweep.json ({} where there is none)."""
-        return read_record(self / self.SPEC) or {}
+        """sweep.json ({} where there is none); one that is not what a sweep writes is
+        refused, naming what is wrong."""
+        spec = read_record(self / self.SPEC) or {}
+        problem = mismatch(spec, self.SPEC_SCHEMA)
+        if problem:
+            raise DataError(f"{self / self.SPEC} is not a sweep's record ({problem})")
+        return spec
 
     def sizes(self) -> dict[str, int]:
         """Each run's budget N, as the sweep that ran it recorded it."""

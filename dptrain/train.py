@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .config import SPEED_ONLY, PretrainOptions, TrainConfig, check_config
 from .device import amp_context, resolve_amp, resolve_device, to_model_input
 from .environment import Ranks, under_torchrun
-from .errors import DataError, RunFailed, Stopped
+from .errors import COUNT, DataError, RunFailed, Stopped, mismatch
 from .evalcache import EvalCache, cache_dir_option
 from .index import ShardIndex
 from .launch import relaunch
@@ -41,6 +41,7 @@ from .runfolder import (
     RunFolder,
     folder_lock,
     load_checkpoint,
+    restoring,
     save_torch,
 )
 from .subset import read_class_list, select
@@ -225,6 +226,13 @@ def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
     return model, optimizer, amp_context(device.type, amp), scaler
 
 
+# What resuming reads of a checkpoint, besides what every reader does (runfolder).
+RESUMABLE = {"optimizer": dict, "scaler": dict, "rng_cpu": torch.Tensor,
+             "step": COUNT, "epoch": COUNT}
+METER = {"loss_sum": torch.Tensor, "finite": torch.Tensor, "correct": torch.Tensor,
+         "seen_epoch": COUNT, "window_steps": COUNT, "last_loss": (int, float)}  # Meter.state
+
+
 def resume(path: Path, model, optimizer, scaler,
            device: torch.device) -> tuple[int, int, dict | None]:
     """(step, epoch, the meter's state) to go on from: the checkpoint's, or (0, 0, None)
@@ -232,16 +240,20 @@ def resume(path: Path, model, optimizer, scaler,
     if not path.is_file():
         return 0, 0, None
     try:
-        ckpt = load_checkpoint(path, device)
+        ckpt = load_checkpoint(path, device, RESUMABLE)
+        problem = mismatch(ckpt["meter"], METER, "meter") if "meter" in ckpt else None
+        if problem:
+            raise DataError(f"{path} is not a dptrain checkpoint ({problem})")
+        with restoring(path):
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if "rng_cuda" in ckpt and device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     except DataError as e:
         raise DataError(f"cannot resume: {e}; use --overwrite to start the run again, or "
                         "another --out") from None
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if "rng_cuda" in ckpt and device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     return ckpt["step"], ckpt["epoch"], ckpt.get("meter")
 
 
@@ -398,7 +410,8 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
         (log or _stderr)(cache_record.line())
     meter = Meter(device, ranks.world)
     if meter_state:
-        meter.load_state(meter_state)
+        with restoring(run.checkpoint):
+            meter.load_state(meter_state)
 
     def checkpoint(step: int, epoch: int) -> None:
         """The run so far: resuming from it computes and records what an uninterrupted run
