@@ -216,3 +216,44 @@ def test_plan_schedules_like_the_sweep(synthetic):
              extract_img_per_s=200, solver_s=1.0, startup_s=0.5)
     assert [r["seconds"] for r in p["runs"]] == pytest.approx([6, 6, 6, 13])
     assert p["seconds"] == pytest.approx(19.0) and p["probe_images"] == 1600
+
+
+def test_a_sweep_decodes_each_downstream_set_once_into_its_shared_cache(tmp_path, synthetic):
+    """Two runs probed on a two-set suite: one results.csv row per (run, set), and SWEEP/cache
+    holds each set's (train and test) eval pixels once, every class file written while the
+    first run probed and none after."""
+    data, _ = synthetic
+    suite = write_tasks(tmp_path / "tasks", (3, 2), train=6, test=3, gen=Generator(res=16),
+                        progress=False)
+    out = tmp_path / "sw"
+    run_here("sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8,4:4",
+             *TINY, check=True)
+    assert sorted((x["run"], x["dataset"]) for x in rows(out)) == [
+        ("K2-n8-s0", "synthetic-t1"), ("K2-n8-s0", "synthetic-t2"),
+        ("K4-n4-s0", "synthetic-t1"), ("K4-n4-s0", "synthetic-t2")]
+    entries = sorted(p for p in (out / "cache" / "eval").iterdir() if p.is_dir())
+    assert len(entries) == 4  # t1 and t2, train and test, at the sweep's one resolution
+    assert sorted(len(list(e.glob("*.npy"))) for e in entries) == [2, 2, 3, 3]  # their classes
+    first_done = (out / "runs" / "K2-n8-s0" / "probe.json").stat().st_mtime_ns
+    assert all(f.stat().st_mtime_ns <= first_done for e in entries for f in e.glob("*.npy"))
+
+
+def test_a_rerun_retries_a_failed_point_and_clears_its_failure(tmp_path, synthetic):
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8", *TINY]
+    # The point's first attempt fails: its data cannot be read while the sweep runs it
+    # (a sweep reads only its own index; the run opens the tars).
+    tars = sorted(data.glob("*.tar"))
+    hidden = [t.rename(t.with_suffix(".hidden")) for t in tars]
+    try:
+        r = run_here(*args)
+    finally:
+        for h, t in zip(hidden, tars):
+            h.rename(t)
+    assert r.returncode == 1 and "failed K2-n8-s0" in r.stderr
+    assert "K2-n8-s0" in (out / "failures.json").read_text()
+    r = run_here(*args, check=True)
+    assert "1 to run" in r.stderr
+    assert json.loads((out / "failures.json").read_text()) == []  # no failure left
+    assert [x["run"] for x in rows(out)] == ["K2-n8-s0"]
