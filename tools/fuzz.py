@@ -1145,8 +1145,8 @@ def files_in_parallel(args, kinds: list[str]) -> dict:
     t0, procs = time.time(), []
     for i, share in enumerate(filter(None, shares)):
         cmd = [sys.executable, __file__, "files", "--cases", str(args.cases), "--seed",
-               *(["--cases-of", args.cases_of] if args.cases_of else []),
-               str(args.seed), "--kinds", ",".join(share), "--timeout", str(args.timeout),
+               str(args.seed), *(["--cases-of", args.cases_of] if args.cases_of else []),
+               "--kinds", ",".join(share), "--timeout", str(args.timeout),
                "--work", str(work / f"driver-{i}"), "--out", str(work / f"part-{i}.json")]
         procs.append((subprocess.Popen(cmd + ["--save-regressions"] * args.save_regressions,
                                        stdout=open(work / f"driver-{i}.log", "w"),
