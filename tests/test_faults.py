@@ -5,6 +5,7 @@ running the same command again goes on from what was finished."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -134,7 +135,8 @@ def test_a_truncated_tar_is_named_on_every_path(sets, reference, tmp_path):
 
 # -- one writer per folder -------------------------------------------------------------------
 
-def test_a_second_writer_is_refused_with_who_holds_the_folder(sets, tmp_path, texture):
+def test_a_second_writer_is_refused_with_who_holds_the_folder(sets, reference, tmp_path,
+                                                             texture):
     run = tmp_path / "run"
     args = pretrain_args(sets["train"], run, 40)
     first = subprocess.Popen([*DPTRAIN, *map(str, args)], stdout=subprocess.DEVNULL,
@@ -160,6 +162,20 @@ def test_a_second_writer_is_refused_with_who_holds_the_folder(sets, tmp_path, te
         one_line_error(p, "another dptrain", f"is writing {out}")
     p = run_cli("shard", sets["train"].parent / "src", out, "--no-progress")
     assert "written" in p.stdout  # an empty OUT holding only the lock file is not foreign
+    probe = ["probe", reference, "--data", sets["down"], "--test-data", sets["test"],
+             "--repeats", 1, "--no-progress"]
+    with folder_lock(reference, "probe"):  # a finished run another probe is writing into
+        one_line_error(run_here(*probe), f"(pid {os.getpid()}) is writing {reference}",
+                       "run dptrain probe again")
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'[[dataset]]\nname = "d"\ndata = "{sets["down"]}"\n'
+                     f'test_data = "{sets["test"]}"\n')
+    sweep = tmp_path / "sweep"
+    with folder_lock(sweep, "sweep"):
+        one_line_error(run_here("sweep", "--data", sets["train"], "--suite", suite, "--out",
+                                sweep, "--points", "6:24", *FAST, "--epochs", 1),
+                       f"(pid {os.getpid()}) is writing {sweep}", "run dptrain sweep again")
+    assert not (sweep / "runs").exists()
 
 
 # -- signals ---------------------------------------------------------------------------------
