@@ -129,6 +129,29 @@ def test_a_cache_that_does_not_fit_falls_back_to_streaming(shards, tmp_path, mon
     assert pixelcache.decide("off", 1, torch.device("cpu"))[0] == "off"
 
 
+def test_auto_goes_to_the_gpu_then_pinned_host_memory_then_streams(monkeypatch):
+    """`--cache auto` on a GPU: the GPU while the cache fits beside the training step (its
+    measured peak + 25% + 2 GiB), else pinned host memory within half of what is available,
+    split between the machine's ranks, else streaming: never an out-of-memory crash. The
+    device's and the host's free memory are made up here; the decision is the real one."""
+    gib = 2**30
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * gib, 80 * gib))
+    monkeypatch.setattr(pixelcache, "host_bytes_available", lambda: 64 * gib)
+    step = 8 * gib  # 20 GiB free - (1.25 x 8 + 2) GiB kept: 8 GiB for a GPU cache
+    assert pixelcache.decide("auto", 8 * gib, gpu, step)[0] == "gpu"
+    where, why = pixelcache.decide("auto", 8 * gib + 1, gpu, step)
+    assert where == "host" and why.startswith("not on the GPU (20.0 GiB free, 12.0 GiB kept")
+    assert "fits in host memory (pinned) (32.0 GiB of 64.0 GiB available" in why
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on this machine share the host
+    assert pixelcache.host_budget() == 8 * gib
+    assert pixelcache.decide("auto", 8 * gib, gpu, 30 * gib)[0] == "host"
+    where, why = pixelcache.decide("auto", 8 * gib + 1, gpu, 30 * gib)
+    assert where == "off" and "not in host memory (8.0 GiB may be used)" in why
+    assert pixelcache.decide("gpu", 8 * gib + 1, gpu, 30 * gib)[0] == "off"
+    assert pixelcache.decide("host", 4 * gib, gpu, 0)[0] == "host"  # asked for: not the GPU
+
+
 def test_pretrain_reports_its_cache_and_refuses_a_gpu_cache_without_a_gpu(shards, tmp_path):
     args = ["pretrain", "--data", shards, "--classes", 4, "--per-class", 8, "--epochs", 1,
             "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress"]
