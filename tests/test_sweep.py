@@ -109,6 +109,8 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     assert "2 finished already, 0 to run" in r.stderr
     r = run_here("report", out, check=True)
     assert (out / "report" / "report.md").is_file() and (out / "report" / "table.md").is_file()
+    assert "- budget: fixed epochs: 1 per run (steps grow with N)" in \
+        (out / "report" / "report.md").read_text()
 
 
 def test_a_later_call_adds_points_and_keeps_the_earlier_budgets(tmp_path, synthetic):
@@ -238,10 +240,12 @@ def test_a_sweep_decodes_each_downstream_set_once_into_its_shared_cache(tmp_path
     assert all(f.stat().st_mtime_ns <= first_done for e in entries for f in e.glob("*.npy"))
 
 
-def test_a_rerun_retries_a_failed_point_and_clears_its_failure(tmp_path, synthetic):
+def test_a_rerun_retries_a_failed_point_and_clears_its_failure_and_reports_its_budget(
+        tmp_path, synthetic):
     data, suite = synthetic
     out = tmp_path / "sw"
-    args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8", *TINY]
+    args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8", *TINY,
+            "--steps", "3"]
     # The point's first attempt fails: its data cannot be read while the sweep runs it
     # (a sweep reads only its own index; the run opens the tars).
     tars = sorted(data.glob("*.tar"))
@@ -257,3 +261,7 @@ def test_a_rerun_retries_a_failed_point_and_clears_its_failure(tmp_path, synthet
     assert "1 to run" in r.stderr
     assert json.loads((out / "failures.json").read_text()) == []  # no failure left
     assert [x["run"] for x in rows(out)] == ["K2-n8-s0"]
+    # The budget the report states is the one the run trained.
+    assert json.loads((out / "runs" / "K2-n8-s0" / "summary.json").read_text())["steps"] == 3
+    run_here("report", out, check=True)
+    assert "- budget: fixed steps: 3 per run" in (out / "report" / "report.md").read_text()
