@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -217,6 +218,26 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_records_the_same(sets, 
     run_here(*pretrain_args(sets["train"], out), check=True)
     assert records(out) == records(ref)
     assert all(torch.equal(v, weights(out)[k]) for k, v in weights(ref).items())
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_changes_nothing():
+    """The first SIGINT or SIGTERM asks the loop to stop after its step (`train.StopOnSignal`
+    records it); a second Ctrl-C ends the process at once, by the signal, while a repeated
+    SIGTERM (a dying sweep's threads may each send one) is only recorded again."""
+    script = ("import os, signal, sys\n"
+              "from dptrain.train import StopOnSignal\n"
+              "sig = getattr(signal, sys.argv[1])\n"
+              "with StopOnSignal() as stop:\n"
+              "    os.kill(os.getpid(), sig)\n"
+              "    print('asked', stop.signal == sig, flush=True)\n"
+              "    os.kill(os.getpid(), sig)\n"
+              "    print('still here', flush=True)\n")
+    for name, status, said in (("SIGINT", -signal.SIGINT, "asked True\n"),
+                               ("SIGTERM", 0, "asked True\nstill here\n")):
+        p = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True,
+                           timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                         signal.SIG_DFL))
+        assert (p.returncode, p.stdout) == (status, said), (name, p.returncode, p.stderr)
 
 
 def test_kill_9_mid_epoch_resumes_with_the_records_of_an_uninterrupted_run(sets, reference,
