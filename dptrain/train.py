@@ -405,6 +405,8 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     if cfg.compile:
         net = torch.compile(net)
 
+    if ranks.is_main and step:
+        (log or _stderr)(f"resuming {run.path} from step {step:,} of {plan.total_steps:,}")
     cache, cache_record = pixel_cache(subset, cfg, model, autocast, ranks, device)
     if ranks.is_main:
         (log or _stderr)(cache_record.line())

@@ -286,6 +286,7 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path):
     r = run_here(*args, check=True)
     assert "1 to run" in r.stderr and json.loads((run / "summary.json").read_text())["steps"] \
         == 80
+    assert f"resuming {run} from step {step} of 80" in (run / "sweep.log").read_text()
 
 
 # -- failed writes and unreadable records ----------------------------------------------------
@@ -352,8 +353,9 @@ def test_a_failed_checkpoint_write_keeps_the_epochs_before_it(sets, reference, t
 
     steps, step = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a: steps.append(1) or step(*a))
-    run_here(*pretrain_args(sets["train"], run), check=True)
-    assert len(steps) == 54 - 18  # resumed, not started over
+    r = run_here(*pretrain_args(sets["train"], run), check=True)
+    assert len(steps) == 54 - 18  # resumed, not started over, and its first line says so
+    assert r.stderr.splitlines()[0] == f"resuming {run} from step 18 of 54"
     assert records(run) == records(reference)
     assert all(torch.equal(v, weights(run)[k]) for k, v in weights(reference).items())
 
