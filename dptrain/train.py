@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -324,6 +325,23 @@ class Meter:
         return line
 
 
+def misfits(cfg: TrainConfig, subset, plan: Plan) -> list[str]:
+    """Warnings for options that do not fit the data, said on the run's first lines: a
+    recipe's defaults are for ImageNet, and a small set trains slowly and badly on them."""
+    found = []
+    rows = subset.index.samples[subset.rows]
+    short = int(np.median(np.minimum(rows["height"], rows["width"]))) if len(rows) else 0
+    if short and cfg.res > short:
+        found.append(f"WARNING: --res {cfg.res} is above most images' shorter side (median "
+                     f"{short} px): every crop is upsampled; --res {short} (and a model for "
+                     "small images, e.g. --arch smallcnn) fits this data")
+    if plan.warmup_steps >= plan.total_steps:
+        found.append(f"WARNING: the whole run is warm-up ({cfg.warmup_epochs:g} warm-up "
+                     f"epochs, {plural(plan.total_steps, 'step')} in all): the learning rate "
+                     "only rises; fewer --warmup-epochs or more --epochs")
+    return found
+
+
 def train_step(net, optimizer, autocast, scaler, images: torch.Tensor, labels: torch.Tensor,
                cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch; (loss, logits), left on the device."""
@@ -405,8 +423,10 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
     if cfg.compile:
         net = torch.compile(net)
 
-    if ranks.is_main and step:
-        (log or _stderr)(f"resuming {run.path} from step {step:,} of {plan.total_steps:,}")
+    if ranks.is_main:
+        for line in ([f"resuming {run.path} from step {step:,} of {plan.total_steps:,}"]
+                     if step else []) + misfits(cfg, subset, plan):
+            (log or _stderr)(line)
     cache, cache_record = pixel_cache(subset, cfg, model, autocast, ranks, device)
     if ranks.is_main:
         (log or _stderr)(cache_record.line())

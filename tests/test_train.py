@@ -341,3 +341,18 @@ def test_a_resume_with_another_optimizer_is_refused(shards, tmp_path):
     p = run_here(*args, "--optimizer", "adam")
     assert p.returncode == 2 and "optimizer" in p.stderr and "--overwrite" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_options_that_do_not_fit_the_data_are_said_on_the_first_lines(shards, tmp_path):
+    """A recipe's ImageNet defaults on small images: upsampled crops and a run that is all
+    warm-up are warned about before anything trains; options that fit say nothing."""
+    base = ["pretrain", "--data", shards, "--classes", 6, "--per-class", 24, "--arch",
+            "smallcnn", "--batch-size", 16, "--device", "cpu", "--no-progress"]
+    p = run_here(*base, "--res", 64, "--epochs", 2, "--out", tmp_path / "a", check=True)
+    first = p.stderr.splitlines()[:2]
+    assert first[0].startswith("WARNING: --res 64 is above most images' shorter side (median "
+                               "40 px): every crop is upsampled; --res 40"), p.stderr
+    assert first[1] == ("WARNING: the whole run is warm-up (2 warm-up epochs, 18 steps in all): "
+                        "the learning rate only rises; fewer --warmup-epochs or more --epochs")
+    p = run_here(*base, "--res", 32, "--epochs", 3, "--out", tmp_path / "b", check=True)
+    assert "WARNING" not in p.stderr
