@@ -626,8 +626,10 @@ def sbatch_refusal(stderr: str, slurm: dict) -> str:
 def job_states() -> dict[str, str] | None:
     """Slurm's state of each of this user's jobs it still lists (finished ones for
     MinJobAge, 5 minutes by default), from squeue: job id -> state."""
-    p = subprocess.run(["squeue", "--me", "--noheader", "--states=all", "--format=%i %T"],
-                       capture_output=True, text=True)
+    import getpass
+
+    p = subprocess.run(["squeue", f"--user={getpass.getuser()}", "--noheader", "--states=all",
+                        "--format=%i %T"], capture_output=True, text=True)
     if p.returncode != 0:  # the controller not answering for a moment: nothing is known
         return None
     return dict(line.split()[:2] for line in p.stdout.splitlines() if len(line.split()) >= 2)

@@ -264,6 +264,8 @@ def test_a_failed_point_and_a_cancelled_job_are_reported_and_the_sweep_ends(
     assert f"job {cancelled} ended CANCELLED without a result" in failures["K2-n40-s0"]["error"]
     assert all("\n" not in f["error"] for f in failures.values())
     assert [r["run"] for r in rows(tmp_path / "sw")] == ["K2-n8-s0"]
+    # Its run saved a checkpoint where the job was cancelled.
+    assert "(SIGTERM); checkpoint saved" in (tmp_path / "sw/runs/K2-n40-s0/sweep.log").read_text()
     assert f"failed K2-n40-s0: job {cancelled} ended CANCELLED" in err and "Traceback" not in err
 
 
