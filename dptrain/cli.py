@@ -119,24 +119,26 @@ def probe(run, progress, **options):
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("shard_set", metavar="SET",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
 @json_option
-def info(out, as_json):
-    """Summarise the shard set in OUT: classes, samples, per-class counts, bytes, skips."""
+def info(shard_set, as_json):
+    """Summarise the shard set in SET: classes, samples, per-class counts, bytes, skips."""
     from .index import ShardIndex, render_info
 
-    i = ShardIndex.load(out).info()
+    i = ShardIndex.load(shard_set).info()
     click.echo(json.dumps(i) if as_json else render_info(i))
 
 
 @main.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("shard_set", metavar="SET",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
 @workers_option()
 @click.option("--decode", is_flag=True, help="Decode every sample with the loader's decoder "
               "(done anyway for a set whose writer did not).")
 @json_option
-def verify(out, workers, decode, as_json):
-    """Re-hash every tar and index in OUT, check samples.npy against the tars and each JPEG's
+def verify(shard_set, workers, decode, as_json):
+    """Re-hash every tar and index in SET, check samples.npy against the tars and each JPEG's
     header (size, EXIF orientation), and decode the samples where the set's writer did not.
 
     One verdict: OK (exit 0), or a DAMAGED line per bad or missing file or sample, with how to
@@ -144,7 +146,7 @@ def verify(out, workers, decode, as_json):
     """
     from .verify import verdict
 
-    text, ok = verdict(out, workers, as_json, decode)
+    text, ok = verdict(shard_set, workers, as_json, decode)
     click.echo(text, err=not ok and not as_json)
     sys.exit(0 if ok else 1)
 

@@ -65,6 +65,11 @@ def main(out, classes, per_class, tasks, task_train, task_test, res, spread, cla
     """Generate the two-step synthetic dataset straight into class-indexed shards."""
     gen = Generator(seed=seed, res=res, spread=spread, class_range=class_range, noise=noise,
                     quality=quality)
+    task_images = sum(tasks) * (task_train + task_test)
+    click.echo(f"{out}: a pool of {classes:,} classes x {per_class:,} images "
+               f"({classes * per_class:,}) and {len(tasks)} tasks ({task_images:,} images) at "
+               f"{res}x{res} px; sets already written are kept (the bars show the time left; "
+               "--classes and --per-class make the pool smaller)", err=True)
     try:
         pool = write_pool(f"{out}/pretrain", classes, per_class, gen, workers=workers,
                           progress=progress)
