@@ -25,6 +25,7 @@ from .calibrate import (
 )
 from .index import ShardIndex
 from .options import option
+from .progress import plural
 from .results import AVERAGE, best_per_size, errors_by_point, read_results
 from .runfolder import SweepFolder
 from .theory import PARAMS, Fit, FitError, class_limits, fit_line, near_minimum, residual_line
@@ -215,7 +216,7 @@ def render(out: dict) -> str:
              f"{near}; limits: {out['limits']['max_classes']} classes, "
              f"{out['limits']['max_per_class']} images per class"]
     for name, e in out["sets"].items():
-        lines.append(f"\n{name}: {e['points']} points at N = {e['sizes']}")
+        lines.append(f"\n{name}: {plural(e['points'], 'point')} at N = {e['sizes']}")
         for method in ("free", "tied"):
             r = e.get(method)
             if r is None:

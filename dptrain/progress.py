@@ -35,6 +35,6 @@ def bar(*, enabled: bool = True, **kw) -> tqdm:
     return tqdm(file=_Lines(sys.stderr), mininterval=10, ncols=100, **{**kw, "leave": True})
 
 
-def plural(n: int, word: str) -> str:
-    """'1 epoch', '8 epochs'."""
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 epoch', '8 epochs'; '1 class', '2 classes' with `many`."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"

@@ -48,6 +48,7 @@ from .index import (
 )
 from .options import option
 from .progress import bar as progress_bar
+from .progress import plural
 from .runfolder import (
     LOCK,
     PARTIAL,
@@ -491,17 +492,18 @@ def render_results(results: list[tuple[Path, dict]]) -> str:
     lines = []
     for where, s in results:
         if s["up_to_date"]:
-            lines.append(f"{where} is up to date: {s['written']:,} images in {s['classes']:,} "
-                         "classes")
+            lines.append(f"{where} is up to date: {plural(s['written'], 'image')} in "
+                         f"{plural(s['classes'], 'class', 'classes')}")
             continue
         run = s["this_run"]
-        lines.append(f"{where}: {s['classes']:,} classes, {s['inputs']:,} inputs seen, "
+        lines.append(f"{where}: {plural(s['classes'], 'class', 'classes')}, "
+                     f"{plural(s['inputs'], 'input')} seen, "
                      f"{s['written']:,} written, {s['converted']:,} converted, "
                      f"{s['skipped']:,} skipped"
                      + (f", {s['renamed']:,} renamed" if s["renamed"] else "")
                      + f", {s['bytes'] / 1e6:,.1f} MB")
         lines += [f"  skipped {n:,}: {reason}" for reason, n in
                   sorted(s["skipped_by_reason"].items(), key=lambda kv: -kv[1])]
-        lines.append(f"this run: {run['images']:,} images in {s['seconds']:.1f} s, "
+        lines.append(f"this run: {plural(run['images'], 'image')} in {s['seconds']:.1f} s, "
                      f"{run['images_per_s']:,.0f} img/s, {run['mb_per_s']:,.0f} MB/s")
     return "\n".join(lines)
