@@ -535,11 +535,22 @@ def submit_slurm(points: list[Point], spec: SweepSpec, *, cluster: str = "slurm"
     executor = submitit.AutoExecutor(folder=SweepFolder(spec.out) / SweepFolder.SUBMITIT,
                                      cluster=cluster)
     executor.update_parameters(**(slurm or {}))
-    jobs = {}
+    held = held_jobs(executor.folder) if cluster == "slurm" else {}
+    jobs, new = {}, []
     for p in points:
-        jobs[submit(executor, p, spec, slurm or {})] = p
-    log(f"submitted {plural(len(jobs), 'job')} ({', '.join(j.job_id for j in jobs)}), "
-        f"waiting for them; their logs: {executor.folder}")
+        if job_name(spec, p) in held:  # from an earlier call, stopped meanwhile (Ctrl-C)
+            from submitit.slurm.slurm import SlurmJob
+
+            job = SlurmJob(folder=executor.folder, job_id=held[job_name(spec, p)])
+            log(f"{p.name}: its job {job.job_id} from an earlier call is still in Slurm: "
+                "waiting for it instead of submitting the point again")
+        else:
+            job = submit(executor, p, spec, slurm or {})
+            new.append(job.job_id)
+        jobs[job] = p
+    if new:
+        log(f"submitted {plural(len(new), 'job')} ({', '.join(new)}), waiting for them; "
+            f"their logs: {executor.folder}")
     try:
         return _wait(jobs, cluster, done)
     except KeyboardInterrupt:  # the jobs are Slurm's: they go on without this process
@@ -561,11 +572,11 @@ def _wait(jobs: dict, cluster: str, done) -> list[dict]:
                 continue
             if has_result(j) or (cluster != "slurm" and j.done()):  # locally: process gone
                 r = job_result(j, p)
-            elif states is not None and states.get(j.job_id, "gone") in ENDED | {"gone"}:
+            elif states is not None and states.get(j.job_id, ("gone",))[0] in ENDED | {"gone"}:
                 since = ended_at.setdefault(j, time.monotonic())
                 if time.monotonic() - since < RESULT_GRACE_S:
                     continue
-                state = states.get(j.job_id, "no longer listed by squeue")
+                state = states.get(j.job_id, ("no longer listed by squeue",))[0]
                 r = {"run": p.name, "status": "failed", "device": None, "seconds": None,
                      "job": j.job_id,
                      "error": f"job {j.job_id} ended {state} without a result (cancelled, out "
@@ -588,13 +599,26 @@ def submit(executor, point: Point, spec: SweepSpec, slurm: dict):
     from submitit.core.utils import FailedJobError
 
     stderr = io.StringIO()  # submitit prints sbatch's refusal, which the error says
-    # Named as the sweep and the point, for squeue and scancel.
-    executor.update_parameters(name=f"{Path(spec.out).name}.{point.name}")
+    executor.update_parameters(name=job_name(spec, point))
     try:
         with contextlib.redirect_stderr(stderr):
             return executor.submit(PointJob(), point, spec)
     except FailedJobError as e:
         raise DataError(sbatch_refusal(str(e), slurm)) from None
+
+
+def job_name(spec: SweepSpec, point: Point) -> str:
+    """A point's job is named as its sweep and itself, for squeue and scancel."""
+    return f"{Path(spec.out).name}.{point.name}"
+
+
+def held_jobs(folder: Path) -> dict[str, str]:
+    """This sweep's jobs that Slurm still runs or will run (submitted through `folder`): job
+    name -> id. A rerun waits for them: a second job of a point would find its run folder
+    held by the first."""
+    states = job_states() or {}
+    return {name: job for job, (state, name) in states.items()
+            if state not in ENDED and (folder / f"{job}_submitted.pkl").exists()}
 
 
 # sbatch's refusals, and the option of `dptrain sweep` to change for each.
@@ -623,16 +647,17 @@ def sbatch_refusal(stderr: str, slurm: dict) -> str:
             f"{change or 'the --slurm-* options'} for this cluster")
 
 
-def job_states() -> dict[str, str] | None:
-    """Slurm's state of each of this user's jobs it still lists (finished ones for
-    MinJobAge, 5 minutes by default), from squeue: job id -> state."""
+def job_states() -> dict[str, tuple[str, str]] | None:
+    """Slurm's state and name of each of this user's jobs it still lists (finished ones for
+    MinJobAge, 5 minutes by default), from squeue: job id -> (state, name)."""
     import getpass
 
     p = subprocess.run(["squeue", f"--user={getpass.getuser()}", "--noheader", "--states=all",
-                        "--format=%i %T"], capture_output=True, text=True)
+                        "--format=%i|%T|%j"], capture_output=True, text=True)
     if p.returncode != 0:  # the controller not answering for a moment: nothing is known
         return None
-    return dict(line.split()[:2] for line in p.stdout.splitlines() if len(line.split()) >= 2)
+    rows = [line.strip().split("|", 2) for line in p.stdout.splitlines()]
+    return {r[0]: (r[1], r[2]) for r in rows if len(r) == 3}
 
 
 def has_result(job) -> bool:

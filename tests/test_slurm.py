@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,11 +88,16 @@ def wait_for(what, timeout: float = 180, step: float = 0.5):
     return value
 
 
-def job_of(name: str, states: str = "running") -> str | None:
-    """The id of the job called `name` in `states`, from squeue."""
-    out = subprocess.run(["squeue", "--noheader", f"--states={states}", f"--name={name}",
-                          "--format=%i"], capture_output=True, text=True, check=True).stdout
-    return out.split()[0] if out.split() else None
+def jobs_named(name: str, states: str = "all") -> list[str]:
+    """The ids of the jobs called `name` in `states`, from squeue."""
+    return subprocess.run(["squeue", "--noheader", f"--states={states}", f"--name={name}",
+                           "--format=%i"], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def job_of(name: str) -> str | None:
+    """The id of the running job called `name`."""
+    return next(iter(jobs_named(name, "running")), None)
 
 
 def job_field(job: str, key: str) -> str:
@@ -154,7 +160,7 @@ def test_sbatch_refusals_and_impossible_gpu_counts_are_one_line(cluster, synthet
                    "slurm", "--device cpu")
     one_line_error(run_here(*args, *SLURM, "--slurm-extra", "account="), "--slurm-extra",
                    "KEY=VALUE")
-    assert job_of("sw.K2-n8-s0", "all") is None  # nothing was submitted
+    assert jobs_named("sw.K2-n8-s0") == []  # nothing was submitted
 
 
 def test_a_preempted_and_a_requeued_point_resume_with_the_records_of_a_run_never_stopped(
@@ -238,10 +244,12 @@ def test_the_readme_recipe_for_a_time_limit_saves_and_the_resubmitted_job_resume
     assert json.loads((out / "summary.json").read_text())["steps"] == 480 and 0 < stopped < 480
 
 
-def test_a_failed_point_and_a_cancelled_job_are_reported_and_the_sweep_ends(
-        cluster, synthetic, tmp_path):
-    """A point whose data is damaged fails (one line in failures.json); a job cancelled with
-    scancel is reported with its Slurm state; the other point finishes and the sweep ends."""
+def test_a_failed_point_a_stopped_sweep_and_a_cancelled_job(cluster, synthetic, tmp_path):
+    """A point whose data is damaged fails (one line in failures.json). Ctrl-C stops the
+    waiting sweep and leaves its jobs to Slurm, naming the scancel that would stop them; the
+    same command again waits for the job still running instead of submitting its point
+    twice. That job, cancelled with scancel, is reported with its Slurm state; the other point
+    finishes and the sweep ends."""
     src, suite = synthetic
     data = tmp_path / "pool"
     shutil.copytree(src, data)
@@ -250,13 +258,24 @@ def test_a_failed_point_and_a_cancelled_job_are_reported_and_the_sweep_ends(
     damaged = next(int(r) for r in select(index, 4, 20).rows
                    if r not in set(select(index, 2, 40).rows))
     zero_sample(data, damaged)
-    sweep = start(*sweep_args(data, suite, tmp_path / "sw", "2:8,4:20,2:40", 6), *SLURM,
-                  "--slurm-cpus", 1)
+    args = [*sweep_args(data, suite, tmp_path / "sw", "2:8,4:20,2:40", 30), *SLURM,
+            "--slurm-cpus", 1]
+    sweep = start(*args)
     cancelled = wait_for(lambda: (tmp_path / "sw/runs/K2-n40-s0/metrics.jsonl").is_file()
                          and job_of("sw.K2-n40-s0"), 180)
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and "interrupted" in err, err
+    assert cancelled in err.split("scancel ")[1].split(" stops them")[0].split(), err
+    assert job_of("sw.K2-n40-s0") == cancelled  # still training
+    again = start(*args)
+    # It submits the failed point again once it has taken up the job still running.
+    wait_for(lambda: len(jobs_named("sw.K4-n20-s0")) == 2, 60)
     subprocess.run(["scancel", cancelled], check=True)
-    _, err = sweep.communicate(timeout=180)
-    assert sweep.returncode == 1, err
+    _, err = again.communicate(timeout=180)
+    assert again.returncode == 1, err
+    assert f"K2-n40-s0: its job {cancelled} from an earlier call is still in Slurm" in err
+    assert jobs_named("sw.K2-n40-s0") == [cancelled]
     failures = {f["run"]: f for f in json.loads((tmp_path / "sw/failures.json").read_text())}
     assert sorted(failures) == ["K2-n40-s0", "K4-n20-s0"]
     assert "not a JPEG" in failures["K4-n20-s0"]["error"]
