@@ -68,12 +68,17 @@ def read_suite(path: Path) -> list[tuple[str, str, str]]:
     out = []
     allowed = ("name", "data", "test_data")
     for e in entries:
-        if not isinstance(e, dict) or not {"data", "test_data"} <= set(e):
+        if not isinstance(e, dict):
             raise DataError(f"suite {path}: each dataset needs data and test_data: {e!r}")
-        unknown = sorted(set(e) - set(allowed))
+        unknown = sorted(set(e) - set(allowed))  # first: a misspelt key is why one is missing
+        missing = [k for k in ("data", "test_data") if k not in e]
         if unknown:
             raise DataError(f"suite {path}: unknown key(s) {', '.join(unknown)} in {e!r}; a "
-                            f"dataset takes {', '.join(allowed)}")
+                            f"dataset takes {', '.join(allowed)}"
+                            + (f" ({', '.join(missing)} missing)" if missing else ""))
+        if missing:
+            raise DataError(f"suite {path}: each dataset needs data and test_data: {e!r} has "
+                            f"no {' and no '.join(missing)}")
         problem = mismatch(e, {"data": str, "test_data": str, "name?": str})
         if problem:
             raise DataError(f"suite {path}: {problem} in {e!r}; data and test_data are paths, "

@@ -380,6 +380,10 @@ def test_an_unknown_key_in_a_suite_is_named(sets, reference, tmp_path):
                      f'test_data = "{sets["test"]}"\ntets = 3\n')
     one_line_error(run_here("probe", run, "--suite", suite),
                    "unknown key(s) tets", "name, data, test_data")
+    suite.write_text(f'[[dataset]]\nname = "d"\ndata = "{sets["down"]}"\n'
+                     f'test = "{sets["test"]}"\n')  # misspelt: test_data is missing
+    one_line_error(run_here("probe", run, "--suite", suite), "unknown key(s) test",
+                   "takes name, data, test_data (test_data missing)")
 
 
 def test_resume_may_change_what_only_changes_speed(sets, reference, tmp_path):
