@@ -116,10 +116,11 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
     """`dptrain predict`: each predictor's best split of `size` for every downstream set of a
     sweep and their average, the K* intervals (calibrate.INTERVAL), the held-out check that
     picks the predictor to trust, and with `suggest` the splits to run next. Fits that cannot
-    be made are listed in "failures", with no numbers."""
+    be made are listed in "failures", with no numbers; sets no predictor could predict, in
+    "unpredicted" (predict then exits 1)."""
     limits = data_limits(sweep_dir, max_classes, max_per_class)
     out = {"size": size, "fit_sizes": sorted(fit_sizes) or "all", "limits": limits, "sets": {},
-           "near": near, "failures": [], "interval": INTERVAL}
+           "near": near, "failures": [], "unpredicted": [], "interval": INTERVAL}
     by_set = errors_by_point(read_results(sweep_dir))
     for name, points in by_set.items():
         fitted = {p: v for p, v in points.items() if not fit_sizes or p[2] in fit_sizes}
@@ -149,10 +150,12 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
                                  "interval": interval([b["classes"] for b in boots])}
             else:
                 entry[method] = _fit_entry(method, pred, boots, sizes, limits, size)
-        # the printed interval (calibrate.INTERVAL); without that fit, the others' pooled
-        printed = drawn.get(INTERVAL[0]) or sum(drawn.values(), [])
+        # the printed interval (calibrate.INTERVAL): that fit's bootstrap, or none
+        printed = drawn.get(INTERVAL[0], [])
         entry["interval"], entry["quartiles"] = interval(printed), interval(printed, 0.5)
         made = list(preds)
+        if not made:
+            out["unpredicted"].append(name)
         check = holdout_check(fitted, limits=limits) if len(sizes) > 1 else None
         entry["check"] = check
         chosen = check["chosen"] if check else None
@@ -236,7 +239,8 @@ def render(out: dict) -> str:
             ci = r["intervals"].get("classes")
             lines.append(f"    predicted best: K*={pred['classes']} n*={pred['per_class']} "
                          f"error {pred['error']:.4f}"
-                         + (f" (its own K* 95% interval {ci[0]:.0f}..{ci[1]:.0f})" if ci else "")
+                         + (f" (its own K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}"
+                            f"{_outside(pred['classes'], ci)})" if ci else "")
                          + (" [clipped to the limits]" if pred["clipped"] else ""))
             if "all_classes" in r:
                 a = r["all_classes"]
@@ -256,12 +260,16 @@ def render(out: dict) -> str:
         ci = e.get("interval")
         q = e.get("quartiles")
         within = (f", K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}, middle half {q[0]:.0f}..{q[1]:.0f}"
-                  f" ({INTERVAL_SOURCE})") if ci else " (no interval: --bootstrap 0)"
+                  f" ({INTERVAL_SOURCE})") if ci else (
+            f" (no interval: the {label(INTERVAL[0])}, whose bootstrap gives it, was not "
+            "possible)" if "error" in e.get(INTERVAL[0], {}) else " (no interval: --bootstrap 0)")
         if e.get("recommended"):
             m = e["recommended"]
             pr = e[m]["prediction"]
             lines.append(f"  recommended: {label(m)}: K={pr['classes']} n={pr['per_class']} "
-                         f"({_why(e.get('check'), m)}){within}")
+                         f"({_why(e.get('check'), m)}){within}"
+                         + (_outside(pr["classes"], ci, m if m != INTERVAL[0] else None)
+                            if ci else ""))
             if e.get("warning"):
                 lines.append(f"  WARNING: {e['warning']}")
         elif e.get("check"):
@@ -269,7 +277,10 @@ def render(out: dict) -> str:
         elif "unvalidated" in e:
             u = e["unvalidated"]
             add = u["add"]
-            lines.append(f"  one budget fitted: no predictor can be validated. The three give "
+            fitted = [label(m) for m in PREDICTORS if "prediction" in e.get(m, {})]
+            who = ("the three give" if len(fitted) == 3 else
+                   f"the {' and the '.join(fitted)} give{'s' if len(fitted) == 1 else ''}")
+            lines.append(f"  one budget fitted: no predictor can be validated; {who} "
                          f"K* = {u['spread'][0]}..{u['spread'][1]}{within}.")
             lines.append(f"  to tell them apart, add N={add['size']:,}, where they predict "
                          + ", ".join(f"{label(m)} K={k}" for m, k in add["classes"].items())
@@ -288,7 +299,22 @@ def render(out: dict) -> str:
     if out["failures"]:
         lines.append("\nnot fitted (reasons above): "
                      + "; ".join(f.split(":")[0] for f in out["failures"]))
+    if out["unpredicted"]:
+        lines.append(f"no prediction for {', '.join(out['unpredicted'])}: no predictor could be "
+                     "fitted (more points or budgets: see the reasons above)")
     return "\n".join(lines)
+
+
+def _outside(k: float, ci, other: str | None = None) -> str:
+    """Why K lies outside the interval printed beside it, or nothing: its own fit's bootstrap,
+    or (`other`: the predictor K is from) the interval's predictor's."""
+    if ci[0] <= k <= ci[1]:
+        return ""
+    if other:
+        return (f"; K={k} lies outside it: the {label(other)} and the {label(INTERVAL[0])} "
+                "disagree beyond the interval's width")
+    return (f"; K={k} lies outside it: the bootstrap refits do not centre on this fit (too few "
+            "points for it to be stable)")
 
 
 def _why(check: dict | None, method: str) -> str:

@@ -149,10 +149,15 @@ def fit_line(f: Fit, intervals: dict | None = None) -> str:
     """The fitted parameters in one line, with 95% intervals when given; a parameter that
     ended on a bound is flagged: its value is a limit of the fit, not an estimate."""
     p, iv = f.as_dict(), intervals or {}
+    outside = [k for k in PARAMS if iv.get(k) and not iv[k][0] <= p[k] <= iv[k][1]]
     values = " ".join(f"{k}={p[k]:.3g}" + (f" [{iv[k][0]:.3g}, {iv[k][1]:.3g}]" if iv.get(k)
-                                            else "") for k in PARAMS)
+                                            else "") + ("*" if k in outside else "")
+                      for k in PARAMS)
     flag = (f"; ON A BOUND: {', '.join(f.at_bounds)} (a limit of the fit, not an estimate)"
             if f.at_bounds else "")
+    if outside:
+        flag += (f"; * {', '.join(outside)} outside its interval: the bootstrap refits do not "
+                 "centre on this fit (too few points for it to be stable)")
     return f"{values}, rmse {f.rmse:.4f}{flag}"
 
 
