@@ -129,6 +129,9 @@ class ShardIndex:
         if problem:
             raise DataError(f"{root / SAMPLES_FILE} does not match {path} ({problem}): "
                             "run dptrain verify, or re-shard")
+        if not len(samples):  # written before shard refused a source with no storable image
+            raise DataError(f"{root} holds no images (inputs skipped: {len(meta['skipped']):,}; "
+                            f"its index.json lists why): shard a source with images")
         return cls(root, meta, samples)
 
     @property

@@ -378,7 +378,9 @@ def test_the_loader_decoder_names_the_damaged_images_of_a_batch(texture):
 
 
 def test_a_source_with_no_storable_image_is_refused_and_leaves_out_empty(tmp_path):
-    from conftest import one_line_error, run_here
+    from conftest import encode, one_line_error, rgb, run_here
+
+    from dptrain.index import SAMPLE_DTYPE, sha256_file
 
     for c in ("a", "b"):
         (tmp_path / "src" / c).mkdir(parents=True)
@@ -390,3 +392,16 @@ def test_a_source_with_no_storable_image_is_refused_and_leaves_out_empty(tmp_pat
                        "no input of", "could be stored (6 not an image",
                        "a shard set needs at least one image")
         assert [p.name for p in out.iterdir()] == [".dptrain.lock"]
+    # An empty set as dptrain wrote them before: info and pretrain refuse it in one line.
+    (tmp_path / "src" / "a" / "x0.jpg").write_bytes(encode(rgb(0)))
+    shard_dataset(tmp_path / "src", out, progress=False)
+    for tar in [*out.glob("*.tar"), *out.glob("*.idx")]:
+        tar.unlink()
+    np.save(out / "samples.npy", np.zeros(0, SAMPLE_DTYPE))
+    meta = json.loads((out / "index.json").read_text())
+    meta.update(num_samples=0, tars=[], samples_sha256=sha256_file(out / "samples.npy"))
+    meta["classes"][0].update(count=0, tars=[])
+    (out / "index.json").write_text(json.dumps(meta))
+    for command in (["info", out], ["pretrain", "--data", out, "--out", tmp_path / "run"]):
+        one_line_error(run_here(*command), f"{out} holds no images (inputs skipped: 5; its "
+                       "index.json lists why)")
