@@ -46,6 +46,8 @@ class ProbeOptions:
                                "reference any pre-training must beat) and print both.")
     allow_unfinished: bool = option(False, "Probe a run whose checkpoint is short of its "
                                     "planned steps (refused otherwise).")
+    overwrite: bool = option(False, "Replace a set's earlier result probed with other "
+                             "settings (refused otherwise: probe.json keeps one per --name).")
     log_to: tuple = option((), "Also log the results to the run's TensorBoard or W&B run (as "
                            "pretrain --log-to).", choices=BACKENDS,
                            multiple=True)

@@ -200,20 +200,23 @@ def run_probe(run: Path, o: ProbeOptions, progress: bool = False) -> dict:
                      pixels=cache_dir_option(o.cache_dir), repeats=o.repeats,
                      val_fraction=o.val_fraction, seed=o.seed, device=o.device,
                      threads=o.workers, random_init=o.random_init,
-                     allow_unfinished=o.allow_unfinished, log_to=o.log_to,
-                     progress=progress)
+                     allow_unfinished=o.allow_unfinished, overwrite=o.overwrite,
+                     log_to=o.log_to, progress=progress)
 
 
 def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
               cache: Path | None = None, pixels: Path | None = None, repeats: int = 5,
               val_fraction: float = 0.2, seed: int = 0, device: str = "auto",
               threads: int | None = None, random_init: bool = False,
-              allow_unfinished: bool = False, log_to=(), progress: bool = False) -> dict:
+              allow_unfinished: bool = False, overwrite: bool = False, log_to=(),
+              progress: bool = False) -> dict:
     """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
     with `random_init`, also the run's architecture as initialised, the reference. `cache`:
     the feature cache [RUN/features]; `pixels`: the eval pixel cache's folder (None: none).
     A run whose checkpoint is short of its planned steps is refused unless
-    `allow_unfinished`. `log_to`: tracking backends the results also go to."""
+    `allow_unfinished`. A set probed before with other settings (repeats, validation part,
+    data) is refused unless `overwrite`: probe.json keeps one result per name. `log_to`:
+    tracking backends the results also go to."""
     checkpoint = RunFolder(run).checkpoint if run.is_dir() else run
     if not checkpoint.is_file():
         if (run / LOCK).is_file():  # a run before its first checkpoint: who is writing it
@@ -225,13 +228,13 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
         return _probe_run(checkpoint, datasets, run_dir, res=res, cache=cache, pixels=pixels,
                           repeats=repeats, val_fraction=val_fraction, seed=seed, device=device,
                           threads=threads, random_init=random_init,
-                          allow_unfinished=allow_unfinished, log_to=log_to,
-                          progress=progress)
+                          allow_unfinished=allow_unfinished, overwrite=overwrite,
+                          log_to=log_to, progress=progress)
 
 
 def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pixels, repeats,
-               val_fraction, seed, device, threads, random_init, allow_unfinished, log_to,
-               progress) -> dict:
+               val_fraction, seed, device, threads, random_init, allow_unfinished, overwrite,
+               log_to, progress) -> dict:
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
     record = run_dir.read_config()  # None beside a bare checkpoint; unreadable: refused now
@@ -240,12 +243,14 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
         raise DataError(f"{run_dir.path} is unfinished: its checkpoint is at step {done} of "
                         f"{total}; finish it (run its pretrain command again), or probe it as "
                         "it is with --allow-unfinished")
+    old = run_dir.read_probe()
+    if not overwrite:
+        _refuse_other_settings(old, datasets, repeats, val_fraction, random_init)
     cache = cache or run_dir / RunFolder.FEATURES
     kw = dict(res=res, cache=cache, pixels=pixels, repeats=repeats, val_fraction=val_fraction,
               seed=seed, device=resolve_device(device), threads=threads, progress=progress)
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
            "datasets": _probe(checkpoint, config, datasets, **kw)}
-    old = run_dir.read_probe()
     merged = {**old, **out, "datasets": {**old.get("datasets", {}), **out["datasets"]}}
     if random_init:
         out["random_init"] = _probe(random_init_checkpoint(checkpoint, cache), config, datasets,
@@ -262,6 +267,28 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
                          for name, r in sets.items()}, ckpt.get("step", 0))
             tracker.summary(briefs)
     return out
+
+
+def _refuse_other_settings(old: dict, datasets, repeats: int, val_fraction: float,
+                           random_init: bool) -> None:
+    """A set's result in probe.json is replaced only by one made the same way (a rerun, or a
+    sweep's probe of a resumed point); another --repeats, --val-fraction or data would
+    silently take the place of the earlier result."""
+    for what in ("datasets",) + (("random_init",) if random_init else ()):
+        for name, train, test in datasets:
+            r = old.get(what, {}).get(name)
+            if r is None:
+                continue
+            was = {"--repeats": len(r.get("repeats", [])), "--val-fraction": r.get(
+                "val_fraction"), "data": (r.get("train_data"), r.get("test_data"))}
+            now = {"--repeats": repeats, "--val-fraction": val_fraction, "data": (train, test)}
+            differ = [k for k in now if was[k] != now[k]]
+            if differ:
+                then = [f"{k} {was[k]} (now {now[k]})" for k in differ if k != "data"]
+                then += ["other data"] if "data" in differ else []
+                raise DataError(f"probe.json already holds {name}, probed with "
+                                f"{', '.join(then)}: add --overwrite to replace it, or give "
+                                "this probe another --name")
 
 
 def unfinished(ckpt: dict, record: dict | None) -> tuple[int | None, int | None]:

@@ -184,3 +184,19 @@ def test_the_dry_runs_solver_time_is_evaluations_of_the_sets_shape(monkeypatch):
     seconds = logreg.measure_solver(500, 100, 32, 5, iterations=20)
     evaluations = logreg.EVALUATIONS_PER_REPEAT / seconds
     assert evaluations == round(evaluations) and 1 <= evaluations <= 20 * 5 // 4 + 1
+
+
+def test_a_set_probed_again_with_other_settings_is_refused_unless_overwrite(run_and_data):
+    run, data = run_and_data
+    args = ["probe", run, "--data", data["train"], "--test-data", data["test"], "--name",
+            "again", "--no-progress"]
+    run_here(*args, "--repeats", 2, check=True)
+    before = (run / "probe.json").read_bytes()
+    p = run_here(*args, "--repeats", 1)
+    assert p.returncode == 2 and "probe.json already holds again, probed with --repeats 2 " \
+        "(now 1): add --overwrite to replace it, or give this probe another --name" in p.stderr
+    assert (run / "probe.json").read_bytes() == before  # nothing probed, nothing replaced
+    run_here(*args, "--repeats", 2, check=True)  # the same settings: a rerun, allowed
+    run_here(*args, "--repeats", 1, "--overwrite", check=True)
+    assert len(json.loads((run / "probe.json").read_text())["datasets"]["again"]["repeats"]) \
+        == 1
