@@ -174,13 +174,20 @@ def sweep(progress, **options):
 
 
 @main.command()
-@SWEEP
-def report(sweep_dir):
+@click.argument("folder", metavar="SWEEP|RUN",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(folder):
     """Figures (error over log K, log n; error against K/n) and tables of a sweep, in
-    SWEEP/report/report.md."""
-    from .report import write_report
+    SWEEP/report/report.md; or one run's curves (loss, lr, img/s, data wait against step) in
+    RUN/report/curves.png, with its probe table."""
+    from .report import write_report, write_run_report
+    from .runfolder import RunFolder
 
-    click.echo(f"wrote {write_report(sweep_dir)}")
+    if (folder / RunFolder.CONFIG).is_file():
+        path, probes = write_run_report(folder)
+        click.echo(f"{probes}\nwrote {path}")
+    else:
+        click.echo(f"wrote {write_report(folder)}")
 
 
 @main.command(context_settings={"show_default": True})

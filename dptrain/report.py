@@ -1,4 +1,5 @@
-"""`dptrain report SWEEP`: the paper's Figure 1 and a table, from a sweep's results.csv.
+"""`dptrain report SWEEP`: the paper's Figure 1 and a table, from a sweep's results.csv;
+`dptrain report RUN`: one run's curves and its probe table.
 
 Per downstream set (and their average): a contour map of mean error over (log K, log n) with
 dashed anti-diagonals at each budget N and the best point of each N marked; error against
@@ -17,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from .calibrate import holdout_check, label
+from .errors import DataError
 from .predict import data_limits
 from .progress import plural
 from .results import AVERAGE, best_per_size, errors_by_point, mean_std, read_results
-from .runfolder import SweepFolder, write_atomic
+from .runfolder import RunFolder, SweepFolder, write_atomic
 from .theory import FitError, fit_line, fit_points, residual_line
 
 
@@ -238,3 +240,55 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
     path = out / "report.md"
     write_atomic(path, "\n".join(md).encode())
     return path
+
+
+def write_run_report(run_dir: str | os.PathLike) -> tuple[Path, str]:
+    """One run's curves from metrics.jsonl, in RUN/report/curves.png: loss and learning rate
+    against step, and the loader's side (img/s, the share of time waiting for data); returns
+    the figure's path and the run's probe table (probe.json), which a sweep's report has no
+    room for."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .probe import render as probe_table
+
+    run = RunFolder(run_dir)
+    try:
+        rows = [json.loads(line) for line in (run / run.METRICS).read_text().splitlines()]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{run.path} has no readable {run.METRICS} ({e}): not a dptrain run, "
+                        "or one that has not logged a step yet") from None
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
+    if not rows:
+        raise DataError(f"{run.path / run.METRICS} holds no logged step yet")
+    step = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    for ax, key, title in ((axes[0, 0], "loss", "training loss (mean over the log window)"),
+                           (axes[0, 1], "lr", "learning rate"),
+                           (axes[1, 0], "images_per_s", "images / s"),
+                           (axes[1, 1], "data_wait", "share of the window waiting for data")):
+        ax.plot(step, [r.get(key, float("nan")) for r in rows], marker="." if len(rows) < 50
+                else None)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    summary = run.read_summary() or {}
+    fig.suptitle(f"{run.path.name}: {summary.get('steps', step[-1]):,} steps"
+                 + (f", train loss {summary['train_loss']:.4f}"
+                    if summary.get("train_loss") is not None else " (unfinished)"), fontsize=11)
+    fig.tight_layout()
+    out = run / SweepFolder.REPORT
+    out.mkdir(exist_ok=True)
+    path = out / "curves.png"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    probe = run.read_probe()
+    return path, (probe_table(probe) if probe.get("datasets") else "no probe yet: dptrain probe "
+                  f"{run.path} --suite ...")

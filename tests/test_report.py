@@ -47,3 +47,29 @@ def test_empty_sweep_is_a_clear_error(tmp_path):
     for cmd in (["report", tmp_path], ["predict", tmp_path, "--size", "100"]):
         p = run_cli(*cmd, check=False)
         assert p.returncode == 2 and "no finished run" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_report_of_a_run_draws_its_curves_and_reprints_its_probes(tmp_path, texture):
+    import json
+
+    from conftest import FAST, make_shard_set, run_here
+    from PIL import Image
+
+    data = make_shard_set(tmp_path / "d", texture, 3, 16, (48, 40))
+    run = tmp_path / "run"
+    run_here("pretrain", "--data", data, "--classes", 3, "--per-class", 16, "--epochs", 2,
+             "--out", run, *FAST, check=True)
+    p = run_here("report", run, check=True)
+    assert p.stdout.startswith("no probe yet: dptrain probe")
+    png = run / "report" / "curves.png"
+    assert Image.open(png).size == (1100, 715)  # 10 x 6.5 in at 110 dpi
+    run_here("probe", run, "--data", data, "--test-data", data, "--name", "self", "--repeats",
+             1, "--no-progress", check=True)
+    probe = json.loads((run / "probe.json").read_text())["datasets"]["self"]
+    p = run_here("report", run, check=True)
+    row = next(x for x in p.stdout.splitlines() if x.startswith("self "))
+    assert row.split()[1:3] == [f"{probe['top1_mean']:.4f}", f"{probe['top1_std']:.4f}"]
+    assert p.stdout.splitlines()[-1] == f"wrote {png}"
+    (run / "metrics.jsonl").write_text("")
+    p = run_here("report", run)
+    assert p.returncode == 2 and "holds no logged step yet" in p.stderr
