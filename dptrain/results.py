@@ -101,7 +101,7 @@ AVERAGE = "average"  # the mean over downstream sets, per run
 
 def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], list[float]]]:
     """{downstream set or AVERAGE: {(K, n, N): [error of each seed]}} from results.csv rows.
-    AVERAGE covers the runs probed on every set."""
+    AVERAGE covers the runs probed on every set (none where no run was)."""
     by_set: dict[str, dict[tuple[int, int, int], dict[int, float]]] = {}
     for r in rows:
         by_set.setdefault(r["dataset"], {}).setdefault((r["K"], r["n"], r["N"]), {})[r["seed"]] = \
@@ -114,7 +114,7 @@ def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], li
         seeds = set.intersection(*(set(by_set[n].get(p, {})) for n in names))
         if seeds:
             average[p] = [sum(by_set[n][p][s] for n in names) / len(names) for s in sorted(seeds)]
-    if len(names) > 1:
+    if len(names) > 1 and average:
         out[AVERAGE] = average
     return out
 
