@@ -71,7 +71,8 @@ class TrainConfig:
                        "on norms and biases, 160 -> 192 px, large batch); paper: the paper's card "
                        "as written (Adam 0.1, batch 64, 224 px, cosine); paper-sgd: the same with "
                        "SGD; synthetic: smallcnn at 32 px, for the built-in data. Every value "
-                       "below is the recipe's unless given. [fast; synthetic without --data]",
+                       "below is the recipe's unless given. [fast; synthetic without --data or on "
+                       "the built-in data]",
                        choices=tuple(RECIPES))
     arch: str = _opt("resnet18", "smallcnn or any torchvision classification model.")
     epochs: int = _recipe("epochs", "Passes over the subset.", low=1)
@@ -167,7 +168,25 @@ def pretrain_config(given: dict, o: PretrainOptions, *, progress: bool = True,
         if not o.print_config:
             log(ensure_pool(given.get("classes"), given.get("per_class"), progress))
         given.update(data=str(DEFAULT_POOL), recipe=given.get("recipe") or "synthetic")
+    elif given.get("recipe") is None and not o.config_file and data_recipe(given["data"]):
+        given["recipe"] = data_recipe(given["data"])
+        if not o.print_config:
+            log(f"{given['data']} is the built-in synthetic data: --recipe synthetic (give "
+                "--recipe to choose another)")
     return load_config(o.config_file, **given)
+
+
+def data_recipe(data: str) -> str | None:
+    """The recipe a shard set calls for when none is given: `synthetic` for a set of the
+    built-in data (tools/make_shards.py; its index says so), which the ImageNet recipes would
+    train at 6x its resolution; None for any other (or an unreadable one: its readers say
+    why)."""
+    try:
+        meta = json.loads((Path(data) / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return "synthetic" if isinstance(meta, dict) and meta.get("source_format") == "synthetic" \
+        else None
 
 
 def default_in_recipes(name: str) -> str:

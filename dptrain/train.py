@@ -337,7 +337,8 @@ def misfits(cfg: TrainConfig, subset, plan: Plan) -> list[str]:
                      "small images, e.g. --arch smallcnn) fits this data")
     if plan.warmup_steps >= plan.total_steps:
         found.append(f"WARNING: the whole run is warm-up ({cfg.warmup_epochs:g} warm-up "
-                     f"epochs, {plural(plan.total_steps, 'step')} in all): the learning rate "
+                     f"epoch{'' if cfg.warmup_epochs == 1 else 's'}, "
+                     f"{plural(plan.total_steps, 'step')} in all): the learning rate "
                      "only rises; fewer --warmup-epochs or more --epochs")
     return found
 

@@ -84,3 +84,19 @@ def test_the_paper_card_is_adam_as_written_and_paper_sgd_is_the_same_with_sgd():
             assert group["betas"] == (0.9, 0.999)  # --momentum is Adam's beta1
         else:
             assert group["momentum"] == 0.9
+
+
+def test_the_built_in_data_gets_its_recipe_unless_another_is_given(tmp_path, folder):
+    """A set tools/make_shards.py wrote trains with --recipe synthetic (the ImageNet recipes
+    would train its 32 px images at 160-192 px with resnet18); any other set, or a recipe
+    given, as before."""
+    from dptrain.synthetic import Generator, write_pool
+
+    write_pool(tmp_path / "pool", 4, 8, Generator(res=16), progress=False)
+    printed = lambda *a: json.loads(run_here("pretrain", *a, "--print-config",  # noqa: E731
+                                             check=True).stdout)
+    cfg = printed("--data", tmp_path / "pool")
+    assert (cfg["recipe"], cfg["arch"], cfg["res"]) == ("synthetic", "smallcnn", 32)
+    assert printed("--data", tmp_path / "pool", "--recipe", "fast")["recipe"] == "fast"
+    run_here("shard", folder, tmp_path / "photos", "--no-progress", check=True)
+    assert printed("--data", tmp_path / "photos")["recipe"] == "fast"
