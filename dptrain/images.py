@@ -13,6 +13,7 @@ JPEG; what cannot be decoded at all is skipped with the reason.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import re
@@ -282,6 +283,11 @@ def _reason(said: str) -> str:
 
 
 _decoders: dict[int, LoaderDecoder] = {}
+# A process forked from one that ran DALI pipelines (a shard worker, from a test or a notebook
+# that decoded) inherits them without their threads: were the child's garbage collector to
+# collect one, its __del__ would wait for those threads forever. The child keeps what it
+# inherited as it is instead (gc.freeze: never collected there; its own objects are).
+os.register_at_fork(after_in_child=gc.freeze)
 
 
 def loader_decoder() -> LoaderDecoder:

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -405,3 +407,37 @@ def test_a_source_with_no_storable_image_is_refused_and_leaves_out_empty(tmp_pat
     for command in (["info", out], ["pretrain", "--data", out, "--out", tmp_path / "run"]):
         one_line_error(run_here(*command), f"{out} holds no images (inputs skipped: 5; its "
                        "index.json lists why)")
+
+
+def test_a_shard_worker_forked_from_a_process_that_decoded_does_not_hang(tmp_path):
+    """A worker forked from a process holding uncollected DALI pipelines (a test, a notebook
+    that decoded before sharding) must not collect them: their __del__ waits for threads the
+    fork did not copy, and the worker hung (seen in the suite). Here the parent's decoder is
+    left as cyclic garbage and each worker collects before it writes."""
+    script = """if True:
+    import gc, sys
+    from pathlib import Path
+    from dptrain import images, shards
+    from dptrain.imagenet_like import jpeg, texture
+
+    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    for c in range(2):
+        (src / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            (src / f"c{c}" / f"{i}.jpg").write_bytes(jpeg(texture(0), 0, c, i, width=48, height=40))
+    gc.disable()  # so that the parent's decoder stays garbage this process has not collected
+    decoder = images.LoaderDecoder()
+    decoder.problems([(src / "c0" / "0.jpg").read_bytes()], [(40, 48)])
+    decoder.cycle = decoder
+    del decoder
+    write_class = shards.write_class
+    def collect_first(*a, **kw):  # in the worker: a collection, as any allocation may cause
+        gc.collect()
+        return write_class(*a, **kw)
+    shards.write_class = collect_first
+    shards.shard_dataset(src, out, progress=False, workers=2)
+    print("sharded")
+    """
+    p = subprocess.run([sys.executable, "-c", script, tmp_path / "src", tmp_path / "out"],
+                       capture_output=True, text=True, timeout=120)  # hung: raises
+    assert p.returncode == 0 and p.stdout == "sharded\n", p.stderr
