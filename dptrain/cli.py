@@ -174,6 +174,37 @@ def sweep(progress, **options):
 
 
 @main.command()
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The cache folder [$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain].")
+@click.option("--clear", is_flag=True, help="Remove every entry; run it when no probe or "
+              "validation is using the folder (they would fail, not be served stale).")
+@json_option
+def cache(cache_dir, clear, as_json):
+    """The eval pixel caches (each downstream set's images decoded and resized once, for every
+    probe and validation): where, what set, how large; --clear removes them."""
+    import shutil
+
+    from .evalcache import default_cache_dir, entries
+    from .progress import plural
+
+    root = cache_dir or default_cache_dir()
+    found = entries(root)
+    if clear:
+        for e in found:
+            shutil.rmtree(e["path"])
+    total = sum(e["bytes"] for e in found)
+    if as_json:
+        click.echo(json.dumps({"cache_dir": str(root), "entries": found, "bytes": total,
+                               "cleared": clear}))
+        return
+    for e in found:
+        click.echo(f"{e['bytes'] / 1e6:10,.1f} MB  {e['classes']:5,} classes  "
+                   f"res {e['res'] or '?'}  {e['data'] or '(set not recorded)'}  {e['path']}")
+    click.echo(f"{root}: {plural(len(found), 'entry', 'entries')}, {total / 1e6:,.1f} MB"
+               + (", removed" if clear else ""))
+
+
+@main.command()
 @click.argument("folder", metavar="SWEEP|RUN",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(folder):

@@ -24,10 +24,11 @@ import torch
 from .datakey import checked_fingerprint
 from .index import ShardIndex
 from .loader import Produce, on_stream
-from .runfolder import partial_path, publish, remove_dead_partials
+from .runfolder import partial_path, publish, remove_dead_partials, write_json
 from .subset import Subset
 
 VERSION = 1  # of the eval transform: a change in how eval images are made starts new entries
+ABOUT = "about.json"  # in an entry: the shard set, res and eval resize it was made from
 
 
 def default_cache_dir() -> Path:
@@ -50,7 +51,7 @@ class EvalCache:
         fingerprint = checked_fingerprint(index, root / "stamps")
         key = hashlib.sha256(json.dumps([fingerprint, res, eval_resize, VERSION]).encode())
         self.dir = root / "eval" / key.hexdigest()[:32]
-        self.index, self.res = index, res
+        self.index, self.res, self.eval_resize = index, res, eval_resize
 
     def path(self, label: int) -> Path:
         return self.dir / f"{label:05d}.npy"
@@ -106,6 +107,9 @@ class _Writer:
         self.open: dict[int, tuple[np.ndarray, np.ndarray, Path]] = {}  # file, rows written, tmp
         cache.dir.mkdir(parents=True, exist_ok=True)
         remove_dead_partials(cache.dir)  # classes a process that died never finished
+        if not (cache.dir / ABOUT).is_file():  # what `dptrain cache` says the entry holds
+            write_json(cache.dir / ABOUT, {"data": str(cache.index.root.resolve()),
+                                           "res": cache.res, "eval_resize": cache.eval_resize})
 
     def __call__(self, positions: np.ndarray, images: torch.Tensor) -> None:
         pixels = images.cpu().numpy()
@@ -133,3 +137,20 @@ class _Writer:
         for _array, _written, tmp in self.open.values():
             tmp.unlink(missing_ok=True)
         self.open.clear()
+
+
+def entries(root: Path) -> list[dict]:
+    """The eval cache entries under `root` (`dptrain cache`): each one's folder, shard set,
+    res, class files, bytes and when it was last written, oldest first."""
+    found = []
+    for entry in sorted((root / "eval").glob("*/")) if (root / "eval").is_dir() else []:
+        files = list(entry.glob("*.npy"))
+        try:
+            about = json.loads((entry / ABOUT).read_text())
+        except (OSError, ValueError):
+            about = {}  # an entry made before about.json, or one whose writer died first
+        found.append({"path": str(entry), "data": about.get("data"), "res": about.get("res"),
+                      "classes": len(files), "bytes": sum(f.stat().st_size for f in files),
+                      "written": max((f.stat().st_mtime for f in files),
+                                     default=entry.stat().st_mtime)})
+    return sorted(found, key=lambda e: e["written"])

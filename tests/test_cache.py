@@ -304,3 +304,27 @@ def test_a_gpu_run_caches_on_the_gpu_or_in_pinned_memory(shards, tmp_path):
     assert summary["cache"]["where"] == "gpu" and "kept for the training step" in lines[0]
     off = train(replace(cfg, cache="off"), tmp_path / "off", progress=False, log=lines.append)
     assert np.isfinite(off["train_loss"]) and np.isfinite(summary["train_loss"])
+
+
+def test_the_cache_command_lists_what_each_entry_holds_and_clears_them(shards, tmp_path):
+    """`dptrain cache`: each eval cache entry's set, resolution, classes and size; --clear
+    empties the folder, and the next probe fills it again."""
+    run = tmp_path / "run"
+    run_here("pretrain", "--data", shards, "--classes", 6, "--per-class", 8, "--epochs", 1,
+             "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress", "--out", run,
+             check=True)
+    probe = ["probe", run, "--data", shards, "--test-data", shards, "--repeats", 1,
+             "--no-progress", "--cache-dir", tmp_path / "pixels"]
+    run_here(*probe, check=True)
+    listed = json.loads(run_here("cache", "--cache-dir", tmp_path / "pixels", "--json",
+                                 check=True).stdout)
+    (entry,) = listed["entries"]  # train and test are the same set: one entry
+    assert (entry["data"], entry["res"], entry["classes"]) == (str(shards.resolve()), 32, 6)
+    assert entry["bytes"] == listed["bytes"] == sum(
+        f.stat().st_size for f in Path(entry["path"]).glob("*.npy")) > 6 * 20 * 32 * 32 * 3
+    p = run_here("cache", "--cache-dir", tmp_path / "pixels", "--clear", check=True)
+    assert p.stdout.splitlines()[-1].startswith(f"{tmp_path / 'pixels'}: 1 entry, ")
+    assert "0 entries" in run_here("cache", "--cache-dir", tmp_path / "pixels").stdout
+    run_here(*probe, "--feature-cache", tmp_path / "features", check=True)  # filled again
+    assert len(json.loads(run_here("cache", "--cache-dir", tmp_path / "pixels", "--json",
+                                   check=True).stdout)["entries"]) == 1
