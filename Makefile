@@ -27,7 +27,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n auto  # a worker per core: most tests wait on one-core start-ups
 
 # The Slurm tests (tests/test_slurm.py): a real one-node cluster started here and stopped after
-# (tools/slurm_cluster.sh; needs root, installs Debian's Slurm if missing); ~N min on 2 cores.
+# (tools/slurm_cluster.sh; needs root, installs Debian's Slurm if missing); 6 min on 2 cores,
+# 14 with other work keeping them busy (tests/README.md).
 test-slurm: $(STAMP)
 	$(PY) -m pytest -q -m slurm tests/test_slurm.py
 

@@ -171,7 +171,7 @@ def test_a_preempted_and_a_requeued_point_resume_with_the_records_of_a_run_never
     data, suite = synthetic
     out = tmp_path / "sw"
     run = out / "runs" / "K8-n40-s0"
-    sweep = start(*sweep_args(data, suite, out, "8:40", 4), *SLURM, "--slurm-cpus", 2)
+    sweep = start(*sweep_args(data, suite, out, "8:40", 3), *SLURM, "--slurm-cpus", 2)
     log = run / "sweep.log"
 
     def training(since: int = 0):
