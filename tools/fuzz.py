@@ -371,12 +371,18 @@ def _decode_child(args) -> None:
                                                            positions)))
 
 
+def shard(src: Path, out: Path, *args: str) -> None:
+    """`dptrain shard SRC OUT` in a process of its own: its writer forks worker processes,
+    which a process running DALI's or torch's threads (a test's) must not do."""
+    subprocess.run([sys.executable, "-m", "dptrain", "shard", str(src), str(out), "--workers",
+                    "1", "--no-progress", *args], check=True, capture_output=True)
+
+
 def decode_all(work: Path, accepted: Path, in_process: bool = False) -> dict:
-    """Shard every accepted input again (`shard_dataset`, the command's library call), check
-    it is accepted again, and decode the set through the loader's three paths, each in a child
-    process (a crash there is counted; its half is retried to find the sample)."""
+    """Shard every accepted input again (`dptrain shard`), check it is accepted again, and
+    decode the set through the loader's three paths, each in a child process (a crash there is
+    counted; its half is retried to find the sample), or here with `in_process`."""
     from dptrain.index import ShardIndex
-    from dptrain.shards import shard_dataset
 
     files = sorted(accepted.glob("*.jpg"))
     src = work / "decode-src"
@@ -389,10 +395,10 @@ def decode_all(work: Path, accepted: Path, in_process: bool = False) -> dict:
     out = work / "decode-set"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    summary = shard_dataset(src, out, progress=False, workers=1)
+    shard(src, out)
     index = ShardIndex.load(out)
     refused_again = [{"input": s["input"], "reason": s["reason"]} for s in index.meta["skipped"]]
-    result = {"inputs": len(files), "sharded": summary["written"],
+    result = {"inputs": len(files), "sharded": index.meta["num_samples"],
               "refused_when_sharded_again": refused_again, "shard_s": round(time.time() - t0, 1)}
     for path in ("train", "cache", "eval"):
         t0 = time.time()
@@ -524,11 +530,7 @@ def build_fixtures(root: Path) -> Path:
     """A valid shard set (3 classes x 4 images) and its test split, a run pre-trained on it
     with its checkpoint at the last step (no summary yet: `pretrain` resumes it, `probe`
     probes it), a suite TOML, and a made-up sweep folder (conftest.fake_sweep)."""
-    from click.testing import CliRunner
-
     from dptrain import imagenet_like
-    from dptrain.cli import main
-    from dptrain.shards import shard_dataset
 
     root.mkdir(parents=True, exist_ok=True)
     tex = imagenet_like.texture(0)
@@ -539,20 +541,13 @@ def build_fixtures(root: Path) -> Path:
             for i in range(n):
                 (d / f"img_{c}_{i}.JPEG").write_bytes(imagenet_like.jpeg(
                     tex, 0 if split == "train" else 1, c, i, width=40, height=32))
-    shard_dataset(root / "src/train", root / "sets/train", progress=False, workers=1)
-    shard_dataset(root / "src/test", root / "sets/test", classes_from=root / "sets/train",
-                  progress=False, workers=1)
+    shard(root / "src/train", root / "sets/train")
+    shard(root / "src/test", root / "sets/test", "--classes-from", str(root / "sets/train"))
     shutil.rmtree(root / "src")
     (root / "suite.toml").write_text('[[dataset]]\nname = "t"\ndata = "sets/train"\n'
                                      'test_data = "sets/test"\n')
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        r = CliRunner().invoke(main, ["pretrain", "--data", "sets/train", *PRETRAIN,
-                                      "--out", "run"])
-        assert r.exit_code == 0, (r.output, r.exception)
-    finally:
-        os.chdir(cwd)
+    subprocess.run([sys.executable, "-m", "dptrain", "pretrain", "--data", "sets/train",
+                    *PRETRAIN, "--out", "run"], cwd=root, check=True, capture_output=True)
     (root / "run" / "summary.json").unlink()  # a run killed after its last checkpoint
     _conftest().fake_sweep(root / "sweep", sets=("a",))
     spec = json.loads((root / "sweep/sweep.json").read_text())
