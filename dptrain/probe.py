@@ -243,12 +243,12 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
         raise DataError(f"{run_dir.path} is unfinished: its checkpoint is at step {done} of "
                         f"{total}; finish it (run its pretrain command again), or probe it as "
                         "it is with --allow-unfinished")
-    old = run_dir.read_probe()
-    if not overwrite:
-        _refuse_other_settings(old, datasets, repeats, val_fraction, random_init)
     cache = cache or run_dir / RunFolder.FEATURES
     kw = dict(res=res, cache=cache, pixels=pixels, repeats=repeats, val_fraction=val_fraction,
               seed=seed, device=resolve_device(device), threads=threads, progress=progress)
+    old = run_dir.read_probe()
+    if not overwrite:
+        _refuse_other_settings(old, datasets, repeats, val_fraction, random_init)
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
            "datasets": _probe(checkpoint, config, datasets, **kw)}
     merged = {**old, **out, "datasets": {**old.get("datasets", {}), **out["datasets"]}}

@@ -118,7 +118,8 @@ def test_a_cache_that_does_not_fit_falls_back_to_streaming(shards, tmp_path, mon
     monkeypatch.setattr(pixelcache, "host_bytes_available", lambda: 100_000)  # 0.1 MB
     lines = []
     cfg = make_config("fast", data=str(shards), classes=4, per_class=8, batch_size=16, res=32,
-                      epochs=1, device="cpu", workers=2, log_every=1, cache="host")
+                      epochs=1, warmup_epochs=0, device="cpu", workers=2, log_every=1,
+                      cache="host")  # no warm-up: a run all warm-up is warned about first
     s = train(cfg, tmp_path / "run", progress=False, log=lines.append)
     assert s["cache"]["where"] == "off" and "not in host memory" in s["cache"]["why"]
     assert lines[0].startswith("pixel cache: off") and "streaming" in lines[0]
@@ -154,7 +155,8 @@ def test_auto_goes_to_the_gpu_then_pinned_host_memory_then_streams(monkeypatch):
 
 def test_pretrain_reports_its_cache_and_refuses_a_gpu_cache_without_a_gpu(shards, tmp_path):
     args = ["pretrain", "--data", shards, "--classes", 4, "--per-class", 8, "--epochs", 1,
-            "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress"]
+            "--warmup-epochs", 0, "--res", 32, "--batch-size", 16, "--device", "cpu",
+            "--no-progress"]  # no warm-up: a run all warm-up is warned about first
     p = run_here(*args, "--out", tmp_path / "run", "--cache-side", 32, check=True)
     assert p.stderr.startswith("pixel cache: host (") and "at <= 32 px" in p.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

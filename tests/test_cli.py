@@ -25,7 +25,7 @@ def test_help_for_every_command():
     top = run_cli("--help").stdout
     commands = [line.split()[0] for line in top.split("Commands:")[1].splitlines() if line.strip()]
     assert sorted(commands) == sorted(main.commands) == [
-        "info", "predict", "pretrain", "probe", "report", "shard", "sweep", "verify"]
+        "cache", "info", "predict", "pretrain", "probe", "report", "shard", "sweep", "verify"]
     for cmd in commands:
         p = run_cli(cmd, "--help")
         assert p.stdout.startswith(f"Usage: python -m dptrain {cmd} ") and \

@@ -131,7 +131,8 @@ def test_suite_file(run_and_data, tmp_path):
 
 def test_probe_bad_inputs(run_and_data, tmp_path):
     run, data = run_and_data
-    p = run_here("probe", run, "--data", data["train"], "--test-data", data["other"])
+    p = run_here("probe", run, "--data", data["train"], "--test-data", data["other"],
+                 "--name", "mismatched")
     assert p.returncode == 2 and "classes differ" in p.stderr and "Traceback" not in p.stderr
     not_a_run = tmp_path / "x"
     not_a_run.mkdir()
@@ -183,7 +184,7 @@ def test_the_dry_runs_solver_time_is_evaluations_of_the_sets_shape(monkeypatch):
     monkeypatch.setattr(logreg.time, "perf_counter", lambda: float(next(ticks)))
     seconds = logreg.measure_solver(500, 100, 32, 5, iterations=20)
     evaluations = logreg.EVALUATIONS_PER_REPEAT / seconds
-    assert evaluations == round(evaluations) and 1 <= evaluations <= 20 * 5 // 4 + 1
+    assert evaluations == pytest.approx(round(evaluations)) and 1 <= evaluations <= 26
 
 
 def test_a_set_probed_again_with_other_settings_is_refused_unless_overwrite(run_and_data):
