@@ -207,8 +207,8 @@ def sweep_command(sweep_dir, out: dict, seeds: int) -> str | None:
     given = [a for i, a in enumerate(given) if a != "()" and given[i + 1:i + 2] != ["()"]]
     args = ["dptrain", "sweep", "--data", spec.get("data") or "DATA", "--suite",
             spec.get("suite") or "SUITE", "--out", str(Path(sweep_dir)),
-            *given, "--points", ",".join(f"{k}:{n}" for k, n in splits),
-            "--seeds", str(seeds)]
+            *given, *(["--repeats", str(spec["repeats"])] if spec.get("repeats") else []),
+            "--points", ",".join(f"{k}:{n}" for k, n in splits), "--seeds", str(seeds)]
     return " ".join(shlex.quote(a) for a in args)
 
 

@@ -376,7 +376,8 @@ class SweepFolder(_Folder):
 
     # What report and predict read of sweep.json (sweep.SweepSpec and the points' budgets).
     SPEC_SCHEMA = {**{f"{k}?": (str, type(None)) for k in ("data", "suite", "recipe", "budget")},
-                   "options?": [str], "pretrain_args?": [str],
+                   "options?": [str], "pretrain_args?": [str], "config?": dict,
+                   "repeats?": (int, lambda v: v >= 1, "1 or more"),
                    "points?": [{"run": str, "N": (int, lambda v: v >= 1, "1 or more")}]}
 
     def read_spec(self) -> dict:

@@ -683,6 +683,29 @@ def job_result(job, point: Point) -> dict:
                          f"its log: {job.paths.stderr}"}
 
 
+def refuse_other_options(old: dict, spec: SweepSpec) -> None:
+    """A sweep folder holds runs of one set of options: a call with options that change what
+    a run computes or how it is probed would add runs unlike the earlier ones and rewrite
+    sweep.json over them (the report would state a budget they never trained). Options that
+    change only speed (config.SPEED_ONLY) may differ."""
+    from .config import SPEED_ONLY
+
+    if not old:
+        return
+    was, now = old.get("config", {}), spec.config
+    differ = [(f"--{k.replace('_', '-')}", was.get(k), now.get(k))
+              for k in sorted(set(was) & set(now))  # a key an older dptrain lacked: unknown
+              if k not in SPEED_ONLY and was[k] != now[k]]
+    differ += [(f"--{k}", old.get(k), getattr(spec, k)) for k in ("repeats", "suite")
+               if old.get(k) is not None and old.get(k) != getattr(spec, k)]
+    if differ:
+        shown = ", ".join(f"{flag} {a} (now {b})" for flag, a, b in differ[:4])
+        raise DataError(f"{spec.out} holds a sweep run with other options: {shown}"
+                        f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}; its "
+                        "runs would be mislabelled: give the sweep's own options (sweep.json), "
+                        "or another --out")
+
+
 def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
           launcher: str = "local", slots: list | None = None, slurm: dict | None = None,
           log=print, progress: bool = False) -> dict:
@@ -696,10 +719,11 @@ def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
 def _sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *, launcher: str,
            slots: list | None, slurm: dict | None, log, progress: bool) -> dict:
     out = Path(spec.out)
+    folder = SweepFolder(out)
+    refuse_other_options(folder.read_spec(), spec)
     write_json(spec.config_file, spec.config)
     # Every point ever run here keeps its budget N: a later call may add points (a predicted
     # split, say) without relabelling the earlier ones.
-    folder = SweepFolder(out)
     known = folder.sizes()
     known.update({p.name: p.size for p in points})
     write_json(folder / SweepFolder.SPEC,

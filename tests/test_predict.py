@@ -86,12 +86,13 @@ def test_one_budget_cannot_validate_and_names_the_budget_to_add(tmp_path):
         assert k * n == pytest.approx(16000, rel=0.01)
     spec = json.loads((root / "sweep.json").read_text())  # a sweep's own data and options,
     spec.update(data="/d", suite="/s.toml",  # less an empty --log-to older sweeps recorded
-                options=["--recipe", "synthetic", "--log-to", "()", "--steps", "400"])
+                options=["--recipe", "synthetic", "--log-to", "()", "--steps", "400"],
+                repeats=1)  # and its probes' repeats: the runs it adds are probed alike
     (root / "sweep.json").write_text(json.dumps(spec))
     p = run_cli("predict", root, "--size", "16000", "--max-classes", "1000",
                 "--max-per-class", "1300", "--bootstrap", "0", "--suggest")
     assert (f"dptrain sweep --data /d --suite /s.toml --out {root} --recipe synthetic "
-            "--steps 400 --points ") in p.stdout
+            "--steps 400 --repeats 1 --points ") in p.stdout
 
 
 def test_a_single_seed_still_gets_intervals_from_the_residuals_and_residuals_are_shown(tmp_path):

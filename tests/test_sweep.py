@@ -265,3 +265,14 @@ def test_a_rerun_retries_a_failed_point_and_clears_its_failure_and_reports_its_b
     assert json.loads((out / "runs" / "K2-n8-s0" / "summary.json").read_text())["steps"] == 3
     run_here("report", out, check=True)
     assert "- budget: fixed steps: 3 per run" in (out / "report" / "report.md").read_text()
+    # The same folder with options that change what a run computes or how it is probed is
+    # refused, and its record stays true; an option that changes only speed is not.
+    record = (out / "sweep.json").read_bytes()
+    r = run_here("sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8",
+                 "--recipe", "synthetic", "--epochs", "2", "--batch-size", "8", "--seeds", "1",
+                 "--repeats", "2", "--log-every", "1", "--steps", "4")
+    assert r.returncode == 2 and "holds a sweep run with other options: --epochs 1 (now 2), " \
+        "--steps 3 (now 4), --repeats 1 (now 2)" in r.stderr, r.stderr
+    assert (out / "sweep.json").read_bytes() == record
+    r = run_here(*args, "--workers", "1", check=True)
+    assert "1 finished already, 0 to run" in r.stderr
