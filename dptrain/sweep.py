@@ -97,12 +97,17 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
     recipe's)."""
     import torch
 
-    from .config import TrainConfig, check_config, make_config
+    from .config import TrainConfig, check_config, data_recipe, make_config
     from .downstream import read_suite
 
     pairs = grid(sizes=o.sizes, classes=o.classes, ratios=o.ratios, points=o.points)
+    recipe = train_options.get("recipe") or data_recipe(o.data)
+    if recipe and not train_options.get("recipe"):  # the built-in data: as pretrain does
+        log(f"{o.data} is the built-in synthetic data: --recipe {recipe} (give --recipe to "
+            "choose another)")
+        train_options = {**train_options, "recipe": recipe}
     given = as_argv(TrainConfig, train_options)
-    cfg = make_config(**{**train_options, "recipe": train_options.get("recipe") or "fast",
+    cfg = make_config(**{**train_options, "recipe": recipe or "fast",
                          "data": str(Path(o.data).resolve())})
     # Under Slurm the runs have the GPUs their jobs ask for, whatever this machine has.
     check_config(cfg, max(1, o.gpus),
@@ -344,6 +349,9 @@ def dry_run_text(points: list[Point], index: ShardIndex, cfg, gpus_per_run: int,
 
     from .train import measure_img_per_s
 
+    # What needs no timing first: a point too small for a batch is refused before any model
+    # is built and timed (a plan with no rates runs the same checks).
+    plan(points, index, cfg, slots=1, gpus_per_run=gpus_per_run)
     visible = torch.cuda.device_count()
     gpus = plan_gpus or visible
     here = "cuda" if gpus else "cpu"

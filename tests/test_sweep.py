@@ -276,3 +276,19 @@ def test_a_rerun_retries_a_failed_point_and_clears_its_failure_and_reports_its_b
     assert (out / "sweep.json").read_bytes() == record
     r = run_here(*args, "--workers", "1", check=True)
     assert "1 finished already, 0 to run" in r.stderr
+
+
+def test_a_sweep_on_the_built_in_data_gets_its_recipe(tmp_path, synthetic):
+    """As pretrain: no --recipe on a set of the built-in data is --recipe synthetic, said
+    first (with fast, resnet18 at batch 512, these points made no full batch)."""
+    data, suite = synthetic
+    p = run_here("sweep", "--data", data, "--suite", suite, "--out", tmp_path / "sw",
+                 "--points", "2:8", "--epochs", "3", "--batch-size", "8", "--dry-run",
+                 "--plan-gpus", "1", "--img-per-s", "16", "--extract-img-per-s", "1000",
+                 check=True)
+    assert p.stderr.startswith(f"{data} is the built-in synthetic data: --recipe synthetic")
+    assert "K2-n8-s0" in p.stdout
+    p = run_here("sweep", "--data", data, "--suite", suite, "--out", tmp_path / "sw",
+                 "--points", "2:8", "--recipe", "fast", "--dry-run", "--plan-gpus", "1",
+                 "--img-per-s", "16", "--extract-img-per-s", "1000")
+    assert "built-in synthetic data" not in p.stderr and "no full batch of 512" in p.stderr
