@@ -96,7 +96,10 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
     got = rows(out)
     assert sorted((x["K"], x["n"], x["dataset"]) for x in got) == \
         [("2", "8", "synthetic-t1"), ("4", "4", "synthetic-t1")]
-    assert all(0 <= float(x["error_mean"]) <= 1 for x in got)
+    for x in got:  # each row is its run's own probe result
+        probe = json.loads((out / "runs" / x["run"] / "probe.json").read_text())
+        assert float(x["error_mean"]) == pytest.approx(
+            probe["datasets"][x["dataset"]]["error_mean"])
     # One run at a time on a CPU: each child gets all of this process's cores for DALI.
     cores = len(os.sched_getaffinity(0))
     commands = [x for x in (first / "sweep.log").read_text().splitlines() if x.startswith("$ ")]
