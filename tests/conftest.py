@@ -116,6 +116,16 @@ def damaged_jpegs(texture: np.ndarray) -> dict[str, tuple[bytes, str]]:
     }
 
 
+def synthetic_data(root: Path, classes: int, per_class: int) -> tuple[Path, Path]:
+    """The built-in data, small: a pool of 16 px images (root/pretrain) and one 3-class task
+    of 6 train and 3 test images a class, with its suite file."""
+    from dptrain.synthetic import Generator, write_pool, write_tasks
+
+    gen = Generator(res=16)
+    write_pool(root / "pretrain", classes, per_class, gen, progress=False)
+    return root / "pretrain", write_tasks(root, (3,), train=6, test=3, gen=gen, progress=False)
+
+
 def make_imagefolder(root: Path, texture: np.ndarray, classes: int = 4, per_class: int = 6,
                      size: tuple[int, int] = (64, 48), bad: bool = True) -> Path:
     """root/<class>/<file>: ImageNet-like JPEGs, plus the bad inputs in the first class."""

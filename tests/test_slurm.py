@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DPTRAIN, FAST, one_line_error, run_cli, run_here
+from conftest import DPTRAIN, FAST, one_line_error, run_cli, run_here, synthetic_data
 from test_faults import zero_sample
 
 from dptrain.index import ShardIndex
 from dptrain.subset import select
-from dptrain.synthetic import Generator, write_pool, write_tasks
 
 pytestmark = pytest.mark.slurm
 
@@ -59,10 +58,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """The built-in data, small: an 8-class x 40-image pool and one 3-class task."""
-    root = tmp_path_factory.mktemp("syn")
-    gen = Generator(res=16)
-    write_pool(root / "pretrain", 8, 40, gen, progress=False)
-    return root / "pretrain", write_tasks(root, (3,), train=6, test=3, gen=gen, progress=False)
+    return synthetic_data(tmp_path_factory.mktemp("syn"), 8, 40)
 
 
 def sweep_args(data, suite, out, points: str, epochs: int = 1, *more) -> list:

@@ -12,14 +12,14 @@ import time
 from dataclasses import asdict
 
 import pytest
-from conftest import interrupt, run_here
+from conftest import interrupt, run_here, synthetic_data
 
 from dptrain.config import make_config
 from dptrain.downstream import read_suite
 from dptrain.errors import DataError
 from dptrain.index import ShardIndex
 from dptrain.sweep import Point, SweepSpec, device_slots, grid, schedule, sweep
-from dptrain.synthetic import Generator, write_pool, write_tasks
+from dptrain.synthetic import Generator, write_tasks
 
 
 def test_grid_sizes_ratios_and_points():
@@ -64,10 +64,7 @@ def test_device_slots_follow_visible_devices(monkeypatch):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    gen = Generator(res=16)
-    write_pool(root / "pretrain", 6, 12, gen, progress=False)
-    return root / "pretrain", write_tasks(root, (3,), train=6, test=3, gen=gen, progress=False)
+    return synthetic_data(tmp_path_factory.mktemp("syn"), 6, 12)
 
 
 TINY = ["--recipe", "synthetic", "--epochs", "1", "--batch-size", "8", "--seeds", "1",
