@@ -243,8 +243,9 @@ class LoaderDecoder:
         except Exception as e:  # DALI raises RuntimeError, and the pipeline is spent
             self._built = None
             raise BadImage(_reason(self._said() or _dali_error(e))) from None
-        if self._said():
-            raise BadImage(_reason(self._said()))
+        said = self._said()  # a warning: the image decoded, but damaged
+        if said:
+            raise BadImage(_reason(said))
         return [tuple(out.at(i).shape[:2]) for i in range(len(datas))]
 
     def problems(self, datas: list, sizes: list[tuple[int, int]]) -> list[str | None]:
