@@ -10,18 +10,21 @@ fit, and the ratio rule K* = sqrt(r* N) with r* measured at the fitted budgets (
 from __future__ import annotations
 
 import math
+from collections import Counter
 from itertools import chain
 
 import numpy as np
 
 from .results import best_per_size, mean_std
 from .theory import (
+    RATIOS_NEEDED,
     FitError,
     best_ratio_measured,
     best_split,
     fit_points,
     near_minimum,
     split_for_ratio,
+    too_few_points,
 )
 
 PREDICTORS = ("free", "tied", "ratio_rule")
@@ -40,6 +43,18 @@ def label(method: str) -> str:
     return {"free": "free fit", "tied": "tied fit", "ratio_rule": "ratio rule"}[method]
 
 
+def shortfall(keys, method: str) -> str | None:
+    """Why `predict_split` cannot be made from points at these (K, n, N), whatever their errors
+    (None: it can be tried; a fit may still fail on the errors): what a plan can tell before
+    any run."""
+    keys = set(keys)
+    if method == "ratio_rule":
+        if max(Counter(p[2] for p in keys).values(), default=0) < RATIOS_NEEDED:
+            return f"no budget has the {RATIOS_NEEDED} ratios the measured best ratio needs"
+        return None
+    return too_few_points([p[0] for p in keys], [p[1] for p in keys], tied=method == "tied")
+
+
 def predict_split(points: dict, size: int, method: str, limits: dict | None = None,
                   start=None) -> dict:
     """One predictor's best split of the budget `size`: {"classes", "per_class", ...} with the
@@ -54,7 +69,7 @@ def predict_split(points: dict, size: int, method: str, limits: dict | None = No
             except FitError:
                 pass
         if not ratios:
-            raise FitError("no budget has the 3 ratios the measured best ratio needs")
+            raise FitError(shortfall(points, method))
         r = float(np.exp(np.mean([math.log(x["ratio"]) for x in ratios])))
         return {**split_for_ratio(r, size, **limits), "ratio": r, "measured": ratios}
     f, keys = fit_points(points, tied=method == "tied", start=start)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .calibrate import (
     INTERVAL,
+    PARAMETERS,
     PREDICTORS,
     at_budget,
     bootstrap,
@@ -22,13 +23,23 @@ from .calibrate import (
     interval,
     label,
     predict_split,
+    shortfall,
 )
 from .index import ShardIndex
 from .options import option
 from .progress import plural
 from .results import AVERAGE, best_per_size, errors_by_point, read_results
 from .runfolder import SweepFolder
-from .theory import PARAMS, Fit, FitError, class_limits, fit_line, near_minimum, residual_line
+from .theory import (
+    PARAMS,
+    RATIOS_NEEDED,
+    Fit,
+    FitError,
+    class_limits,
+    fit_line,
+    near_minimum,
+    residual_line,
+)
 
 # What the pooled interval means, where `predict` prints it.
 INTERVAL_SOURCE = ("the free fit's bootstrap over budgets and residuals: the model's doubt as "
@@ -191,6 +202,42 @@ def suggestions(entry: dict, size: int, points: dict, limits: dict) -> list[list
     run = {p[0] for p in points if p[2] == size}
     ks = sorted({min(max(k, math.ceil(lo)), math.floor(hi)) for k in ks} - run)
     return [[k, int(round(size / k))] for k in ks]
+
+
+def grid_line(keys) -> str:
+    """What `predict` can make of a sweep of these (K, n, N) points, said before any run:
+    which predictors have the points they need (counted only: a fit can still fail on the
+    errors, which predict then says), whether the held-out check can choose between them,
+    and what to add to the grid where not."""
+    keys = set(keys)
+    sizes = sorted({p[2] for p in keys})
+    made = [m for m in PREDICTORS if not shortfall(keys, m)]
+    small = {p for p in keys if p[2] != sizes[-1]}
+    checked = len(sizes) > 1 and any(not shortfall(small, m) for m in PREDICTORS)
+
+    def the(methods):
+        names = [f"the {label(m)}" for m in methods]
+        return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+    if not made:
+        line = (f"for predict: too few points for any prediction ({plural(len(keys), 'split')} "
+                f"at {plural(len(sizes), 'budget')}): the ratio rule needs {RATIOS_NEEDED} "
+                f"values of --classes at one budget, the tied fit {PARAMETERS['tied'] + 1} "
+                f"distinct splits, the free fit {PARAMETERS['free'] + 1}")
+    else:
+        missing = [m for m in PREDICTORS if m not in made]
+        line = f"for predict: enough points for {the(made)}" + (
+            f"; not for {the(missing)} ({shortfall(keys, missing[0])})" if missing else "")
+    if checked:
+        return line + (f"; the held-out check predicts N={sizes[-1]:,} from the smaller "
+                       "budgets to choose the predictor")
+    if len(sizes) == 1:
+        return line + ("; no held-out check with one budget: add a smaller budget (--sizes) "
+                       f"with {RATIOS_NEEDED} or more values of --classes, so that predict "
+                       "can choose the predictor to trust")
+    return line + (f"; no held-out check: the budgets below N={sizes[-1]:,} have too few points "
+                   f"for any predictor: give one of them {RATIOS_NEEDED} or more values of "
+                   "--classes")
 
 
 def sweep_command(sweep_dir, out: dict, seeds: int) -> str | None:

@@ -34,7 +34,7 @@ from .launch import child_env
 from .options import as_argv, option
 from .progress import bar as progress_bar
 from .progress import plural
-from .results import write_results
+from .results import read_results, write_results
 from .runfolder import RunFolder, SweepFolder, folder_lock, write_json
 from .subset import select
 from .tracking import BUDGET, SWEEP
@@ -99,6 +99,7 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
 
     from .config import TrainConfig, check_config, data_recipe, make_config
     from .downstream import read_suite
+    from .predict import grid_line
 
     pairs = grid(sizes=o.sizes, classes=o.classes, ratios=o.ratios, points=o.points)
     recipe = train_options.get("recipe") or data_recipe(o.data)
@@ -127,10 +128,17 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
     datasets = [d[0] for d in read_suite(Path(o.suite))]
     index = ShardIndex.load(o.data)
     todo, skipped = feasible(index, pairs, list(range(o.seeds)), cfg.allow_fewer)
+    if not todo:
+        for reason in skipped:
+            log(f"skipped (infeasible) {reason}")
+        raise DataError("no feasible point in the grid")
+    try:  # with the points of an earlier call on this folder
+        earlier = {(r["K"], r["n"], r["N"]) for r in read_results(o.out)}
+    except DataError:
+        earlier = set()
+    log(grid_line({(p.classes, p.per_class, p.size) for p in todo} | earlier))
     for reason in skipped:
         log(f"skipped (infeasible) {reason}")
-    if not todo:
-        raise DataError("no feasible point in the grid")
     if o.dry_run:
         return dry_run_text(todo, index, cfg, max(1, o.gpus), o.img_per_s, o.plan_gpus,
                             suite=o.suite,

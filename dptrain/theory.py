@@ -65,6 +65,19 @@ class Fit:
         return asdict(self)
 
 
+def too_few_points(k, n, *, tied: bool = False) -> str | None:
+    """Why points at these K and n cannot be fitted at all (None: they can be tried): one more
+    distinct (K, n) than the fit has parameters, and two values of each. A sweep's plan asks
+    this before any run (predict.grid_line)."""
+    free = 4 if tied else 5
+    distinct = len({(float(a), float(b)) for a, b in zip(k, n)})
+    if distinct < free + 1 or len(set(k)) < 2 or len(set(n)) < 2:
+        return (f"too few points to fit {free} parameters: {distinct} distinct (K, n) points "
+                f"with {len(set(k))} K values and {len(set(n))} n values; need at least "
+                f"{free + 1} points, 2 values of each")
+    return None
+
+
 def fit(k, n, err, *, tied: bool = False, start: Fit | None = None) -> Fit:
     """Least-squares fit of the model to mean errors at points (k, n); several starts, the
     best kept, or the one `start` (a fit of nearly the same errors: a bootstrap's refits,
@@ -76,12 +89,9 @@ def fit(k, n, err, *, tied: bool = False, start: Fit | None = None) -> Fit:
     from scipy.optimize import least_squares
 
     k, n, err = (np.asarray(v, dtype=float) for v in (k, n, err))
-    free = 4 if tied else 5
-    distinct = len({(a, b) for a, b in zip(k, n)})
-    if distinct < free + 1 or len(set(k)) < 2 or len(set(n)) < 2:
-        raise FitError(f"too few points to fit {free} parameters: {distinct} distinct (K, n) "
-                       f"points with {len(set(k))} K values and {len(set(n))} n values; need "
-                       f"at least {free + 1} points, 2 values of each")
+    short = too_few_points(k, n, tied=tied)
+    if short:
+        raise FitError(short)
     lk, ln = np.log(k), np.log(n)
 
     def unpack(p):
@@ -211,14 +221,18 @@ def best_split(f: Fit, size: int, *, max_classes: int | None = None,
             "error": float(f.err(k_int, size / k_int))}
 
 
+RATIOS_NEEDED = 3  # a parabola through the best measured K/n and its two neighbours
+
+
 def best_ratio_measured(points: dict[tuple[int, int, int], list[float]], size: int) -> dict:
     """r* at one budget from the runs alone: a parabola through mean error against log(K/n)
     at the best measured point and its neighbours; its vertex if it lies between them, else
     the best measured ratio (flagged: the optimum may lie outside the grid)."""
     pts = sorted((math.log(k / n), float(np.mean(v))) for (k, n, s), v in points.items()
                  if s == size)
-    if len(pts) < 3:
-        raise FitError(f"N={size}: {len(pts)} ratio(s) measured; the best ratio needs 3 or more")
+    if len(pts) < RATIOS_NEEDED:
+        raise FitError(f"N={size}: {len(pts)} ratio(s) measured; the best ratio needs "
+                       f"{RATIOS_NEEDED} or more")
     x, y = np.array(pts).T
     i = int(np.argmin(y))
     if 0 < i < len(x) - 1:

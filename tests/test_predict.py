@@ -177,3 +177,29 @@ def test_a_fitted_value_outside_its_interval_is_marked():
     assert line.endswith("; * c0 outside its interval: the bootstrap refits do not centre on "
                          "this fit (too few points for it to be stable)")
     assert "*" not in fit_line(f, {"c0": (0.5, 0.6)})
+
+
+@pytest.mark.parametrize("sizes, ks", [((1000,), (4, 10)), ((1000,), (4, 10, 25)),
+                                       ((1000, 4000), (4, 10)), ((1000, 4000), (4, 10, 25)),
+                                       ((250, 1000, 4000), (4, 10, 25, 63))])
+def test_the_sweeps_word_before_it_runs_agrees_with_what_predict_then_makes(tmp_path, sizes,
+                                                                            ks):
+    """`sweep` (and its --dry-run) tells from the grid alone which predictors predict will make
+    and whether its held-out check can choose one: checked against predict on that grid."""
+    from dptrain.calibrate import PREDICTORS, label
+    from dptrain.predict import grid_line, predict_sweep
+    from dptrain.results import read_results
+
+    root = fake_sweep(tmp_path / "sw", sizes=sizes, ks=ks, sets=("a",))
+    line = grid_line({(r["K"], r["n"], r["N"]) for r in read_results(root)})
+    a = predict_sweep(root, 64000, max_classes=1000, max_per_class=1300, samples=0)["sets"]["a"]
+    made = {m for m in PREDICTORS if "error" not in a[m]}
+    said = re.match(r"for predict: (?:enough points for ([^;]+)|too few points for any)", line)
+    assert said, line
+    assert {m for m in PREDICTORS if said[1] and f"the {label(m)}" in said[1]} == made
+    assert ("the held-out check predicts" in line) == (a["check"] is not None
+                                                      and a["recommended"] is not None)
+    if not made:
+        assert "the ratio rule needs 3 values of --classes at one budget" in line
+    if len(sizes) == 1:
+        assert "add a smaller budget (--sizes)" in line

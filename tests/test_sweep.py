@@ -178,6 +178,8 @@ def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
     # 8 images = 48 images, 3 s at 16 img/s; 2 points x 2 seeds = 4 runs. Each run's probe
     # extracts every image of the suite's sets (their train and test splits).
     assert "skipped (infeasible) K=9 n=20" in p.stderr
+    # before the plan, from the grid alone: what predict could make of it (test_predict)
+    assert "for predict: too few points for any prediction (2 splits at 1 budget)" in p.stderr
     lines = p.stdout.splitlines()
     runs = [x.split() for x in lines if x.strip().startswith("K")]
     assert [r[0] for r in runs] == ["K2-n8-s0", "K2-n8-s1", "K4-n4-s0", "K4-n4-s1"]
