@@ -47,6 +47,7 @@ from loader import shards  # noqa: E402
 import dptrain.train as T  # noqa: E402
 from dptrain.config import make_config  # noqa: E402
 from dptrain.device import resolve_amp  # noqa: E402
+from dptrain.runfolder import RunFolder  # noqa: E402
 
 LOG = 10
 
@@ -78,7 +79,7 @@ class MemoryLoader:
 
 def run(cfg, out: Path, name: str, make_loader=T.train_loader) -> dict:
     summary = T.train(cfg, out, progress=False, make_loader=make_loader)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = RunFolder(out).read_metrics()
     steady = [x["images_per_s"] for x in lines[1:]]
     r = {"steady img/s": sum(steady) / len(steady), "run img/s": summary["images_per_s"],
          "data wait": summary["data_wait_fraction"], "cache": summary["cache"]["where"],

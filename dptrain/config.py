@@ -120,8 +120,9 @@ class TrainConfig:
                                          "GPUs].", low=0, high=1)
     prefetch: int = _opt(2, "Batches DALI prepares ahead, and as many finished ones queued.",
                          low=1)
-    log_every: int = _opt(50, "Steps between metrics lines (each one syncs host and device).",
-                          low=1)
+    log_every: int | None = _opt(None, "Steps between metrics lines (each one syncs host and "
+                                 "device) [50, fewer in a run under 1,000 steps: 20 lines or "
+                                 "more].", low=1)
     cache: str = _opt("auto", "Pixel cache: decode the subset once and crop every epoch from the "
                       "decoded images, kept on the gpu, in host memory (pinned on a GPU run), or "
                       "off (decode every epoch) [auto: the GPU if it fits beside training, else "

@@ -247,7 +247,6 @@ def write_run_report(run_dir: str | os.PathLike) -> tuple[Path, str]:
     against step, and the loader's side (img/s, the share of time waiting for data); returns
     the figure's path and the run's probe table (probe.json), which a sweep's report has no
     room for."""
-    import json
 
     import matplotlib
 
@@ -257,14 +256,10 @@ def write_run_report(run_dir: str | os.PathLike) -> tuple[Path, str]:
     from .probe import render as probe_table
 
     run = RunFolder(run_dir)
-    try:
-        rows = [json.loads(line) for line in (run / run.METRICS).read_text().splitlines()]
-    except (OSError, ValueError) as e:
-        raise DataError(f"{run.path} has no readable {run.METRICS} ({e}): not a dptrain run, "
-                        "or one that has not logged a step yet") from None
-    rows = [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
+    rows = [r for r in run.read_metrics() if isinstance(r.get("loss"), (int, float))]
     if not rows:
         raise DataError(f"{run.path / run.METRICS} holds no logged step yet")
+    epochs = [r for r in run.read_metrics("epoch") if isinstance(r.get("loss"), (int, float))]
     step = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for ax, key, title in ((axes[0, 0], "loss", "training loss (mean over the log window)"),
@@ -272,9 +267,13 @@ def write_run_report(run_dir: str | os.PathLike) -> tuple[Path, str]:
                            (axes[1, 0], "images_per_s", "images / s"),
                            (axes[1, 1], "data_wait", "share of the window waiting for data")):
         ax.plot(step, [r.get(key, float("nan")) for r in rows], marker="." if len(rows) < 50
-                else None)
+                else None, label="log window")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+    if epochs:  # each epoch's mean loss, at the step it ended
+        axes[0, 0].plot([r["step"] for r in epochs], [r["loss"] for r in epochs], "o--",
+                        color="C3", label="epoch mean")
+        axes[0, 0].legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("step")
     summary = run.read_summary() or {}

@@ -307,6 +307,25 @@ class RunFolder(_Folder):
         if summary is not None:
             self.write_summary({**summary, **changes})
 
+    def read_metrics(self, kind: str = "step") -> list[dict]:
+        """metrics.jsonl's rows of one kind: "step" (a log window: loss, lr, img/s, data wait)
+        or "epoch" (mean loss, training top-1, seconds); rows of runs from before the epoch
+        rows have no kind and are steps. A row cut short by a kill is left out."""
+        rows = []
+        try:
+            lines = (self / self.METRICS).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.path} has no readable {self.METRICS} ({e}): not a dptrain "
+                            "run, or one that has not logged a step yet") from None
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "step" in row and row.get("kind", "step") == kind:
+                rows.append(row)
+        return rows
+
     def open_metrics(self, step: int):
         """metrics.jsonl to append to, cut back to `step` (the checkpoint resumed from): the
         rows a process that died logged after it are logged again by the resumed run."""

@@ -190,6 +190,10 @@ class Plan:
     total_steps: int
     epochs: int
     warmup_steps: int
+    log_every: int  # as given, else 50 or fewer: a short run logs 20 rows or more
+
+
+LOG_EVERY, LOG_ROWS = 50, 20  # --log-every's default, and the rows a shorter run still logs
 
 
 def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
@@ -199,7 +203,8 @@ def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
                         "smaller --batch-size")
     total = cfg.steps or cfg.epochs * per_epoch
     return Plan(per_epoch, total, math.ceil(total / per_epoch),
-                int(cfg.warmup_epochs * per_epoch))
+                int(cfg.warmup_epochs * per_epoch),
+                cfg.log_every or max(1, min(LOG_EVERY, total // LOG_ROWS)))
 
 
 def _computes(record: dict) -> dict:
@@ -265,28 +270,36 @@ class Meter:
     def __init__(self, device: torch.device, world: int):
         self.world, self.start = world, time.perf_counter()
         self.loss_sum = torch.zeros((), device=device)
+        self.epoch_loss = torch.zeros((), device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.seen_epoch = self.images = self.window_steps = 0
+        self.seen_epoch = self.images = self.window_steps = self.epoch_steps = 0
+        self.epoch_start = time.perf_counter()
         self.wait_total = self.wait_window = 0.0
         self.window_start, self.last_loss = time.perf_counter(), float("nan")
 
     def new_epoch(self) -> None:
         self.correct.zero_()
-        self.seen_epoch = 0
+        self.epoch_loss.zero_()
+        self.seen_epoch, self.epoch_steps = 0, 0
+        self.epoch_start = time.perf_counter()
 
     def state(self) -> dict:
         """What a resumed run needs to record what an uninterrupted one records: the log
         window in progress, the epoch's accuracy so far, the last logged loss."""
         return {"loss_sum": self.loss_sum.cpu(), "finite": self.finite.cpu(),
                 "correct": self.correct.cpu(), "seen_epoch": self.seen_epoch,
-                "window_steps": self.window_steps, "last_loss": self.last_loss}
+                "window_steps": self.window_steps, "last_loss": self.last_loss,
+                "epoch_loss": self.epoch_loss.cpu(), "epoch_steps": self.epoch_steps}
 
     def load_state(self, state: dict) -> None:
         for name in ("loss_sum", "finite", "correct"):
             getattr(self, name).copy_(state[name])
         self.seen_epoch, self.window_steps = state["seen_epoch"], state["window_steps"]
         self.last_loss = state["last_loss"]
+        # a checkpoint from before the epoch rows: the epoch's mean loss is unknown
+        self.epoch_loss.fill_(state["epoch_loss"] if "epoch_loss" in state else math.nan)
+        self.epoch_steps = state.get("epoch_steps", 0)
 
     def batches(self, loader):
         """The loader's batches, timing how long the loop waited for each."""
@@ -300,6 +313,8 @@ class Meter:
 
     def step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += loss.detach()
+        self.epoch_loss += loss.detach()
+        self.epoch_steps += 1
         self.finite &= torch.isfinite(loss.detach())
         self.correct += (logits.detach().argmax(1) == labels).sum()
         self.seen_epoch += len(labels)
@@ -317,12 +332,21 @@ class Meter:
         self.last_loss = self.loss_sum.item() / self.window_steps
         self.check_finite(step, epoch)
         dt = time.perf_counter() - self.window_start
-        line = {"step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr, "res": res,
-                "images_per_s": self.window_steps * batch_size / dt,
+        line = {"kind": "step", "step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
+                "res": res, "images_per_s": self.window_steps * batch_size / dt,
                 "data_wait": self.wait_window / dt}
         self.loss_sum.zero_()
         self.window_start, self.wait_window, self.window_steps = time.perf_counter(), 0.0, 0
         return line
+
+    def epoch_row(self, step: int, epoch: int) -> dict:
+        """The metrics line of an epoch (or of the run's last, partial one): its mean loss and
+        training accuracy (this rank's images), and how long it took."""
+        return {"kind": "epoch", "step": step, "epoch": epoch,
+                "loss": self.epoch_loss.item() / max(1, self.epoch_steps),
+                "top1": self.correct.item() / max(1, self.seen_epoch),
+                "images": self.seen_epoch * self.world,
+                "epoch_s": time.perf_counter() - self.epoch_start}
 
 
 def misfits(cfg: TrainConfig, subset, plan: Plan) -> list[str]:
@@ -473,7 +497,7 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             loss, logits = train_step(net, optimizer, autocast, scaler, images, labels, cfg)
             meter.step(loss, logits, labels)
             step += 1
-            if step % cfg.log_every == 0 or step == plan.total_steps:
+            if step % plan.log_every == 0 or step == plan.total_steps:
                 line = meter.window(step, epoch, lr, loader.res, cfg.batch_size)
                 if metrics:
                     metrics.write(json.dumps(line) + "\n")
@@ -485,18 +509,20 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
             bar.update(1)
             if step >= plan.total_steps:
                 break
-            if stop.agreed(step, cfg.log_every, ranks.world, device):
+            if stop.agreed(step, plan.log_every, ranks.world, device):
                 checkpoint(step, epoch)
                 bar.close()
                 loader.close()
                 if metrics:
                     metrics.close()
                 raise stopped(run.path, step, plan.total_steps, stop.signal)
+        line = meter.epoch_row(step, epoch)  # before the checkpoint: a resume logs it again
+        if metrics:
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+        tracker.log({"train/top1_epoch": line["top1"]}, step)
         epoch += 1
         checkpoint(step, epoch)
-        if tracker.backends:
-            tracker.log({"train/top1_epoch": meter.correct.item() / max(1, meter.seen_epoch)},
-                        step)
     bar.close()
     wall = time.perf_counter() - meter.start
     loader_threads = loader.pipeline["threads"] if loader else None

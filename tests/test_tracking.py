@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, make_shard_set, run_cli
 
+from dptrain.runfolder import RunFolder
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, texture) -> Path:
@@ -26,7 +28,7 @@ def test_tensorboard_and_wandb_hold_what_the_run_and_its_probe_logged(shards, tm
     run_cli("probe", run, "--data", shards, "--test-data", shards, "--name", "self",
             "--repeats", 1, "--device", "cpu", "--no-progress", "--log-to", "tensorboard",
             "--log-to", "wandb")
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows, epochs = RunFolder(run).read_metrics(), RunFolder(run).read_metrics("epoch")
     summary = json.loads((run / "summary.json").read_text())
 
     events = EventAccumulator(str(run / "tensorboard"))
@@ -34,7 +36,9 @@ def test_tensorboard_and_wandb_hold_what_the_run_and_its_probe_logged(shards, tm
     scalars = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]  # noqa: E731
     assert scalars("train/loss") == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     assert [s for s, _ in scalars("train/lr")] == [r["step"] for r in rows]
-    assert [s for s, _ in scalars("train/top1_epoch")] == [4, 8]  # 64 images, 16 a step
+    assert scalars("train/top1_epoch") == [(r["step"], pytest.approx(r["top1"]))
+                                           for r in epochs]
+    assert [r["step"] for r in epochs] == [4, 8]  # 64 images, 16 a step
     assert scalars("summary/train_loss") == [(8, pytest.approx(summary["train_loss"]))]
     assert scalars("probe/self/top1") == [(8, pytest.approx(summary["probe"]["self"]
                                                             ["top1_mean"]))]

@@ -15,6 +15,7 @@ from conftest import FAST, interrupt, make_imagefolder, make_shard_set, run_cli,
 
 from dptrain.config import make_config
 from dptrain.index import ShardIndex
+from dptrain.runfolder import RunFolder
 from dptrain.shards import shard_dataset
 from dptrain.subset import select
 from dptrain.train import lr_at, res_at, train_loader
@@ -35,9 +36,12 @@ def test_run_end_to_end_writes_every_file(shards, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["classes"] == 4 and config["subset"]["num_samples"] == 64
     assert len(config["subset"]["class_names"]) == 4 and config["total_steps"] == 8
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = RunFolder(out).read_metrics()
     assert [x["step"] for x in lines] == [2, 4, 6, 8]
     assert all(k in lines[0] for k in ("epoch", "loss", "lr", "images_per_s", "data_wait"))
+    epochs = RunFolder(out).read_metrics("epoch")  # a row at each epoch's end
+    assert [(x["step"], x["epoch"], x["images"]) for x in epochs] == [(4, 0, 64), (8, 1, 64)]
+    assert all(0 <= x["top1"] <= 1 and x["epoch_s"] > 0 for x in epochs)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["num_classes"] == 4
     assert ckpt["model"]["fc.weight"].shape[0] == 4  # the classifier has K outputs
@@ -71,7 +75,7 @@ def test_loss_decreases_and_val_top1(shards, tmp_path, texture):
     run_here("pretrain", "--data", shards, "--classes", 4, "--per-class", 24, "--epochs", 8,
              "--recipe", "paper", "--lr", "0.01", "--warmup-epochs", "1",
              "--val-data", tmp_path / "valshards", "--out", out, *FAST, check=True)
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in RunFolder(out).read_metrics()]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_top1"] > 0.5  # chance is 0.25
@@ -253,13 +257,31 @@ def test_logged_loss_is_the_mean_over_its_window(shards, tmp_path):
     common = ["--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 3, *FAST]
     run_here("pretrain", *common, "--out", per_step, "--log-every", 1, check=True)
     run_here("pretrain", *common, "--out", windowed, "--log-every", 3, check=True)  # 4 a epoch
-    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    losses = {m["step"]: m["loss"] for m in read(per_step)}
-    lines = read(windowed)
+    losses = {m["step"]: m["loss"] for m in RunFolder(per_step).read_metrics()}
+    lines = RunFolder(windowed).read_metrics()
     assert [m["step"] for m in lines] == [3, 6, 9, 12]
     for m in lines:
         window = [losses[s] for s in range(m["step"] - 2, m["step"] + 1)]
         assert m["loss"] == pytest.approx(sum(window) / 3, rel=1e-4)
+    # an epoch's row: the mean of its own 4 steps, whatever the log window
+    for run in (per_step, windowed):
+        epochs = RunFolder(run).read_metrics("epoch")
+        assert [m["step"] for m in epochs] == [4, 8, 12]
+        for m in epochs:
+            own = [losses[s] for s in range(m["step"] - 3, m["step"] + 1)]
+            assert m["loss"] == pytest.approx(sum(own) / 4, rel=1e-4)
+
+
+def test_a_short_run_logs_twenty_rows_unless_told_otherwise(shards, tmp_path):
+    """--log-every's default is 50 steps, or fewer for a run under 1,000 steps: a 24-step run
+    logs every step (24 // 20 = 1), where 50 would have logged its last step alone."""
+    i = FAST.index("--log-every")
+    common = ["--data", shards, "--classes", 4, "--per-class", 16, "--epochs", 6,
+              *FAST[:i], *FAST[i + 2:]]
+    run_here("pretrain", *common, "--out", tmp_path / "a", check=True)
+    assert [m["step"] for m in RunFolder(tmp_path / "a").read_metrics()] == list(range(1, 25))
+    run_here("pretrain", *common, "--out", tmp_path / "b", "--log-every", 50, check=True)
+    assert [m["step"] for m in RunFolder(tmp_path / "b").read_metrics()] == [24]
 
 
 @pytest.mark.gpu
