@@ -13,7 +13,14 @@ from .config import TRAIN, PretrainOptions, TrainConfig, default_in_recipes
 from .downstream import ProbeOptions
 from .environment import Ranks
 from .errors import DataError, RunFailed, Stopped, one_line
-from .options import click_options, json_option, pick, progress_option, workers_option
+from .options import (
+    click_options,
+    json_option,
+    one_default_style,
+    pick,
+    progress_option,
+    workers_option,
+)
 from .predict import PredictOptions
 from .shards import ShardOptions
 from .sources import SourceOptions
@@ -243,3 +250,4 @@ def predict(sweep_dir, as_json, **options):
     click.echo(json.dumps(out, indent=1) if as_json else render(out))
     if out["unpredicted"]:
         sys.exit(1)
+one_default_style(main)

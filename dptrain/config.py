@@ -100,20 +100,20 @@ class TrainConfig:
     res: int = _recipe("res", "Training resolution in px (the last one, if progressive; --res "
                        "alone turns progressive resolution off).", low=16)
     min_res: int | None = _recipe("min_res", "Progressive resolution from here up to --res, in "
-                                  "steps of 32 px (FFCV) [none: off].", low=16)
+                                  "steps of 32 px (FFCV); none: off.", low=16)
     eval_res: int | None = _opt(None, "Resolution of --val-data [--res].", low=16)
-    amp: str = _opt("auto", "Autocast dtype [auto: bf16 where the hardware has it, else fp16 on "
-                    "a GPU, fp32 on a CPU]; fp16 (GPU only) uses a gradient scaler.",
+    amp: str = _opt("auto", "Autocast dtype; auto: bf16 where the hardware has it, else fp16 on "
+                    "a GPU, fp32 on a CPU; fp16 (GPU only) uses a gradient scaler.",
                     choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool = _opt(True, "Channels-last memory format for the model and its input.")
     compile: bool = _opt(False, "torch.compile the model.")
-    device: str = _opt("auto", "Where to train [auto: the GPU when there is one].",
+    device: str = _opt("auto", "Where to train; auto: the GPU when there is one.",
                        choices=("auto", "cpu", "cuda"))
     workers: int | None = _opt(None, "DALI threads [this process's share of the cores: all of "
                                "them, divided between torchrun's local ranks].", low=1)
-    decode: str = _opt("auto", "Where JPEGs are decoded [auto: on the GPU (hardware decoder + "
+    decode: str = _opt("auto", "Where JPEGs are decoded; auto: on the GPU (hardware decoder + "
                        "nvJPEG) in a GPU run; cpu: DALI's CPU threads, leaving the GPU to the "
-                       "model].", choices=("auto", "gpu", "cpu"))
+                       "model.", choices=("auto", "gpu", "cpu"))
     hw_decoder_load: float | None = _opt(None, "Share of JPEGs the GPU's hardware JPEG decoder "
                                          "takes, the rest going to nvJPEG on the SMs [1.0 on "
                                          "H100/H200, measured faster; DALI's 0.65 on other "
@@ -125,8 +125,8 @@ class TrainConfig:
                                  "more].", low=1)
     cache: str = _opt("auto", "Pixel cache: decode the subset once and crop every epoch from the "
                       "decoded images, kept on the gpu, in host memory (pinned on a GPU run), or "
-                      "off (decode every epoch) [auto: the GPU if it fits beside training, else "
-                      "host memory, else off]. Unless off, --val-data is read through the eval "
+                      "off (decode every epoch); auto: the GPU if it fits beside training, else "
+                      "host memory, else off. Unless off, --val-data is read through the eval "
                       "pixel cache in --cache-dir.", choices=("auto", "gpu", "host", "off"))
     cache_side: int | None = _opt(None, "Longer side, px, at most, of the images the pixel cache "
                                   "stores (never enlarged) [2 x --res].", low=16)

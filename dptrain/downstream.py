@@ -37,8 +37,8 @@ class ProbeOptions:
                                    "images, decoded and resized once, for every probe "
                                    "[$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain; off: decode "
                                    "every time].")
-    device: str = option("auto", "Where features are computed [auto: the GPU when there is "
-                         "one].", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "Where features are computed; auto: the GPU when there is "
+                         "one.", choices=("auto", "cpu", "cuda"))
     workers: int | None = option(None, "DALI threads for feature extraction [this process's "
                                  "share of the cores].", low=1)
     seed: int = option(0, "Seeds the validation splits.")

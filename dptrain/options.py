@@ -9,6 +9,7 @@ json_option) declared here once.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import MISSING, field, fields
 
 import click
@@ -103,6 +104,33 @@ def click_options(cls, group: str | None = None, shown=None):
             kw["callback"] = lambda ctx, param, value, s=m["scale"]: int(value * s)
         options.append(click.option(flag, *m["aliases"], f.name, **kw))
     return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
+
+
+_DEFAULT_IN_WORDS = re.compile(r"\s*\[([^\[\]]+)\](\.?)$")
+
+
+class _DefaultInWords(click.Option):
+    """An option whose default the help says in words: shown as click shows a value's, without
+    the parentheses click puts around a string `show_default`."""
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        extra["default"] = self.show_default
+        return extra
+
+
+def one_default_style(group: click.Group) -> click.Group:
+    """Every option's default shown one way, click's `[default: ...]`: a default the help
+    says in words at its end ("[all]", "[the recipe's]", a recipe's values) moves there too,
+    instead of a second bracket beside click's."""
+    for command in group.commands.values():
+        for p in command.params:
+            m = _DEFAULT_IN_WORDS.search(p.help or "") if isinstance(p, click.Option) else None
+            if m:
+                text = p.help[:m.start()].rstrip()
+                p.help = text + ("." if m[2] and not text.endswith(".") else "")
+                p.show_default, p.__class__ = m[1], _DefaultInWords
+    return group
 
 
 def _type(f):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,13 @@ def test_help_for_every_command():
         silent = [o.opts[0] for o in main.commands[cmd].params
                   if isinstance(o, click.Option) and not o.help]
         assert not silent, (cmd, silent)  # every option says what it does
+        # one style of defaults, click's "[default: ...]", also for one said in words
+        own = [o.opts[0] for o in main.commands[cmd].params
+               if isinstance(o, click.Option) and re.search(r"\]\.?$", o.help or "")]
+        assert not own and "[default: (" not in p.stdout, (cmd, own)
+    text = " ".join(run_cli("pretrain", "--help").stdout.split())
+    assert "--seed INTEGER Subset choice, data order, init and augmentation. [default: 0]" in text
+    assert "K: number of classes. [default: all; x>=1]" in text
 
 
 def test_the_command_line_starts_without_torch():
