@@ -22,6 +22,7 @@ from .options import (
     workers_option,
 )
 from .predict import PredictOptions
+from .report import FORMATS
 from .shards import ShardOptions
 from .sources import SourceOptions
 from .sweep import SweepOptions
@@ -214,7 +215,11 @@ def cache(cache_dir, clear, as_json):
 @main.command()
 @click.argument("folder", metavar="SWEEP|RUN",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
-def report(folder):
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the report in [SWEEP/report or RUN/report].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True,
+              help="The figures' format (report.md shows png; pdf and svg for a paper).")
+def report(folder, out, fmt):
     """Figures (error over log K, log n; error against K/n) and tables of a sweep, in
     SWEEP/report/report.md; or one run's curves (loss, lr, img/s, data wait against step) in
     RUN/report/curves.png, with its probe table."""
@@ -222,10 +227,10 @@ def report(folder):
     from .runfolder import RunFolder
 
     if (folder / RunFolder.CONFIG).is_file():
-        path, probes = write_run_report(folder)
+        path, probes = write_run_report(folder, out, fmt)
         click.echo(f"{probes}\nwrote {path}")
     else:
-        click.echo(f"wrote {write_report(folder)}")
+        click.echo(f"wrote {write_report(folder, out, fmt)}")
 
 
 @main.command(context_settings={"show_default": True})

@@ -22,7 +22,7 @@ from .errors import DataError
 from .predict import data_limits
 from .progress import plural
 from .results import AVERAGE, best_per_size, errors_by_point, mean_std, read_results
-from .runfolder import RunFolder, SweepFolder, write_atomic
+from .runfolder import RunFolder, SweepFolder, make_folder, write_atomic
 from .theory import FitError, fit_line, fit_points, residual_line
 
 
@@ -31,6 +31,20 @@ def _slug(name: str) -> str:
 
 
 _MARKERS = "DsP^vX<>"
+
+
+FORMATS = ("png", "pdf", "svg")  # the figures' formats: png for report.md, pdf/svg for a paper
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """The figure at `path` (its format from the suffix), written under a temporary name and
+    renamed: an interrupted report leaves the last figure whole."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path,
@@ -83,8 +97,7 @@ def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], p
     ax.set_title(f"{name}: error over (K, n)\ndashed: fixed N, star: best per N"
                  + (", circle: the fit's optimum" if optima else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 120)
 
 
 def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path,
@@ -111,8 +124,7 @@ def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], pat
                  + ("; dashed: the fit to every point" if model is not None else ""), fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, 120)
 
 
 def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
@@ -179,13 +191,15 @@ def holdout_section(checks: dict[str, dict]) -> list[str]:
     return md + [""]
 
 
-def write_report(sweep_dir: str | os.PathLike) -> Path:
-    """Figures, table and report.md in SWEEP/report/; returns report.md's path."""
+def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                 fmt: str = "png") -> Path:
+    """Figures (in `fmt`), table and report.md in `out` [SWEEP/report]; returns report.md's
+    path."""
     sweep_dir = Path(sweep_dir)
     rows = read_results(sweep_dir)
     by_set = errors_by_point(rows)
-    out = sweep_dir / SweepFolder.REPORT
-    out.mkdir(exist_ok=True)
+    out = Path(out) if out else sweep_dir / SweepFolder.REPORT
+    make_folder(out)
     spec = SweepFolder(sweep_dir).read_spec()
     md = [f"# Sweep report: {sweep_dir.name}", "",
           f"- data: `{spec.get('data', '?')}`; downstream suite: `{spec.get('suite', '?')}`",
@@ -225,7 +239,7 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
     md += holdout_section(checks)
     md += ["", "## Figures", ""]
     for name, points in by_set.items():
-        c, r = f"contour-{_slug(name)}.png", f"ratio-{_slug(name)}.png"
+        c, r = f"contour-{_slug(name)}.{fmt}", f"ratio-{_slug(name)}.{fmt}"
         f = models.get(name)
         optima = {} if f is None else {
             s: (k, s / k) for s in sorted({p[2] for p in points})
@@ -242,11 +256,12 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
     return path
 
 
-def write_run_report(run_dir: str | os.PathLike) -> tuple[Path, str]:
-    """One run's curves from metrics.jsonl, in RUN/report/curves.png: loss and learning rate
-    against step, and the loader's side (img/s, the share of time waiting for data); returns
-    the figure's path and the run's probe table (probe.json), which a sweep's report has no
-    room for."""
+def write_run_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                     fmt: str = "png") -> tuple[Path, str]:
+    """One run's curves from metrics.jsonl, in `out`/curves.`fmt` [RUN/report/curves.png]:
+    loss and learning rate against step, and the loader's side (img/s, the share of time
+    waiting for data); returns the figure's path and the run's probe table (probe.json),
+    which a sweep's report has no room for."""
 
     import matplotlib
 
@@ -281,13 +296,10 @@ def write_run_report(run_dir: str | os.PathLike) -> tuple[Path, str]:
                  + (f", train loss {summary['train_loss']:.4f}"
                     if summary.get("train_loss") is not None else " (unfinished)"), fontsize=11)
     fig.tight_layout()
-    out = run / SweepFolder.REPORT
-    out.mkdir(exist_ok=True)
-    path = out / "curves.png"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    out = Path(out) if out else run / SweepFolder.REPORT
+    make_folder(out)
+    path = out / f"curves.{fmt}"
+    save_figure(fig, path, 110)
     probe = run.read_probe()
     return path, (probe_table(probe) if probe.get("datasets") else "no probe yet: dptrain probe "
                   f"{run.path} --suite ...")

@@ -24,6 +24,17 @@ PARTIAL = ".partial"  # suffix of files and folders being written
 LOCK = ".dptrain.lock"  # in a folder a command writes: who holds it, and its flock
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """`folder`, created with its parents if missing; a path that cannot be a folder is bad
+    input, said in one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write to {folder}: {e.strerror or e}") from None
+    return folder
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
     """Hold `folder` for this `dptrain COMMAND` (created if missing) while the block runs: a
@@ -31,9 +42,8 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
     kernel releases it when the holder dies, kill -9 included, and the child processes that
     inherit it hold it as long as they live. The file is never written: a folder's bytes are
     the same whoever wrote it."""
-    folder = Path(folder)
+    folder = make_folder(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as e:
         raise DataError(f"cannot write to {folder}: {e.strerror or e}") from None

@@ -28,6 +28,23 @@ def test_report_writes_figures_and_table(tmp_path):
     assert "| 1,000 | 4 | 250 |" in table[2] and table[2].count("+-") == 3
 
 
+def test_report_out_and_format(tmp_path):
+    """--out writes the report elsewhere (a sweep on a shared disk is left as it is), --format
+    the figures for a paper; a folder that cannot be made is one line."""
+    root = fake_sweep(tmp_path / "sw", sets=("a",))
+    p = run_cli("report", root, "--out", tmp_path / "mine" / "rep", "--format", "svg")
+    text = (tmp_path / "mine" / "rep" / "report.md").read_text()
+    svg = tmp_path / "mine" / "rep" / "contour-a.svg"
+    assert p.stdout.strip() == f"wrote {tmp_path / 'mine' / 'rep' / 'report.md'}"
+    assert b"<svg" in svg.read_bytes()[:500] and "(contour-a.svg)" in text
+    assert not (root / "report").exists() and not list((tmp_path / "mine" / "rep").glob(".*"))
+    p = run_cli("report", root, "--out", "/proc/no/such", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "Error: cannot write to /proc/no/such: No such file or directory"
+    p = run_cli("report", root, "--format", "jpg", check=False)
+    assert p.returncode == 2 and "'jpg' is not one of 'png', 'pdf', 'svg'" in p.stderr
+
+
 def test_a_bad_field_in_results_csv_names_the_row_and_column(tmp_path):
     root = fake_sweep(tmp_path / "sw")
     lines = (root / "results.csv").read_text().splitlines()
@@ -63,6 +80,8 @@ def test_report_of_a_run_draws_its_curves_and_reprints_its_probes(tmp_path, text
     assert p.stdout.startswith("no probe yet: dptrain probe")
     png = run / "report" / "curves.png"
     assert Image.open(png).size == (1100, 715)  # 10 x 6.5 in at 110 dpi
+    p = run_here("report", run, "--out", tmp_path / "figs", "--format", "pdf", check=True)
+    assert (tmp_path / "figs" / "curves.pdf").read_bytes()[:5] == b"%PDF-"
     run_here("probe", run, "--data", data, "--test-data", data, "--name", "self", "--repeats",
              1, "--no-progress", check=True)
     probe = json.loads((run / "probe.json").read_text())["datasets"]["self"]
