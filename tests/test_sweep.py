@@ -62,6 +62,36 @@ def test_device_slots_follow_visible_devices(monkeypatch):
     assert device_slots() == [None]
 
 
+def test_each_child_of_a_local_sweep_sees_only_its_own_gpu(tmp_path, monkeypatch):
+    """A local sweep on 2 GPUs: every point's commands run as child processes whose
+    CUDA_VISIBLE_DEVICES names the one GPU the scheduler gave that point, and no GPU holds
+    two points' children at once. The children here record what they see (in place of
+    pretrain and probe, which would need the GPUs)."""
+    import sys
+
+    import dptrain.sweep as sweep_module
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = tmp_path / "seen.jsonl"
+    child = ("import json, os, sys, time; t = time.time(); time.sleep(0.2); "
+             "open(sys.argv[1], 'a').write(json.dumps([sys.argv[2], "
+             "os.environ.get('CUDA_VISIBLE_DEVICES'), t, time.time()]) + '\\n')")
+    monkeypatch.setattr(sweep_module, "point_commands", lambda point, spec: [
+        [sys.executable, "-c", child, str(seen), point.name]] * 2)  # as pretrain, then probe
+    spec = SweepSpec(data="d", suite="s", out=str(tmp_path / "sw"), repeats=1,
+                     recipe="synthetic", budget="fixed epochs", config={}, options=[])
+    points = [Point(k, 4, 0, 4 * k) for k in range(1, 7)]
+    r = sweep(spec, points, [], slots=["0", "1"], log=lambda m: None)
+    assert r["failed"] == [] and r["ran"] == 6
+    records = [json.loads(x) for x in seen.read_text().splitlines()]
+    assert len(records) == 12 and {gpu for _, gpu, _, _ in records} == {"0", "1"}
+    for name in {p.name for p in points}:  # a point's two commands, on the one GPU it got
+        assert len({gpu for n, gpu, _, _ in records if n == name}) == 1
+    for gpu in ("0", "1"):  # one child at a time on each GPU
+        spans = sorted((t0, t1) for _, g, t0, t1 in records if g == gpu)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     return synthetic_data(tmp_path_factory.mktemp("syn"), 6, 12)
