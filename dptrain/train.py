@@ -13,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +26,12 @@ import torch.nn.functional as F
 from .config import SPEED_ONLY, PretrainOptions, TrainConfig, check_config
 from .device import amp_context, resolve_amp, resolve_device, to_model_input
 from .environment import Ranks, under_torchrun
-from .errors import COUNT, DataError, RunFailed, Stopped, mismatch
+from .errors import COUNT, DataError, mismatch
 from .evalcache import EvalCache, cache_dir_option
 from .index import ShardIndex
 from .launch import relaunch
 from .loader import EVAL_RESIZE, Loader
+from .meter import METER, Meter
 from .models import build_model
 from .pixelcache import PixelCache, cache_side, training_step_bytes
 from .pixelcache import prepare as prepare_cache
@@ -45,7 +44,8 @@ from .runfolder import (
     restoring,
     save_torch,
 )
-from .subset import read_class_list, select
+from .stopping import StopOnSignal, stopped
+from .subset import Subset, read_class_list, select
 from .subset import steps_per_epoch as epoch_steps
 from .tracking import open_tracker
 
@@ -72,57 +72,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_bn_wd: bool) ->
         (no_decay if no_bn_wd and p.ndim <= 1 else decay).append(p)  # norms and biases: 1-D
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-class NonFiniteLoss(RunFailed):
-    """The loss became inf or nan: the run stops and keeps its last good checkpoint."""
-
-
-def stopped(out: Path, step: int, total: int, signum: int) -> Stopped:
-    """SIGTERM or SIGINT stopped the run at a step boundary, after saving a checkpoint there."""
-    return Stopped(f"{out}: stopped at step {step} of {total} ({signal.Signals(signum).name}); "
-                   "checkpoint saved: run the same command to resume", signum)
-
-
-class StopOnSignal:
-    """SIGTERM (what Slurm sends before it preempts or ends a job, and what a sweep's run
-    gets when the sweep dies), SIGUSR2 (what submitit has Slurm send ahead of a time limit)
-    and SIGINT (Ctrl-C) during a run ask it to stop: the loop
-    finishes its step, saves a checkpoint and raises Stopped, so no work is lost. A second
-    Ctrl-C stops at once (the checkpoint on disk is then the last whole one); a repeated
-    SIGTERM changes nothing (a dying sweep's threads may each send one)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._before: dict = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # where handlers can be set
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-                self._before[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signal = self.signal or signum
-
-    def __exit__(self, *_) -> None:
-        for sig, before in self._before.items():
-            signal.signal(sig, before)
-
-    def agreed(self, step: int, every: int, world: int, device: torch.device) -> bool:
-        """Whether to stop after `step`: at once in one process; in DDP every `every` steps,
-        when any rank was signalled, all at the same step."""
-        if world == 1:
-            return self.signal is not None
-        if step % every:
-            return False
-        flag = torch.tensor(self.signal or 0, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signal = self.signal or int(flag.item()) or None
-        return self.signal is not None
 
 
 @torch.no_grad()
@@ -235,8 +184,6 @@ def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
 # What resuming reads of a checkpoint, besides what every reader does (runfolder).
 RESUMABLE = {"optimizer": dict, "scaler": dict, "rng_cpu": torch.Tensor,
              "step": COUNT, "epoch": COUNT}
-METER = {"loss_sum": torch.Tensor, "finite": torch.Tensor, "correct": torch.Tensor,
-         "seen_epoch": COUNT, "window_steps": COUNT, "last_loss": (int, float)}  # Meter.state
 
 
 def resume(path: Path, model, optimizer, scaler,
@@ -261,92 +208,6 @@ def resume(path: Path, model, optimizer, scaler,
         raise DataError(f"cannot resume: {e}; use --overwrite to start the run again, or "
                         "another --out") from None
     return ckpt["step"], ckpt["epoch"], ckpt.get("meter")
-
-
-class Meter:
-    """What the loop measures. Loss, accuracy and finiteness stay on the device between log
-    steps (a .item() syncs host and device); a log window may span an epoch's end."""
-
-    def __init__(self, device: torch.device, world: int):
-        self.world, self.start = world, time.perf_counter()
-        self.loss_sum = torch.zeros((), device=device)
-        self.epoch_loss = torch.zeros((), device=device)
-        self.finite = torch.ones((), dtype=torch.bool, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.seen_epoch = self.images = self.window_steps = self.epoch_steps = 0
-        self.epoch_start = time.perf_counter()
-        self.wait_total = self.wait_window = 0.0
-        self.window_start, self.last_loss = time.perf_counter(), float("nan")
-
-    def new_epoch(self) -> None:
-        self.correct.zero_()
-        self.epoch_loss.zero_()
-        self.seen_epoch, self.epoch_steps = 0, 0
-        self.epoch_start = time.perf_counter()
-
-    def state(self) -> dict:
-        """What a resumed run needs to record what an uninterrupted one records: the log
-        window in progress, the epoch's accuracy so far, the last logged loss."""
-        return {"loss_sum": self.loss_sum.cpu(), "finite": self.finite.cpu(),
-                "correct": self.correct.cpu(), "seen_epoch": self.seen_epoch,
-                "window_steps": self.window_steps, "last_loss": self.last_loss,
-                "epoch_loss": self.epoch_loss.cpu(), "epoch_steps": self.epoch_steps}
-
-    def load_state(self, state: dict) -> None:
-        for name in ("loss_sum", "finite", "correct"):
-            getattr(self, name).copy_(state[name])
-        self.seen_epoch, self.window_steps = state["seen_epoch"], state["window_steps"]
-        self.last_loss = state["last_loss"]
-        # a checkpoint from before the epoch rows: the epoch's mean loss is unknown
-        self.epoch_loss.fill_(state["epoch_loss"] if "epoch_loss" in state else math.nan)
-        self.epoch_steps = state.get("epoch_steps", 0)
-
-    def batches(self, loader):
-        """The loader's batches, timing how long the loop waited for each."""
-        t = time.perf_counter()
-        for batch in loader:
-            wait = time.perf_counter() - t
-            self.wait_window += wait
-            self.wait_total += wait
-            yield batch
-            t = time.perf_counter()
-
-    def step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()
-        self.epoch_loss += loss.detach()
-        self.epoch_steps += 1
-        self.finite &= torch.isfinite(loss.detach())
-        self.correct += (logits.detach().argmax(1) == labels).sum()
-        self.seen_epoch += len(labels)
-        self.images += len(labels) * self.world
-        self.window_steps += 1
-
-    def check_finite(self, step: int, epoch: int) -> None:
-        if not self.finite.item():
-            raise NonFiniteLoss(f"the loss became non-finite by step {step}: stopped, keeping "
-                                f"the last good checkpoint ({epoch} epoch(s) done). Lower --lr, "
-                                "or try --amp off")
-
-    def window(self, step: int, epoch: int, lr: float, res: int, batch_size: int) -> dict:
-        """The metrics line of the steps since the last one; starts the next window."""
-        self.last_loss = self.loss_sum.item() / self.window_steps
-        self.check_finite(step, epoch)
-        dt = time.perf_counter() - self.window_start
-        line = {"kind": "step", "step": step, "epoch": epoch, "loss": self.last_loss, "lr": lr,
-                "res": res, "images_per_s": self.window_steps * batch_size / dt,
-                "data_wait": self.wait_window / dt}
-        self.loss_sum.zero_()
-        self.window_start, self.wait_window, self.window_steps = time.perf_counter(), 0.0, 0
-        return line
-
-    def epoch_row(self, step: int, epoch: int) -> dict:
-        """The metrics line of an epoch (or of the run's last, partial one): its mean loss and
-        training accuracy (this rank's images), and how long it took."""
-        return {"kind": "epoch", "step": step, "epoch": epoch,
-                "loss": self.epoch_loss.item() / max(1, self.epoch_steps),
-                "top1": self.correct.item() / max(1, self.seen_epoch),
-                "images": self.seen_epoch * self.world,
-                "epoch_s": time.perf_counter() - self.epoch_start}
 
 
 def misfits(cfg: TrainConfig, subset, plan: Plan) -> list[str]:
@@ -417,10 +278,70 @@ def train(cfg: TrainConfig, out: Path, *, overwrite: bool = False, progress: boo
         return _train(cfg, Path(out), overwrite, progress, make_loader, log, held)
 
 
+@dataclass
+class _Run:
+    """A run set up to train (`_set_up`): what the loop reads, and where it stands."""
+
+    cfg: TrainConfig
+    folder: RunFolder
+    ranks: Ranks
+    device: torch.device
+    subset: Subset
+    plan: Plan
+    record: dict
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as trained: wrapped for DDP, compiled
+    optimizer: torch.optim.Optimizer
+    autocast: Any
+    scaler: torch.amp.GradScaler
+    cache: PixelCache | None
+    cache_record: Any
+    meter: Meter
+    stop: StopOnSignal
+    metrics: Any  # metrics.jsonl, open to append (rank 0), or None
+    tracker: Any
+    step: int
+    epoch: int
+
+    def log_row(self, line: dict) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(line) + "\n")
+            self.metrics.flush()
+
+    def checkpoint(self) -> None:
+        """The run so far: resuming from it computes and records what an uninterrupted run
+        does. `epoch`: the one to go on with (from step - epoch x steps per epoch)."""
+        self.meter.check_finite(self.step, self.epoch)  # never checkpoint a diverged model
+        if self.ranks.is_main:  # the unwrapped module's state: no key surgery when loading
+            cuda = self.device.type == "cuda"
+            save_torch({"model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "scaler": self.scaler.state_dict(), "step": self.step,
+                        "epoch": self.epoch, "rng_cpu": torch.get_rng_state(),
+                        "config": asdict(self.cfg),
+                        **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if cuda else {}),
+                        "meter": self.meter.state(), "num_classes": self.subset.num_classes,
+                        "class_names": self.subset.class_names}, self.folder.checkpoint)
+
+
 def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_loader,
            log, held: contextlib.ExitStack) -> dict:
+    """Set up, loop, finish; everything opened on the way is held by `held`, so that a stop
+    by signal, an error and the end close things alike."""
+    run = _set_up(cfg, out, overwrite, log or _stderr, held)
+    if isinstance(run, dict):  # finished already: its summary
+        return run
+    loader = _loop(run, make_loader, progress, held)
+    return _finish(run, loader)
+
+
+def _set_up(cfg: TrainConfig, out: Path, overwrite: bool, log,
+            held: contextlib.ExitStack) -> _Run | dict:
+    """The run folder held and opened, the subset and the plan, the model and its optimiser
+    as the checkpoint left them, the pixel cache, the meter and the records; or the summary
+    of a run that is finished already."""
     stop = held.enter_context(StopOnSignal())
-    run = RunFolder(out)
+    folder = RunFolder(out)
     ranks, device = setup_ranks(cfg)
     cuda = device.type == "cuda"
     names = read_class_list(cfg.class_list) if cfg.class_list else None
@@ -433,118 +354,112 @@ def _train(cfg: TrainConfig, out: Path, overwrite: bool, progress: bool, make_lo
               "total_steps": plan.total_steps, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if cuda else str(device)}
     if ranks.is_main:  # the run folder is this run's until it ends: a second one is refused
-        held.enter_context(folder_lock(run.path, "pretrain"))
-    finished = run.open(record, _computes, overwrite=overwrite, main=ranks.is_main)
+        held.enter_context(folder_lock(folder.path, "pretrain"))
+    finished = folder.open(record, _computes, overwrite=overwrite, main=ranks.is_main)
     if ranks.world > 1:
         torch.distributed.barrier()  # every rank sees the folder rank 0 prepared
     if finished:
         return finished
     model, optimizer, autocast, scaler = build(cfg, subset.num_classes, amp, device)
-    step, epoch, meter_state = resume(run.checkpoint, model, optimizer, scaler, device)
+    step, epoch, meter_state = resume(folder.checkpoint, model, optimizer, scaler, device)
     net = model
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ranks.local_rank] if cuda else None)
     if cfg.compile:
         net = torch.compile(net)
-
     if ranks.is_main:
-        for line in ([f"resuming {run.path} from step {step:,} of {plan.total_steps:,}"]
+        for line in ([f"resuming {folder.path} from step {step:,} of {plan.total_steps:,}"]
                      if step else []) + misfits(cfg, subset, plan):
-            (log or _stderr)(line)
+            log(line)
     cache, cache_record = pixel_cache(subset, cfg, model, autocast, ranks, device)
     if ranks.is_main:
-        (log or _stderr)(cache_record.line())
+        log(cache_record.line())
     meter = Meter(device, ranks.world)
     if meter_state:
-        with restoring(run.checkpoint):
+        with restoring(folder.checkpoint):
             meter.load_state(meter_state)
-
-    def checkpoint(step: int, epoch: int) -> None:
-        """The run so far: resuming from it computes and records what an uninterrupted run
-        does. `epoch`: the one to go on with (from step - epoch x steps per epoch)."""
-        meter.check_finite(step, epoch)  # never checkpoint a diverged model
-        if ranks.is_main:  # the unwrapped module's state: no key surgery when loading
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                        "rng_cpu": torch.get_rng_state(), "config": asdict(cfg),
-                        **({"rng_cuda": torch.cuda.get_rng_state(device)} if cuda else {}),
-                        "meter": meter.state(), "num_classes": subset.num_classes,
-                        "class_names": subset.class_names}, run.checkpoint)
-
-    # -- the loop
-    loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
-    metrics = run.open_metrics(step) if ranks.is_main else None
-    tracker = held.enter_context(open_tracker(cfg.log_to if ranks.is_main else (), run.path,
+    metrics = held.enter_context(folder.open_metrics(step)) if ranks.is_main else None
+    tracker = held.enter_context(open_tracker(cfg.log_to if ranks.is_main else (), folder.path,
                                               record, step))
-    bar = progress_bar(total=plan.total_steps, initial=step, unit="step",
-                       enabled=progress and ranks.is_main)
-    while step < plan.total_steps:
-        res = res_at(epoch, plan.epochs, cfg)
+    return _Run(cfg, folder, ranks, device, subset, plan, record, model, net, optimizer,
+                autocast, scaler, cache, cache_record, meter, stop, metrics, tracker, step,
+                epoch)
+
+
+def _loop(run: _Run, make_loader, progress: bool, held: contextlib.ExitStack) -> Loader | None:
+    """Epochs of steps from where the run stands to its last: a log row every `log_every`
+    steps, an epoch row and a checkpoint at each epoch's end; a signal stops it at the next
+    step with a checkpoint there (Stopped). Returns the last loader, still open."""
+    cfg, plan, meter = run.cfg, run.plan, run.meter
+    bar = held.enter_context(progress_bar(total=plan.total_steps, initial=run.step,
+                                          unit="step", enabled=progress and run.ranks.is_main))
+    loader = None  # one per resolution (progressive resizing: 160 px, ..., then 192 px)
+    held.callback(lambda: loader and loader.close())
+    while run.step < plan.total_steps:
+        res = res_at(run.epoch, plan.epochs, cfg)
         if loader is None or loader.res != res:  # resolutions only grow: the last is done
             if loader is not None:
                 loader.close()
-            loader = make_loader(subset, cfg, res, str(device), ranks.rank, ranks.world,
-                                 cache=cache)
-        start = step - epoch * plan.steps_per_epoch  # > 0 after a stop inside the epoch
+            loader = make_loader(run.subset, cfg, res, str(run.device), run.ranks.rank,
+                                 run.ranks.world, cache=run.cache)
+        start = run.step - run.epoch * plan.steps_per_epoch  # > 0 after a stop mid-epoch
         if start == 0:
             meter.new_epoch()
-        loader.set_epoch(epoch, start)
+        loader.set_epoch(run.epoch, start)
         for images, labels in meter.batches(loader):
-            lr = lr_at(step, plan.total_steps, plan.warmup_steps, cfg.lr, cfg.schedule)
-            for group in optimizer.param_groups:
+            lr = lr_at(run.step, plan.total_steps, plan.warmup_steps, cfg.lr, cfg.schedule)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            loss, logits = train_step(net, optimizer, autocast, scaler, images, labels, cfg)
+            loss, logits = train_step(run.net, run.optimizer, run.autocast, run.scaler, images,
+                                      labels, cfg)
             meter.step(loss, logits, labels)
-            step += 1
-            if step % plan.log_every == 0 or step == plan.total_steps:
-                line = meter.window(step, epoch, lr, loader.res, cfg.batch_size)
-                if metrics:
-                    metrics.write(json.dumps(line) + "\n")
-                    metrics.flush()
-                tracker.log({f"train/{k}": line[k] for k in ("loss", "lr", "images_per_s",
-                                                             "data_wait")}, step)
-                bar.set_postfix(epoch=epoch, loss=f"{line['loss']:.3f}",
+            run.step += 1
+            if run.step % plan.log_every == 0 or run.step == plan.total_steps:
+                line = meter.window(run.step, run.epoch, lr, loader.res, cfg.batch_size)
+                run.log_row(line)
+                run.tracker.log({f"train/{k}": line[k] for k in ("loss", "lr", "images_per_s",
+                                                                 "data_wait")}, run.step)
+                bar.set_postfix(epoch=run.epoch, loss=f"{line['loss']:.3f}",
                                 img_s=f"{line['images_per_s']:.0f}", refresh=False)
             bar.update(1)
-            if step >= plan.total_steps:
+            if run.step >= plan.total_steps:
                 break
-            if stop.agreed(step, plan.log_every, ranks.world, device):
-                checkpoint(step, epoch)
-                bar.close()
-                loader.close()
-                if metrics:
-                    metrics.close()
-                raise stopped(run.path, step, plan.total_steps, stop.signal)
-        line = meter.epoch_row(step, epoch)  # before the checkpoint: a resume logs it again
-        if metrics:
-            metrics.write(json.dumps(line) + "\n")
-            metrics.flush()
-        tracker.log({"train/top1_epoch": line["top1"]}, step)
-        epoch += 1
-        checkpoint(step, epoch)
+            if run.stop.agreed(run.step, plan.log_every, run.ranks.world, run.device):
+                run.checkpoint()
+                raise stopped(run.folder.path, run.step, plan.total_steps, run.stop.signal)
+        line = meter.epoch_row(run.step, run.epoch)  # before the checkpoint: a resume logs
+        run.log_row(line)  # it again
+        run.tracker.log({"train/top1_epoch": line["top1"]}, run.step)
+        run.epoch += 1
+        run.checkpoint()
     bar.close()
+    return loader
+
+
+def _finish(run: _Run, loader: Loader | None) -> dict:
+    """Validation on held-out images of the same classes, then the summary."""
+    cfg, ranks, meter = run.cfg, run.ranks, run.meter
     wall = time.perf_counter() - meter.start
     loader_threads = loader.pipeline["threads"] if loader else None
     loader_ms = loader.stage_ms() if loader else {}
     if loader is not None:
         loader.close()  # its feeder has read ahead into an epoch that will not run
-
-    # -- the end: validation on held-out images of the same classes, then the summary
-    val_top1 = validate(cfg, model, subset, autocast, device, ranks) if cfg.val_data else None
-    summary = {"steps": step, "epochs": epoch, "train_loss": meter.last_loss,
+    val_top1 = validate(cfg, run.model, run.subset, run.autocast, run.device, ranks) \
+        if cfg.val_data else None
+    summary = {"steps": run.step, "epochs": run.epoch, "train_loss": meter.last_loss,
                "train_top1_last_epoch": meter.correct.item() / max(1, meter.seen_epoch),
                "val_top1": val_top1, "wall_s": wall,
                "images_per_s": meter.images / wall if wall > 0 else None,
                "data_wait_fraction": meter.wait_total / wall if wall > 0 else None,
-               "device": record["device"], "world_size": ranks.world, "amp": amp,
-               "loader_threads": loader_threads, "loader_ms_per_batch": loader_ms,
-               "cache": asdict(cache_record.filled(cache)),
-               "num_classes": subset.num_classes, "num_samples": len(subset)}
+               "device": run.record["device"], "world_size": ranks.world,
+               "amp": run.record["amp"], "loader_threads": loader_threads,
+               "loader_ms_per_batch": loader_ms,
+               "cache": asdict(run.cache_record.filled(run.cache)),
+               "num_classes": run.subset.num_classes, "num_samples": len(run.subset)}
     if ranks.is_main:
-        run.write_summary(summary)
-        tracker.summary(summary)
-        metrics.close()
+        run.folder.write_summary(summary)
+        run.tracker.summary(summary)
     if ranks.world > 1:
         torch.distributed.barrier()  # the other ranks wait for rank 0's validation
         torch.distributed.destroy_process_group()

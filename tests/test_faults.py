@@ -221,11 +221,11 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_records_the_same(sets, 
 
 
 def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_changes_nothing():
-    """The first SIGINT or SIGTERM asks the loop to stop after its step (`train.StopOnSignal`
+    """The first SIGINT or SIGTERM asks the loop to stop after its step (`stopping.StopOnSignal`
     records it); a second Ctrl-C ends the process at once, by the signal, while a repeated
     SIGTERM (a dying sweep's threads may each send one) is only recorded again."""
     script = ("import os, signal, sys\n"
-              "from dptrain.train import StopOnSignal\n"
+              "from dptrain.stopping import StopOnSignal\n"
               "sig = getattr(signal, sys.argv[1])\n"
               "with StopOnSignal() as stop:\n"
               "    os.kill(os.getpid(), sig)\n"

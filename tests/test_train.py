@@ -308,7 +308,8 @@ def test_gpu_training_steps_never_make_the_host_wait(shards):
     """Between log lines the loop only queues work on the GPU: no copy or read that waits for
     the device, so the host runs ahead and a late batch or a slow launch costs no GPU time.
     (Moving the normalisation constants to the GPU every step once made it wait twice.)"""
-    from dptrain.train import Meter, build, train_step
+    from dptrain.meter import Meter
+    from dptrain.train import build, train_step
 
     cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cuda")
     device = torch.device("cuda")
