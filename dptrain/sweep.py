@@ -13,7 +13,6 @@ ones and retries failed ones. SWEEP/results.csv has one row per (run, downstream
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import re
@@ -29,14 +28,15 @@ from pathlib import Path
 
 from .environment import cores_for_this_process
 from .errors import DataError
+from .grid import Point, feasible, grid
 from .index import ShardIndex
 from .launch import child_env
 from .options import as_argv, option
+from .plan import dry_run_text
 from .progress import bar as progress_bar
 from .progress import plural
 from .results import read_results, write_results
 from .runfolder import RunFolder, SweepFolder, folder_lock, write_json
-from .subset import select
 from .tracking import BUDGET, SWEEP
 
 
@@ -228,187 +228,6 @@ def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: st
                      repeats=repeats, recipe=cfg.recipe, budget=budget, config=asdict(cfg),
                      options=given, gpus=gpus, probe_args=probe_args, skipped=skipped)
     return spec, slots
-
-
-@dataclass(frozen=True)
-class Point:
-    classes: int
-    per_class: int
-    seed: int
-    size: int  # the budget N it belongs to (K n can differ from N by the rounding of n)
-
-    @property
-    def name(self) -> str:
-        return f"K{self.classes}-n{self.per_class}-s{self.seed}"
-
-
-def grid(*, sizes: list[int] = (), classes: list[int] = (), ratios: list[float] = (),
-         points: list[tuple[int, int]] = ()) -> list[tuple[int, int, int]]:
-    """(K, n, N) triples: each size N with each K (n = N / K, rounded) or each ratio
-    r = K / n (K = sqrt(r N)), plus explicit points (N = K n); in order, without repeats."""
-    if (classes or ratios) and not sizes:
-        raise DataError("--classes and --ratios need --sizes")
-    if sizes and not (classes or ratios):
-        raise DataError("--sizes needs --classes or --ratios")
-    if not (sizes or points):
-        raise DataError("no grid: give --sizes with --classes or --ratios, or --points K:n,...")
-    out = []
-    for size in sizes:
-        for k in classes:
-            out.append((k, max(1, round(size / k)), size))
-        for r in ratios:
-            k = max(1, round(math.sqrt(r * size)))
-            out.append((k, max(1, round(size / k)), size))
-    out += [(k, n, k * n) for k, n in points]
-    return list(dict.fromkeys(out))
-
-
-def feasible(index: ShardIndex, triples: list[tuple[int, int, int]], seeds: list[int],
-             allow_fewer: bool = False) -> tuple[list[Point], list[str]]:
-    """The points the shard set can hold, and a reason for each one it cannot."""
-    ok, skipped = [], []
-    for k, n, size in triples:
-        for seed in seeds:
-            try:
-                select(index, k, n, seed=seed, allow_fewer=allow_fewer)
-            except DataError as e:
-                skipped.append(f"K={k} n={n} seed={seed}: {e}")
-                continue
-            ok.append(Point(k, n, seed, size))
-    return ok, skipped
-
-
-def plan(points: list[Point], index: ShardIndex, cfg, *, slots: int, gpus_per_run: int = 1,
-         img_per_s: float | None = None, probe_images: int = 0,
-         extract_img_per_s: float | None = None, solver_s: float = 0.0,
-         startup_s: float = 0.0) -> dict:
-    """What a sweep would cost, before running it: the images each run's pre-training
-    processes (as `train` counts its steps) and, from a throughput per GPU (or per CPU run),
-    each run's wall time and the sweep's, with the scheduler's order (each point to the
-    first free slot) on `slots` runs at a time. A run's probing: `probe_images` (every
-    downstream set's train and test images) at `extract_img_per_s` on one GPU, `solver_s` of
-    probe solver, and `startup_s` for each of its two commands."""
-    import heapq
-
-    from .train import plan_steps
-
-    runs = []
-    probe_s = (probe_images / extract_img_per_s if extract_img_per_s else 0.0) + solver_s
-    for p in points:
-        samples = len(select(index, p.classes, p.per_class, seed=p.seed,
-                             allow_fewer=cfg.allow_fewer))
-        steps = plan_steps(cfg, samples, gpus_per_run).total_steps
-        images = steps * cfg.batch_size
-        pretrain_s = images / (img_per_s * gpus_per_run) if img_per_s else None
-        seconds = None if pretrain_s is None else pretrain_s + probe_s + 2 * startup_s
-        runs.append({"run": p.name, "K": p.classes, "n": p.per_class, "N": p.size,
-                     "seed": p.seed, "samples": samples, "steps": steps, "images": images,
-                     "pretrain_s": pretrain_s, "probe_s": probe_s, "seconds": seconds})
-    total = None
-    if img_per_s:
-        free = [0.0] * slots
-        for r in runs:
-            heapq.heappush(free, heapq.heappop(free) + r["seconds"])
-        total = max(free)
-    busy = sum(r["seconds"] for r in runs) * gpus_per_run if img_per_s else None
-    return {"runs": runs, "images": sum(r["images"] for r in runs), "seconds": total,
-            "gpu_seconds": busy, "probe_images": probe_images * len(runs), "slots": slots,
-            "gpus_per_run": gpus_per_run, "img_per_s": img_per_s}
-
-
-def probe_cost(suite: str, cfg, repeats: int, device: str, extraction: bool = True) -> dict:
-    """One run's probing, measured here: every downstream set's images, the backbone's
-    forward rate (`probe.measure_extraction`; unless not `extraction`) and one solver repeat
-    per set of features of its shape (`logreg.measure_solver`), times `repeats`; and a
-    command's start-up (importing torch and DALI)."""
-    from .downstream import read_suite
-    from .logreg import EVALUATIONS_PER_REPEAT, measure_solver
-    from .probe import measure_extraction
-
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import dptrain.train, dptrain.probe"], check=True)
-    startup = time.perf_counter() - t
-    sets = []
-    for name, train, test in read_suite(Path(suite)):
-        counts = ShardIndex.load(train).counts
-        sets.append((name, int(counts.sum()), int(ShardIndex.load(test).counts.sum()),
-                     int((counts > 0).sum())))
-    res = cfg.eval_res or cfg.res
-    rate, dim = measure_extraction(cfg.arch, res, 10, device)
-    solver = sum(measure_solver(n_train, n_test, dim, k) for _, n_train, n_test, k in sets)
-    forward = f"{cfg.arch}'s forward at {res} px from memory on the {device}, " \
-        if extraction else ""
-    return {"images": sum(s[1] + s[2] for s in sets),
-            "extract_img_per_s": rate if extraction else None,
-            "solver_s": repeats * solver, "startup_s": startup, "sets": len(sets),
-            "source": f"measured here: {forward}the solver's L-BFGS steps on {len(sets)} "
-                      f"set(s) of random {dim}-d features of their shapes on the CPU, planned "
-                      f"at {EVALUATIONS_PER_REPEAT:,} evaluations per repeat (the most counted "
-                      f"on trained features) x {repeats} repeats, a command's start-up "
-                      f"{startup:.1f} s"}
-
-
-def dry_run_text(points: list[Point], index: ShardIndex, cfg, gpus_per_run: int,
-                 img_per_s: float | None, plan_gpus: int | None, *, suite: str, repeats: int,
-                 extract_img_per_s: float | None = None) -> str:
-    """`sweep --dry-run`: `plan`'s table and totals on the visible GPUs (or `plan_gpus`),
-    from `img_per_s` and `extract_img_per_s` or a few steps timed here, probing included."""
-    import torch
-
-    from .train import measure_img_per_s
-
-    # What needs no timing first: a point too small for a batch is refused before any model
-    # is built and timed (a plan with no rates runs the same checks).
-    plan(points, index, cfg, slots=1, gpus_per_run=gpus_per_run)
-    visible = torch.cuda.device_count()
-    gpus = plan_gpus or visible
-    here = "cuda" if gpus else "cpu"
-    measurable = bool(visible) or not gpus  # this machine is the kind planned for
-    sources = []
-    if img_per_s is not None:
-        sources.append("training: --img-per-s")
-    elif measurable:
-        batch = cfg.batch_size // gpus_per_run
-        img_per_s = measure_img_per_s(cfg, len(index.counts), batch, here)
-        sources.append(f"training measured here: 3 steps of {cfg.arch} at {cfg.res} px, batch "
-                       f"{batch}, from memory")
-    probing = probe_cost(suite, cfg, repeats, here if measurable else "cpu",
-                         extraction=extract_img_per_s is None and measurable)
-    if extract_img_per_s is not None:
-        probing["extract_img_per_s"] = extract_img_per_s
-        sources.append("extraction: --extract-img-per-s")
-    sources.append(probing["source"])
-    if probing["extract_img_per_s"] is None:
-        img_per_s = None  # no estimate without both rates
-    slots = max(1, gpus // gpus_per_run) if gpus else 1
-    p = plan(points, index, cfg, slots=slots, gpus_per_run=gpus_per_run, img_per_s=img_per_s,
-             probe_images=probing["images"], extract_img_per_s=probing["extract_img_per_s"],
-             solver_s=probing["solver_s"], startup_s=probing["startup_s"])
-    lines = [f"{'run':>18s} {'K':>6s} {'n':>6s} {'N':>9s} {'images':>12s} {'pretrain':>10s} "
-             f"{'probe':>9s}"]
-    for r in p["runs"]:
-        t, pr = (f"{r['pretrain_s'] / 60:.1f} min", f"{r['probe_s'] / 60:.1f} min") \
-            if r["seconds"] is not None else ("-", "-")
-        lines.append(f"{r['run']:>18s} {r['K']:6d} {r['n']:6d} {r['N']:9,d} "
-                     f"{r['images']:12,d} {t:>10s} {pr:>9s}")
-    where = (f"{gpus} GPU(s), {slots} run(s) at a time, {gpus_per_run} GPU(s) each" if gpus
-             else "this CPU, one run at a time")
-    lines.append(f"{len(p['runs'])} runs, {p['images']:,} images of pre-training and "
-                 f"{p['probe_images']:,} of feature extraction ({probing['sets']} downstream "
-                 f"set(s) per run), on {where}")
-    if p["seconds"] is None:
-        lines.append(f"no throughput: planning for {gpus} GPU(s) on a machine without one; give "
-                     "--img-per-s and --extract-img-per-s to estimate the time")
-    else:
-        per = "GPU" if gpus else "run"
-        lines.append(f"estimated wall time: {p['seconds'] / 3600:.2f} h ({p['seconds']:,.0f} s); "
-                     f"{p['gpu_seconds'] / 3600:.2f} {per}-hours in all, pre-training at "
-                     f"{img_per_s:,.0f} img/s per {per}, extraction at "
-                     f"{probing['extract_img_per_s']:,.0f} img/s, probe solver "
-                     f"{probing['solver_s']:.0f} s and start-ups {2 * probing['startup_s']:.0f} s "
-                     "per run")
-        lines.append("  (" + "; ".join(sources) + ")")
-    return "\n".join(lines)
 
 
 def point_commands(point: Point, spec: SweepSpec) -> list[list[str]]:

@@ -17,8 +17,9 @@ from conftest import interrupt, run_here, synthetic_data
 from dptrain.config import make_config
 from dptrain.downstream import read_suite
 from dptrain.errors import DataError
+from dptrain.grid import Point, grid
 from dptrain.index import ShardIndex
-from dptrain.sweep import Point, SweepSpec, device_slots, grid, schedule, sweep
+from dptrain.sweep import SweepSpec, device_slots, schedule, sweep
 from dptrain.synthetic import Generator, write_tasks
 
 
@@ -235,7 +236,7 @@ def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
 
 def test_plan_schedules_like_the_sweep(synthetic):
     from dptrain.index import ShardIndex
-    from dptrain.sweep import plan
+    from dptrain.plan import plan
 
     data, _ = synthetic
     cfg = make_config("synthetic", data=str(data), epochs=1, batch_size=8)
