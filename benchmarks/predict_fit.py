@@ -22,7 +22,7 @@ import scipy.optimize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, table  # noqa: E402
 
-from dptrain.calibrate import interval, k_samples  # noqa: E402
+from dptrain.calibrate import bootstrap, interval  # noqa: E402
 from dptrain.results import AVERAGE, errors_by_point, read_results  # noqa: E402
 from dptrain.theory import fit_points  # noqa: E402
 
@@ -50,7 +50,8 @@ def run(name: str, points: dict) -> dict:
         f, _ = fit_points(points)
         fit_s = time.process_time() - t
         t = time.process_time()
-        ks = k_samples(points, 16000, "free", "budgets", limits=LIMITS, samples=SAMPLES)
+        ks = [b["classes"] for b in bootstrap(points, 16000, "free", "budgets", limits=LIMITS,
+                                              samples=SAMPLES)]
         boot_s = time.process_time() - t
     finally:
         scipy.optimize.least_squares = real

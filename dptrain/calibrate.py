@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from itertools import chain
 
 import numpy as np
 
@@ -29,14 +28,11 @@ from .theory import (
 
 PREDICTORS = ("free", "tied", "ratio_rule")
 PARAMETERS = {"ratio_rule": 1, "tied": 4, "free": 5}  # r*; c0, a, b, alpha = beta; and beta
-# How a K* interval is drawn (see `draws`; "mix": the three predictors' "budgets" draws
-# pooled), and the one `predict` prints: the free fit's "budgets" draws, the narrowest interval
-# that held the held-out best split in 90% or more of the leave-one-budget-out checks of the
-# built-in study (docs/synthetic.md, "How far to trust a prediction"; tools/interval_coverage.py
-# reruns them).
-INTERVALS = ("seeds", "residuals", "budgets", "mix")
+# The K* interval `predict` prints: the free fit's "budgets" draws (see `draws`), the narrowest
+# interval that held the held-out best split in 90% or more of the leave-one-budget-out checks
+# of the built-in study (docs/synthetic.md, "How far to trust a prediction";
+# tools/interval_coverage.py reruns them, with the other ways of drawing it).
 INTERVAL = ("free", "budgets")
-MIXED = "budgets"  # how "mix" draws each predictor's share
 
 
 def label(method: str) -> str:
@@ -154,19 +150,6 @@ def leverage(f, keys: list[tuple]) -> np.ndarray:
     return np.clip(h, 0.0, 0.99)
 
 
-def k_samples(points: dict, size: int, method: str, how: str, *, limits: dict | None = None,
-              samples: int = 200, seed: int = 0) -> list[int]:
-    """K* of `method` over `samples` resamplings of the points (`bootstrap`; "mix": the three
-    predictors' `MIXED` draws pooled, a third each)."""
-    if how == "mix":
-        share = -(-samples // len(PREDICTORS))
-        return list(chain.from_iterable(
-            k_samples(points, size, m, MIXED, limits=limits, samples=share, seed=seed)
-            for m in PREDICTORS))
-    return [b["classes"] for b in bootstrap(points, size, method, how, limits=limits,
-                                            samples=samples, seed=seed)]
-
-
 def interval(values: list[float], level: float = 0.95) -> list[float] | None:
     """The central `level` range of bootstrap values; None without any."""
     if not values:
@@ -180,14 +163,6 @@ def pooled_std(points: dict, size: int) -> float:
     single point's two seeds is itself too noisy to judge by)."""
     var = [np.var(v, ddof=1) for p, v in points.items() if p[2] == size and len(v) > 1]
     return float(np.sqrt(np.mean(var))) if var else 0.0
-
-
-def near_best(points: dict, size: int) -> list[int]:
-    """The K of every split measured at a budget whose mean error is within one seed std
-    (`pooled_std`) of the best's: splits the runs cannot tell from the best."""
-    means = {p[0]: float(np.mean(v)) for p, v in points.items() if p[2] == size}
-    best = min(means.values())
-    return sorted(k for k, m in means.items() if m <= best + pooled_std(points, size))
 
 
 def nearest_measured(points: dict, size: int, classes: int) -> tuple:
@@ -238,57 +213,3 @@ def holdout_check(points: dict, *, near: float | None = None,
             "chosen": chosen["method"] if chosen else None,
             "best": {"classes": bk, "per_class": bn, "error": mean_std(points[bk, bn, size])},
             "seed_std_points": std}
-
-
-def lobo_checks(sizes: list[int]) -> list[tuple[tuple[int, ...], int]]:
-    """The leave-one-budget-out checks a study's budgets allow, as (fitted budgets, held-out
-    budget): each budget above the smallest predicted from all the smaller ones and from the
-    next smaller alone (one budget, as a user starts), and each budget between others
-    interpolated from all the others."""
-    sizes = sorted(sizes)
-    checks = []
-    for i, target in enumerate(sizes[1:], start=1):
-        checks.append((tuple(sizes[:i]), target))
-        if i > 1:
-            checks.append(((sizes[i - 1],), target))
-        if i < len(sizes) - 1:
-            checks.append((tuple(s for s in sizes if s != target), target))
-    return checks
-
-
-def holds(ci: list[float] | None, good: list[int], measured: list[int]) -> bool:
-    """Whether an interval holds a split the runs cannot tell from the best (`good`, of the
-    `measured` K): one inside it, or, when it falls between two measured K and holds none,
-    one of those two (a grid cannot check an interval finer than its own steps)."""
-    if not ci:
-        return False
-    inside = [k for k in measured if ci[0] <= k <= ci[1]]
-    if inside:
-        return any(k in good for k in inside)
-    below = [k for k in measured if k < ci[0]]
-    above = [k for k in measured if k > ci[1]]
-    return (bool(below) and max(below) in good) or (bool(above) and min(above) in good)
-
-
-def coverage(by_set: dict[str, dict], how: str, method: str, *, limits: dict | None = None,
-             samples: int = 200, level: float = 0.95) -> list[dict]:
-    """Each leave-one-budget-out check of each set: `method`'s K* interval (drawn as `how`)
-    fitted on the other budgets, and whether it holds the held-out budget's measured best K
-    or a split within one seed std of it (`near_best`, `holds`)."""
-    rows = []
-    for name, points in by_set.items():
-        for fitted, target in lobo_checks(sorted({p[2] for p in points})):
-            sub = {p: v for p, v in points.items() if p[2] in fitted}
-            try:
-                k = predict_split(sub, target, method, limits)["classes"]
-            except FitError:
-                k = None
-            ci = interval(k_samples(sub, target, method, how, limits=limits, samples=samples),
-                          level)
-            good = near_best(points, target)
-            rows.append({"set": name, "fitted": list(fitted), "target": target,
-                         "predicted": k, "interval": ci, "near_best": good,
-                         "best": best_per_size(points)[target][0],
-                         "covered": holds(ci, good, [p[0] for p in points if p[2] == target])})
-    return rows
-

@@ -3,7 +3,9 @@ and the leave-one-budget-out checks."""
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,19 +13,22 @@ from conftest import TRUE, model
 
 from dptrain.calibrate import (
     at_budget,
-    coverage,
     draws,
     holdout_check,
-    holds,
     interval,
-    k_samples,
     leverage,
-    lobo_checks,
-    near_best,
     pooled_std,
     predict_split,
 )
 from dptrain.theory import Fit, FitError, best_split, fit_points
+
+# The coverage study's tooling lives in tools/ (only it and these tests use it).
+_spec = importlib.util.spec_from_file_location(
+    "interval_coverage", Path(__file__).resolve().parents[1] / "tools" / "interval_coverage.py")
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+coverage, holds, k_samples, lobo_checks, near_best = (
+    _tool.coverage, _tool.holds, _tool.k_samples, _tool.lobo_checks, _tool.near_best)
 
 KS = (4, 10, 25, 63, 160, 400)
 
