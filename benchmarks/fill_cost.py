@@ -101,7 +101,7 @@ def epoch_rate(subset, side: int | None, pretouch: bool = False) -> float:
                            device=torch.device("cpu"), threads=None)
         if pretouch:
             cache.pixels.fill_(0)
-    loader = Loader(subset, batch_size=BATCH, train=True, res=RES, device="cpu", cache=cache)
+    loader = Loader(subset, batch_size=BATCH, train=True, res=RES, device="cpu", source=cache)
     try:
         if cache is None:
             sum(len(labels) for _, labels in loader)  # warm-up

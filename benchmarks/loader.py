@@ -75,7 +75,7 @@ def dptrain_loader(out: Path, device: str, cached: bool = False) -> tuple[float,
     if cached:
         cache, record = prepare(subset, mode="auto", side=cache_side(RES), seed=0, rank=0,
                                 world=1, device=torch.device(device), threads=None)
-    loader = Loader(subset, batch_size=BATCH, train=True, res=RES, device=device, cache=cache)
+    loader = Loader(subset, batch_size=BATCH, train=True, res=RES, device=device, source=cache)
     cpu, waits, first = [], [], []
 
     def epoch() -> int:

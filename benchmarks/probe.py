@@ -108,7 +108,7 @@ def extraction_rates() -> dict:
         # The ceiling: the same forward passes on batches already on the device.
         index = ShardIndex.load(out)
         loader = Loader(select(index), batch_size=256, train=False, res=224, device=device,
-                        eval_cache=EvalCache(pixels, index, 224, 256 / 224))
+                        source=EvalCache(pixels, index, 224, 256 / 224))
         batches = [b.clone() for b, _ in loader]
         loader.close()
         model = load_backbone(ckpt, torch.device(device))

@@ -16,16 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .datakey import checked_fingerprint
+from .decode import Batch, on_stream
 from .index import ShardIndex
-from .loader import Produce, on_stream
+from .loader import Feed
 from .runfolder import partial_path, publish, remove_dead_partials, write_json
 from .subset import Subset
+from .transforms import EvalTransform
 
 VERSION = 1  # of the eval transform: a change in how eval images are made starts new entries
 ABOUT = "about.json"  # in an entry: the shard set, res and eval resize it was made from
@@ -65,40 +68,43 @@ class EvalCache:
         """Whether every class of `subset` is cached (an eval subset takes whole classes)."""
         return all(self.path(int(c)).is_file() for c in subset.classes)
 
-    def producer(self, subset: Subset, plans, device: torch.device) -> Produce:
-        """The loader's source of eval batches when `holds(subset)`: each planned batch read
-        from the class files (into pinned memory on a GPU run), then sent to the device."""
-        def produce(stream, tick):
-            maps: dict[int, np.ndarray] = {}
-            gpu = stream is not None
-            for _epoch, _step, positions in plans:
-                out = torch.empty((len(positions), self.res, self.res, 3), dtype=torch.uint8,
-                                  pin_memory=gpu)
-                dest = out.numpy()
-                labels, rows = self._where(subset, positions)
-                # Runs of consecutive rows of one class: one slice copy each.
-                cut = np.flatnonzero((np.diff(labels) != 0) | (np.diff(rows) != 1)) + 1
-                for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(positions)]):
-                    c = int(labels[lo])
-                    if c not in maps:
-                        maps[c] = np.load(self.path(c), mmap_mode="r")
-                    dest[lo:hi] = maps[c][rows[lo] : rows[lo] + hi - lo]
-                y = torch.from_numpy(subset.labels[positions])
-                tick("read cache")
-                if gpu:
-                    with on_stream(stream):
-                        out = out.to(device, non_blocking=True)
-                        y = y.pin_memory().to(device, non_blocking=True)
-                yield out, y, 0
-
-        return produce
+    def batches(self, feed: Feed) -> Iterator[Batch]:
+        """The loader's eval batches (a `loader.PixelSource`): read from the class files when
+        the cache holds all of the feed's subset (into pinned memory on a GPU run, then sent to
+        the device), else decoded from the JPEGs, filling the cache as they pass."""
+        assert feed.transform == EvalTransform(self.res, self.eval_resize), feed.transform
+        if not self.holds(feed.subset):
+            yield from feed.jpegs.batches(feed.plans, feed.stream, feed.tick,
+                                          tee=self.writer(feed.subset))
+            return
+        maps: dict[int, np.ndarray] = {}
+        gpu = feed.stream is not None
+        for _epoch, _step, positions in feed.plans:
+            out = torch.empty((len(positions), self.res, self.res, 3), dtype=torch.uint8,
+                              pin_memory=gpu)
+            dest = out.numpy()
+            labels, rows = self._where(feed.subset, positions)
+            # Runs of consecutive rows of one class: one slice copy each.
+            cut = np.flatnonzero((np.diff(labels) != 0) | (np.diff(rows) != 1)) + 1
+            for lo, hi in zip([0, *cut.tolist()], [*cut.tolist(), len(positions)]):
+                c = int(labels[lo])
+                if c not in maps:
+                    maps[c] = np.load(self.path(c), mmap_mode="r")
+                dest[lo:hi] = maps[c][rows[lo] : rows[lo] + hi - lo]
+            y = torch.from_numpy(feed.subset.labels[positions])
+            feed.tick("read cache")
+            if gpu:
+                with on_stream(feed.stream):
+                    out = out.to(feed.device, non_blocking=True)
+                    y = y.pin_memory().to(feed.device, non_blocking=True)
+            yield out, y, 0
 
     def writer(self, subset: Subset) -> _Writer:
         return _Writer(self, subset)
 
 
 class _Writer:
-    """Fills an eval cache from the decoded batches it is shown (`loader._decoded`'s tee): a
+    """Fills an eval cache from the decoded batches it is shown (`decode.Decoder.batches`'s tee): a
     class file is renamed into place once all its images are written; `close()` drops the
     unfinished ones."""
 

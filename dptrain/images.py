@@ -178,7 +178,7 @@ def _decode(data: bytes, max_pixels: int, draft_side: int | None = None) -> Imag
 
 
 DECODER = "DALI CPU (libjpeg-turbo), EXIF orientation not applied"
-"""What `check="decode"` decodes with: the loader's own decoder and settings (loader._pipeline).
+"""What `check="decode"` decodes with: the loader's own decoder and settings (decode._pipeline).
 A shard set's index records it; `dptrain verify` decodes the samples of a set without it."""
 
 

@@ -9,11 +9,11 @@ The cache fills as the first epoch trains: each of that epoch's batches is decod
 like every later one; the few images that epoch left out (the last, partial batch) are
 decoded at its end. So the fill costs no pass of its own: on a GPU the decoders fill it while
 the model trains, as they would stream. Each batch's crop windows and flips are drawn from
-(seed, rank, epoch, step) in the images' own pixels, as the streaming loader draws them
-(`transforms.batch_augmentation`), scaled to the stored size, cut out and resized to the
-epoch's resolution, so progressive resizing reads the same cache. Where the stored side is at
-least the image's own, a batch is the streamed batch: bit for bit on the CPU, where both
-resize with the same kernel.
+(seed, rank, epoch, step) in the images' own pixels by the train transform, as for streamed
+batches (`transforms.TrainTransform`), scaled to the stored size, cut out and finished by the
+same transform at the epoch's resolution, so progressive resizing reads the same cache. Where
+the stored side is at least the image's own, a batch is the streamed batch: bit for bit on the
+CPU (tested; on a GPU the whole-image and the crop decoders may upsample chroma differently).
 
 `--cache auto` puts the cache on the GPU when it fits beside training (the training step's
 peak memory, measured on a copy of the model, plus a margin), else in host memory (half of what
@@ -25,18 +25,21 @@ it filled.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .decode import Batch, Plan, on_stream, single_threaded_pool
 from .environment import Ranks, cores_for_this_process
-from .loader import Produce, on_stream, single_threaded_pool
+from .loader import Feed
 from .subset import Subset, rank_part
-from .transforms import batch_augmentation, fit, fit_size, resample, resize
+from .transforms import TrainTransform, fit, fit_size, index_tensor
 
 SIDE_PER_RES = 2  # the stored longer side, in units of the training resolution, by default
 HOST_SHARE = 0.5  # of the memory available to this machine's ranks, at most, for host caches
@@ -209,48 +212,46 @@ class PixelCache:
         size = max((len(b) for b in first_batches), default=256)
         return new_in, batches + [rest[i:i + size] for i in range(0, len(rest), size)]
 
-    def producer(self, plans, first_batches: list[np.ndarray], augment_seed: int, res: int,
-                 decode=None) -> Produce:
-        """The loader's source of training batches (loader.Produce): each planned batch's crops,
-        resized to `res` and mirrored where drawn, with the batch's labels, on the device. Until
-        the cache is full, `decode(batches, stream=, tick=)` (loader.whole_images) decodes
-        what the first epoch (`first_batches`) brings that the cache lacks."""
-        def produce(stream, tick):
-            cpu_work = self.device.type == "cpu" or self.pixels.device.type == "cpu"
-            pool = single_threaded_pool(self.threads) if cpu_work and self.threads > 1 else None
-            decoded, new_in = None, []
-            if decode is not None and not self.full:
-                new_in, batches = self.fill_plan(first_batches)
-                decoded = decode(batches, stream=stream, tick=tick)
-                self._fill_start = self._fill_start or time.perf_counter()
-            try:
-                for i, (epoch, step, positions) in enumerate(plans):
-                    if decoded is not None:
-                        if i < len(new_in) and new_in[i]:
-                            self._store(next(decoded), pool, stream)
-                        elif i == len(new_in):  # the epoch is over: what it left out
-                            for item in decoded:
-                                self._store(item, pool, stream)
-                            decoded = None
-                        tick("decode + store")
-                    slots = self.slot[positions]
-                    if (slots < 0).any():
-                        raise RuntimeError("a batch asks for an image of another rank's part")
-                    anchor, shape, flips = batch_augmentation(
-                        augment_seed, epoch, step, self.orig_h[slots], self.orig_w[slots])
-                    with on_stream(stream):
-                        images = self._crops(slots, *self.windows(slots, anchor, shape), flips,
-                                             res, pool)
-                        labels = self.labels[_to(slots, self.device)]
-                    tick("crop + resize")
-                    yield images, labels, 0
-            finally:
+    def batches(self, feed: Feed) -> Iterator[Batch]:
+        """The loader's training batches (a `loader.PixelSource`): each planned batch's crops,
+        made by the feed's train transform, with the batch's labels, on the device. Until the
+        cache is full, the feed's decoder decodes whole what the first epoch brings that the
+        cache lacks."""
+        assert isinstance(feed.transform, TrainTransform), "a pixel cache serves training"
+        cpu_work = self.device.type == "cpu" or self.pixels.device.type == "cpu"
+        pool = single_threaded_pool(self.threads) if cpu_work and self.threads > 1 else None
+        plans, decoded, new_in = feed.plans, None, []
+        if not self.full:
+            first, plans = _first_epoch(plans)
+            new_in, batches = self.fill_plan(first)
+            decoded = feed.jpegs.whole(batches, feed.stream, feed.tick)
+            self._fill_start = self._fill_start or time.perf_counter()
+        try:
+            for i, (epoch, step, positions) in enumerate(plans):
                 if decoded is not None:
-                    decoded.close()
-                if pool is not None:
-                    pool.shutdown()
-
-        return produce
+                    if i < len(new_in) and new_in[i]:
+                        self._store(next(decoded), pool, feed.stream)
+                    elif i == len(new_in):  # the epoch is over: what it left out
+                        for item in decoded:
+                            self._store(item, pool, feed.stream)
+                        decoded = None
+                    feed.tick("decode + store")
+                slots = self.slot[positions]
+                if (slots < 0).any():
+                    raise RuntimeError("a batch asks for an image of another rank's part")
+                anchor, shape, flips = feed.transform.draw(epoch, step, self.orig_h[slots],
+                                                           self.orig_w[slots])
+                with on_stream(feed.stream):
+                    images = self._crops(slots, *self.windows(slots, anchor, shape), flips,
+                                         feed.transform, pool)
+                    labels = self.labels[index_tensor(slots, self.device)]
+                feed.tick("crop + resize")
+                yield images, labels, 0
+        finally:
+            if decoded is not None:
+                decoded.close()
+            if pool is not None:
+                pool.shutdown()
 
     def _store(self, item: tuple[np.ndarray, list[torch.Tensor]], pool, stream) -> None:
         """Decoded whole images (lent by the decoder) into their rows, shrunk where larger than
@@ -282,24 +283,21 @@ class PixelCache:
         if self.full:
             self.fill_s = time.perf_counter() - self._fill_start
 
-    def _crops(self, slots, y, x, h, w, flips, res, pool) -> torch.Tensor:
+    def _crops(self, slots, y, x, h, w, flips, transform: TrainTransform, pool) -> torch.Tensor:
+        """The batch's windows (in stored pixels) cut out and finished by the transform."""
         rows = self.start[slots] + y
         if self.device.type == "cpu":  # per image, torch's uint8 kernel (the streamed path's)
             views = [self.pixels[r:r + a, c:c + b] for r, c, a, b in
                      zip(rows.tolist(), x.tolist(), h.tolist(), w.tolist())]
-            if pool is None:
-                return resize(views, res, flips=flips)
-            parts = np.array_split(np.arange(len(views)), self.threads)
-            done = pool.map(lambda p: resize([views[i] for i in p], res, flips=flips[p]),
-                            [p for p in parts if len(p)])
-            return torch.cat(list(done))
+            return transform.finish(views, flips, pool, self.threads)
         # On a GPU: the batch's crops, padded to the largest, then one batched resample.
         hmax, wmax = int(h.max()), int(w.max())
+        on = lambda a: index_tensor(a, self.device)  # noqa: E731
         if self.pixels.device.type == "cuda":
-            r = _to(rows, self.device)[:, None] + torch.minimum(
-                torch.arange(hmax, device=self.device)[None], _to(h - 1, self.device)[:, None])
-            c = _to(x, self.device)[:, None] + torch.minimum(
-                torch.arange(wmax, device=self.device)[None], _to(w - 1, self.device)[:, None])
+            r = on(rows)[:, None] + torch.minimum(
+                torch.arange(hmax, device=self.device)[None], on(h - 1)[:, None])
+            c = on(x)[:, None] + torch.minimum(
+                torch.arange(wmax, device=self.device)[None], on(w - 1)[:, None])
             crops = self.pixels[r[:, :, None], c[:, None, :]]
         else:  # from pinned host memory: copied row block by row block, then sent at once
             staged = torch.empty((len(slots), hmax, wmax, 3), dtype=torch.uint8, pin_memory=True)
@@ -311,14 +309,18 @@ class PixelCache:
             list((pool.map if pool else map)(copy_part, np.array_split(np.arange(len(slots)),
                                                                        self.threads)))
             crops = staged.to(self.device, non_blocking=True)
-        return resample(crops, _to(h, self.device), _to(w, self.device), _to(flips, self.device),
-                        res)
+        return transform.finish_padded(crops, on(h), on(w), on(flips))
 
 
-def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small index array on `device`, sent without making the host wait."""
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def _first_epoch(plans: Iterator[Plan]) -> tuple[list[np.ndarray], Iterator[Plan]]:
+    """The batches of the plans' first epoch (from where they start), and the plans again,
+    whole: what a cache's fill is planned from."""
+    seen = []
+    for plan in plans:
+        if seen and plan[0] != seen[0][0]:
+            return [p[2] for p in seen], itertools.chain(seen, [plan], plans)
+        seen.append(plan)
+    return [p[2] for p in seen], iter(seen)
 
 
 def prepare(subset: Subset, *, mode: str, side: int, seed: int, rank: int, world: int,

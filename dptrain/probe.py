@@ -135,7 +135,7 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
     model = load_backbone(checkpoint, torch.device(device))
     loader = Loader(subset, batch_size=batch_size, train=False, res=res,
                     eval_resize=eval_resize, device=device, threads=threads, decode=decode,
-                    eval_cache=EvalCache(pixels, index, res, eval_resize) if pixels else None)
+                    source=EvalCache(pixels, index, res, eval_resize) if pixels else None)
     feats, labels = [], []
     precision = amp_context(torch.device(device).type, amp)
     for images, y in loader:

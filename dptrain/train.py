@@ -95,7 +95,7 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int, wor
     return Loader(subset, batch_size=cfg.batch_size // world, train=True, res=res,
                   device=device, seed=cfg.seed, rank=rank, world_size=world,
                   threads=cfg.workers, decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load,
-                  prefetch=cfg.prefetch, cache=cache)
+                  prefetch=cfg.prefetch, source=cache)
 
 
 def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks, device: torch.device):
@@ -441,7 +441,7 @@ def _finish(run: _Run, loader: Loader | None) -> dict:
     """Validation on held-out images of the same classes, then the summary."""
     cfg, ranks, meter = run.cfg, run.ranks, run.meter
     wall = time.perf_counter() - meter.start
-    loader_threads = loader.pipeline["threads"] if loader else None
+    loader_threads = loader.threads if loader else None
     loader_ms = loader.stage_ms() if loader else {}
     if loader is not None:
         loader.close()  # its feeder has read ahead into an epoch that will not run
@@ -477,7 +477,7 @@ def validate(cfg: TrainConfig, model, subset, autocast, device: torch.device,
     root = cache_dir_option(cfg.cache_dir) if cfg.cache != "off" else None
     loader = Loader(val, batch_size=cfg.batch_size // ranks.world, train=False, res=res,
                     device=str(device), threads=cfg.workers, decode=cfg.decode,
-                    eval_cache=EvalCache(root, index, res, EVAL_RESIZE) if root else None)
+                    source=EvalCache(root, index, res, EVAL_RESIZE) if root else None)
     try:
         return evaluate(model, loader, autocast, cfg.channels_last)
     finally:

@@ -1,6 +1,8 @@
-"""The image transforms, on uint8 HWC pixels of either device: the train transform's crop
-windows (drawn as torchvision's RandomResizedCrop draws them) and resize, the eval resize and
-centre crop, and the shrink to a pixel cache's stored size.
+"""The image transforms, on uint8 HWC pixels of either device, each written once for every
+path (streamed JPEGs, the pixel cache, the eval cache): the train transform (`TrainTransform`:
+crop windows drawn as torchvision's RandomResizedCrop draws them, resized and flipped), the eval
+transform (`EvalTransform`: resize and centre crop), and the shrink to a pixel cache's stored
+size.
 
 Every resize is PIL's filter (antialiased bilinear), so both devices and every path (streamed
 or cached) give the same images: `resize` is torch's kernel applied per image (uint8 on the
@@ -11,9 +13,13 @@ a kernel launch per image.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+EVAL_RESIZE = 256 / 224  # default eval: shorter side to res * 256/224, then center-crop res
 
 
 def crop_windows(heights: np.ndarray, widths: np.ndarray, rng: np.random.Generator,
@@ -50,6 +56,57 @@ def batch_augmentation(seed: int, epoch: int, step: int, heights: np.ndarray,
     (seed, epoch, step) alone, so a resumed run sees the crops it would have seen, whether
     they are decoded from the JPEGs or cut from a pixel cache."""
     return crop_windows(heights, widths, np.random.default_rng((seed, epoch, step)))
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """The train transform: random-resized-crop windows and flips drawn in the images' own
+    pixels (`draw`), each crop resized to res x res with PIL's filter and mirrored where drawn
+    (`finish`, or `finish_padded` for a padded batch). `seed` is the rank's augmentation seed.
+    Whoever cuts the crops (DALI's fused decode, a pixel cache), the batch is made here."""
+
+    seed: int
+    res: int
+
+    def draw(self, epoch: int, step: int, heights: np.ndarray,
+             widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return batch_augmentation(self.seed, epoch, step, heights, widths)
+
+    def finish(self, crops: list[torch.Tensor], flips: np.ndarray,
+               pool=None, threads: int = 1) -> torch.Tensor:
+        """Crops, one tensor each -> the batch: torch's per-image kernel (uint8 on the CPU),
+        split over `pool`'s `threads` if given."""
+        if pool is None:
+            return resize(crops, self.res, flips=flips)
+        parts = [p for p in np.array_split(np.arange(len(crops)), threads) if len(p)]
+        done = pool.map(lambda p: resize([crops[i] for i in p], self.res, flips=flips[p]),
+                        parts)
+        return torch.cat(list(done))
+
+    def finish_padded(self, crops: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+                      flips: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) crops padded to the largest (each valid in its top-left heights[b] x
+        widths[b]) -> the batch, resampled at once (`resample`: a GPU's way, no per-image
+        kernel launch)."""
+        return resample(crops, heights, widths, flips, self.res)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """The eval transform: the shorter side resized to res x `ratio` (PIL's filter), then the
+    centre res x res."""
+
+    res: int
+    ratio: float = EVAL_RESIZE
+
+    def finish(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return resize(images, self.res, shorter=round(self.res * self.ratio))
+
+
+def index_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small index array on `device`, sent without making the host wait."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def fit_size(heights: np.ndarray, widths: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,7 +50,7 @@ def test_cached_batches_are_the_streamed_ones_at_full_size(shards, device):
     for res in (32, 48):
         streamed = Loader(s, batch_size=16, train=True, res=res, seed=3, device=device)
         cached = Loader(s, batch_size=16, train=True, res=res, seed=3, device=device,
-                        cache=cache)
+                        source=cache)
         for epoch in (0, 1):
             streamed.set_epoch(epoch)
             cached.set_epoch(epoch)
@@ -79,7 +79,7 @@ def test_a_smaller_side_stores_shrunk_images_and_scales_the_windows(shards):
     assert [a.tolist() for a in whole] == [[0] * 10, [0] * 10, [24] * 10, [32] * 10]
     y, x, h, w = cache.windows(slots[:1], np.array([[10, 20]]), np.array([[20, 30]]))
     assert (y[0], x[0], h[0], w[0]) == (5, 10, 10, 15)  # halved
-    images, _ = next(iter(Loader(s, batch_size=4, train=True, res=16, cache=cache)))
+    images, _ = next(iter(Loader(s, batch_size=4, train=True, res=16, source=cache)))
     assert images.shape == (4, 16, 16, 3) and images.dtype == torch.uint8
     h, w = fit_size(np.array([100, 30, 10]), np.array([50, 90, 10]), 40)
     assert h.tolist() == [40, 13, 10] and w.tolist() == [20, 40, 10]  # never enlarged
@@ -178,7 +178,7 @@ def test_each_rank_caches_only_its_own_part(shards):
     assert [len(h) for h in held] == [40] * 3 and not (held[0] & held[1] | held[1] & held[2])
     for rank, cache in enumerate(caches):  # every batch of that rank comes from its part
         loader = Loader(s, batch_size=8, train=True, res=16, rank=rank, world_size=3,
-                        cache=cache)
+                        source=cache)
         for epoch in range(2):
             loader.set_epoch(epoch)
             assert sum(len(y) for _, y in loader) == 40
@@ -196,12 +196,12 @@ def test_eval_cache_fills_once_then_serves_the_same_images(shards, tmp_path, dev
     assert not cache.holds(s)
     kw = dict(batch_size=16, train=False, res=32, device=device)
     streamed = [x.clone() for x, _ in Loader(s, **kw)]
-    first = Loader(s, **kw, eval_cache=cache)
+    first = Loader(s, **kw, source=cache)
     filled = [x.clone() for x, _ in first]
     first.close()
     assert cache.holds(s) and len(list(cache.dir.glob("*.npy"))) == 4
     assert not list(cache.dir.glob("*.partial"))
-    again = Loader(s, **kw, eval_cache=cache)
+    again = Loader(s, **kw, source=cache)
     served = [(x.clone(), y.clone()) for x, y in again]
     assert served[0][0].device.type == served[0][1].device.type == device
     assert again.bytes_read == 0  # no JPEG read
@@ -212,9 +212,9 @@ def test_eval_cache_fills_once_then_serves_the_same_images(shards, tmp_path, dev
         return
     # Another class subset of the set reads the classes it shares, fills the others.
     other = select(index, class_names=index.class_names[2:])
-    Loader(other, batch_size=16, train=False, res=32, eval_cache=cache).close()
+    Loader(other, batch_size=16, train=False, res=32, source=cache).close()
     assert not cache.holds(other)
-    list(Loader(other, batch_size=16, train=False, res=32, eval_cache=cache))
+    list(Loader(other, batch_size=16, train=False, res=32, source=cache))
     assert cache.holds(other) and len(list(cache.dir.glob("*.npy"))) == 6
 
 
@@ -222,7 +222,7 @@ def test_an_interrupted_fill_leaves_no_half_class(shards, tmp_path):
     index = ShardIndex.load(shards)
     s = select(index)
     cache = EvalCache(tmp_path / "pixels", index, 32, 256 / 224)
-    loader = Loader(s, batch_size=16, train=False, res=32, eval_cache=cache, prefetch=1)
+    loader = Loader(s, batch_size=16, train=False, res=32, source=cache, prefetch=1)
     batches = iter(loader)
     next(batches)  # stopped early: the feeder has read a few batches ahead, not 120 images
     loader.close()
@@ -231,7 +231,7 @@ def test_an_interrupted_fill_leaves_no_half_class(shards, tmp_path):
     assert len(done) < 6 and all(np.load(f).shape == (20, 32, 32, 3) for f in done)
     dead = cache.dir / "00001.npy.999999999.partial"  # what a killed process leaves
     dead.write_bytes(b"half")
-    list(Loader(s, batch_size=16, train=False, res=32, eval_cache=cache))
+    list(Loader(s, batch_size=16, train=False, res=32, source=cache))
     assert cache.holds(s) and not dead.exists()
 
 
@@ -240,7 +240,7 @@ def test_a_changed_shard_set_is_never_served_from_a_cache(tmp_path, texture):
     index = ShardIndex.load(out)
     root = tmp_path / "pixels"
     cache = EvalCache(root, index, 32, 256 / 224)
-    list(Loader(select(index), batch_size=8, train=False, res=32, eval_cache=cache))
+    list(Loader(select(index), batch_size=8, train=False, res=32, source=cache))
     tar = index.tar_paths[1]
     os.utime(tar)  # touched, not changed: hashed once more, and still served
     assert EvalCache(root, index, 32, 256 / 224).dir == cache.dir

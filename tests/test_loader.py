@@ -63,7 +63,7 @@ def test_maps_only_the_subsets_tars(index):
     s = select(index, 3, 4, seed=0)
     loader = Loader(s, batch_size=4, train=False, res=32)
     assert sum(len(b) for b in epoch_labels(loader)) == 12 and loader.bytes_read == s.nbytes
-    assert len(loader._reader[0].maps) == 3 < len(index.tar_paths)  # one tar per class here
+    assert len(loader._jpegs.tars[0].maps) == 3 < len(index.tar_paths)  # one tar per class here
     loader.close()
 
 
@@ -208,6 +208,25 @@ def test_index_not_matching_tar_names_file_and_sample(tmp_path, texture):
     with pytest.raises(Exception, match=rf"{tar}: sample at offset \d+ .*is not a JPEG"):
         for _ in loader:
             pass
+
+
+def test_padded_crops_are_the_per_image_crops(index):
+    """A GPU's way of finishing train crops (DALI pads them to the batch's largest, and the
+    train transform resamples the padded batch at once), run on the CPU: the same batches as
+    the per-image resize, within 1 per pixel (the filter in float32), the same flips."""
+    s = select(index, 4, 12, seed=0)
+    per_image = Loader(s, batch_size=16, train=True, res=24, seed=2)
+    padded = Loader(s, batch_size=16, train=True, res=24, seed=2)
+    padded._jpegs.padded = True
+    for epoch in range(2):
+        per_image.set_epoch(epoch)
+        padded.set_epoch(epoch)
+        for (a, la), (b, lb) in zip(per_image, padded):
+            assert a.shape == b.shape == (16, 24, 24, 3) and torch.equal(la, lb)
+            diff = (a.int() - b.int()).abs()
+            assert diff.max() <= 1, diff.max()  # a flip or window wrong is far more
+    per_image.close()
+    padded.close()
 
 
 @pytest.mark.gpu

@@ -331,7 +331,7 @@ def decode_samples(shard_set: Path, path: str, positions=None) -> dict:
                                           device=torch.device("cpu"), threads=1)
             assert cache is not None
         loader = Loader(part, batch_size=min(32, len(pos)), train=path != "eval", res=32,
-                        device="cpu", drop_last=False, threads=1, cache=cache)
+                        device="cpu", drop_last=False, threads=1, source=cache)
         try:
             for _images, _labels in loader:
                 pass
