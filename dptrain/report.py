@@ -21,7 +21,16 @@ from .calibrate import holdout_check, label
 from .errors import DataError
 from .predict import data_limits
 from .progress import plural
-from .results import AVERAGE, best_per_size, errors_by_point, mean_std, read_results
+from .results import (
+    AVERAGE,
+    TIE_SE,
+    best_per_size,
+    errors_by_point,
+    errors_by_seed,
+    mean_std,
+    read_results,
+    versus_best,
+)
 from .runfolder import RunFolder, SweepFolder, make_folder, write_atomic
 from .theory import FitError, fit_line, fit_points, residual_line
 
@@ -49,10 +58,12 @@ def save_figure(fig, path: Path, dpi: int) -> None:
 
 def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], path: Path,
                    optima: dict[int, tuple[float, float]] | None = None,
-                   predicted: dict[str, tuple[int, int]] | None = None) -> None:
+                   predicted: dict[str, tuple[int, int]] | None = None,
+                   tied: set[tuple[int, int, int]] | None = None) -> None:
     """`optima`: {N: (K*, n*)} from the model fitted to every point, marked as white circles;
     `predicted`: {method: (K, n)} predicted for the largest N from the smaller ones, one marker
-    each, with a legend."""
+    each, with a legend; `tied`: the splits the runs cannot tell from their budget's best,
+    ringed in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +93,9 @@ def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], p
         edge = min(x.max() + 0.2, math.log10(size) - y.min() + 0.2)  # where the line leaves
         ax.annotate(f"N={size:,}", (edge, math.log10(size) - edge), fontsize=7, ha="right",
                     va="bottom")
+    for k, n, _ in tied or ():
+        ax.plot(math.log10(k), math.log10(n), "o", mfc="none", mec="red", mew=1, ms=11,
+                zorder=4)
     for k, n in (optima or {}).values():
         ax.plot(math.log10(k), math.log10(n), "o", mfc="none", mec="white", mew=2, ms=14,
                 zorder=5)
@@ -95,7 +109,8 @@ def contour_figure(name: str, points: dict[tuple[int, int, int], list[float]], p
     ax.set(xlim=(x.min() - 0.2, x.max() + 0.2), ylim=(y.min() - 0.2, y.max() + 0.2),
            xlabel="log10 K (classes)", ylabel="log10 n (images per class)")
     ax.set_title(f"{name}: error over (K, n)\ndashed: fixed N, star: best per N"
-                 + (", circle: the fit's optimum" if optima else ""), fontsize=9)
+                 + (", red ring: not told apart from it" if tied else "")
+                 + (", white circle: the fit's optimum" if optima else ""), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, 120)
 
@@ -127,7 +142,10 @@ def ratio_figure(name: str, points: dict[tuple[int, int, int], list[float]], pat
     save_figure(fig, path, 120)
 
 
-def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
+def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]],
+          tied: dict[str, set[tuple[int, int, int]]] | None = None) -> str:
+    """Mean +- std over seeds per point and set; in bold, the splits of each budget that the
+    runs cannot tell from its best (`tied`, per set)."""
     names = sorted(n for n in by_set if n != AVERAGE) + ([AVERAGE] if AVERAGE in by_set else [])
     pts = sorted({p for v in by_set.values() for p in v}, key=lambda p: (p[2], p[0]))
     lines = ["| N | K | n | K/n | seeds | " + " | ".join(names) + " |",
@@ -136,11 +154,50 @@ def table(by_set: dict[str, dict[tuple[int, int, int], list[float]]]) -> str:
         cells = []
         for name in names:
             v = by_set[name].get((k, n, size))
-            cells.append("-" if not v else "{:.4f} +- {:.4f}".format(*mean_std(v)))
+            cell = "-" if not v else "{:.4f} +- {:.4f}".format(*mean_std(v))
+            bold = (k, n, size) in (tied or {}).get(name, ())
+            cells.append(f"**{cell}**" if bold else cell)
         seeds = max(len(by_set[name].get((k, n, size), [])) for name in names)
         lines.append(f"| {size:,} | {k} | {n} | {k / n:.3g} | {seeds} | " + " | ".join(cells)
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+def ties(seeds: dict[str, dict[tuple[int, int, int], dict[int, float]]]) -> dict[str, dict]:
+    """Per set, each budget's splits against its best (`results.versus_best`)."""
+    return {name: {p: c for size in sorted({p[2] for p in points})
+                   for p, c in versus_best(points, size).items()}
+            for name, points in seeds.items()}
+
+
+def ties_section(compared: dict[str, dict]) -> list[str]:
+    """`ties` as a table: each split's difference from its budget's best, +- its standard
+    error, and whether the runs tell them apart."""
+    md = ["", "## Which splits are as good as the best", "",
+          f"Each split's mean error minus its budget's best, +- the standard error of that "
+          f"difference: paired by seed (the std of the per-seed differences / sqrt(seeds)) "
+          f"where the two share 2 or more seeds, else from each split's own seeds. A split "
+          f"within {TIE_SE:g} standard errors of the best is not told apart from it (bold in "
+          "the table above, ringed on the contour maps). With one seed nothing can be told.",
+          "", "| set | N | best K x n | not told apart | told apart (difference +- se) |",
+          "|---|---|---|---|---|"]
+    for name, comp in compared.items():
+        for size in sorted({p[2] for p in comp}):
+            at = sorted((p for p in comp if p[2] == size), key=lambda p: p[0])
+            best = next(p for p in at if comp[p]["best"])
+
+            def say(p):
+                c = comp[p]
+                se = "no se" if c["se"] is None else f"{c['diff']:+.4f} +- {c['se']:.4f}" \
+                    + (f", paired over {c['paired']}" if c["paired"] else ", unpaired")
+                return f"{p[0]} x {p[1]} ({se})"
+            same = [say(p) for p in at if not comp[p]["best"] and comp[p]["tied"]]
+            apart = [say(p) for p in at if comp[p]["tied"] is False]
+            unknown = [say(p) for p in at if comp[p]["tied"] is None]
+            md.append(f"| {name} | {size:,} | {best[0]} x {best[1]} | "
+                      f"{'; '.join(same + [u + ': cannot tell' for u in unknown]) or '-'} | "
+                      f"{'; '.join(apart) or '-'} |")
+    return md + [""]
 
 
 NEAR = 4  # the report also checks the fits to the points within 4x of each budget's best K/n
@@ -198,6 +255,8 @@ def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = N
     sweep_dir = Path(sweep_dir)
     rows = read_results(sweep_dir)
     by_set = errors_by_point(rows)
+    compared = ties(errors_by_seed(rows))
+    group = {name: {p for p, c in comp.items() if c["tied"]} for name, comp in compared.items()}
     out = Path(out) if out else sweep_dir / SweepFolder.REPORT
     make_folder(out)
     spec = SweepFolder(sweep_dir).read_spec()
@@ -210,7 +269,9 @@ def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = N
           f"{plural(len(by_set) - (AVERAGE in by_set), 'downstream set')}"
           f"{' and their average' if AVERAGE in by_set else ''} "
           f"(error = 1 - top-1 of the linear probe, mean over probe repeats; +- is the std "
-          "over pre-training seeds)", "", "## Mean error per point", "", table(by_set),
+          "over pre-training seeds)", "", "## Mean error per point", "",
+          "In bold: the splits of each budget that the runs cannot tell from its best "
+          "(see [below](#which-splits-are-as-good-as-the-best)).", "", table(by_set, group),
           "## Best split per budget", ""]
     for name, points in by_set.items():
         best = best_per_size(points)
@@ -237,6 +298,7 @@ def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = N
                    f"  - residuals (measured - fit): {residual_line(keys, f.residuals)}"]
     checks = holdout_checks(by_set, data_limits(sweep_dir))
     md += holdout_section(checks)
+    md += ties_section(compared)
     md += ["", "## Figures", ""]
     for name, points in by_set.items():
         c, r = f"contour-{_slug(name)}.{fmt}", f"ratio-{_slug(name)}.{fmt}"
@@ -246,11 +308,11 @@ def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = N
             for k in [f.best_classes(s)] if 0 < k < math.inf}
         predicted = {_method(r): (r["classes"], r["per_class"])
                      for r in checks.get(name, {}).get("rows", []) if "classes" in r}
-        contour_figure(name, points, out / c, optima, predicted)
+        contour_figure(name, points, out / c, optima, predicted, group.get(name))
         ratio_figure(name, points, out / r, f)
         md += [f"### {name}", "", f"![error over (log K, log n)]({c})", "",
                f"![error against K/n]({r})", ""]
-    write_atomic(out / "table.md", table(by_set).encode())
+    write_atomic(out / "table.md", table(by_set, group).encode())
     path = out / "report.md"
     write_atomic(path, "\n".join(md).encode())
     return path

@@ -99,23 +99,65 @@ NUMBERS = {"K": (int, 1), "n": (int, 1), "N": (int, 1), "seed": (int, 0), "steps
 AVERAGE = "average"  # the mean over downstream sets, per run
 
 
-def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], list[float]]]:
-    """{downstream set or AVERAGE: {(K, n, N): [error of each seed]}} from results.csv rows.
+def errors_by_seed(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], dict[int, float]]]:
+    """{downstream set or AVERAGE: {(K, n, N): {seed: error}}} from results.csv rows.
     AVERAGE covers the runs probed on every set (none where no run was)."""
     by_set: dict[str, dict[tuple[int, int, int], dict[int, float]]] = {}
     for r in rows:
         by_set.setdefault(r["dataset"], {}).setdefault((r["K"], r["n"], r["N"]), {})[r["seed"]] = \
             r["error_mean"]
     names = sorted(by_set)
-    out = {name: {p: list(s.values()) for p, s in sorted(pts.items())}
-           for name, pts in by_set.items()}
-    average: dict[tuple[int, int, int], list[float]] = {}
+    out = {name: dict(sorted(pts.items())) for name, pts in by_set.items()}
+    average: dict[tuple[int, int, int], dict[int, float]] = {}
     for p in sorted({p for pts in by_set.values() for p in pts}):
         seeds = set.intersection(*(set(by_set[n].get(p, {})) for n in names))
         if seeds:
-            average[p] = [sum(by_set[n][p][s] for n in names) / len(names) for s in sorted(seeds)]
+            average[p] = {s: sum(by_set[n][p][s] for n in names) / len(names)
+                          for s in sorted(seeds)}
     if len(names) > 1 and average:
         out[AVERAGE] = average
+    return out
+
+
+def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], list[float]]]:
+    """{downstream set or AVERAGE: {(K, n, N): [error of each seed]}} (`errors_by_seed`)."""
+    return {name: {p: list(s.values()) for p, s in pts.items()}
+            for name, pts in errors_by_seed(rows).items()}
+
+
+TIE_SE = 2.0  # a split is told apart from the best when their difference exceeds 2 standard errors
+
+
+def versus_best(points: dict[tuple[int, int, int], dict[int, float]],
+                size: int) -> dict[tuple[int, int, int], dict]:
+    """Each split of budget `size` against the best one (lowest mean error): `diff`, its mean
+    error minus the best's; `se`, the standard error of that difference; `paired`, the number
+    of seeds it is paired over; and `tied`, whether the runs cannot tell it from the best
+    (|diff| <= TIE_SE x se; None where no se can be had).
+
+    Splits run on the same seeds are paired (a sweep's seed s of every split shares its
+    seed's draws where the splits allow): the se is the std of the per-seed differences over
+    the shared seeds / sqrt(their number), which removes what the seeds share. With fewer than
+    2 shared seeds, Welch's unpaired se from each split's own seeds; with one seed each, none."""
+    at = {p: v for p, v in points.items() if p[2] == size}
+    best = min(at, key=lambda p: statistics.mean(at[p].values()))
+    out = {}
+    for p, v in at.items():
+        diff = statistics.mean(v.values()) - statistics.mean(at[best].values())
+        shared = sorted(set(v) & set(at[best]))
+        if p == best:
+            se, paired = 0.0, len(v)
+        elif len(shared) >= 2:
+            d = [v[s] - at[best][s] for s in shared]
+            se, paired = statistics.stdev(d) / math.sqrt(len(d)), len(d)
+        elif len(v) >= 2 and len(at[best]) >= 2:
+            se = math.sqrt(statistics.variance(v.values()) / len(v)
+                           + statistics.variance(at[best].values()) / len(at[best]))
+            paired = 0
+        else:
+            se, paired = None, 0
+        tied = True if p == best else (None if se is None else diff <= TIE_SE * se)
+        out[p] = {"diff": diff, "se": se, "paired": paired, "tied": tied, "best": p == best}
     return out
 
 

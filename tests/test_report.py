@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 from conftest import fake_sweep, run_cli
 
 from dptrain.report import write_report
@@ -92,3 +95,46 @@ def test_report_of_a_run_draws_its_curves_and_reprints_its_probes(tmp_path, text
     (run / "metrics.jsonl").write_text("")
     p = run_here("report", run)
     assert p.returncode == 2 and "holds no logged step yet" in p.stderr
+
+
+def test_report_marks_the_splits_it_cannot_tell_from_the_best(tmp_path):
+    """A made-up sweep with known ties and gaps. Each seed shifts every split's error alike
+    (+-3 points, as a seed's draws do), so only paired differences can see a 2-point gap:
+    at N=1,000, 25 x 40 ties 10 x 100 (the best), 4 x 250 (+2 points) and 63 x 15 (+0.5)
+    are told apart, and 100 x 10, run on other seeds (unpaired), cannot be told apart. At
+    N=4,000, one seed: nothing can be told."""
+    shift = {0: 0.03, 1: -0.03, 2: 0.01, 3: -0.01, 10: 0.02, 11: -0.02}
+    wiggle = [0.001, -0.001, 0.001, -0.001]
+    runs = [(10, 100, 0.30, [0, 1, 2, 3], [0] * 4), (25, 40, 0.30, [0, 1, 2, 3], wiggle),
+            (4, 250, 0.32, [0, 1, 2, 3], wiggle), (63, 15, 0.305, [0, 1, 2, 3], wiggle),
+            (100, 10, 0.30, [10, 11], [0, 0]), (40, 100, 0.25, [0], [0]),
+            (100, 40, 0.26, [0], [0])]
+    root = tmp_path / "sw"
+    root.mkdir()
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for k, n, err, seeds, noise in runs:
+            for seed, e in zip(seeds, noise):
+                w.writerow({c: 0 for c in COLUMNS} | {
+                    "run": f"K{k}-n{n}-s{seed}", "K": k, "n": n, "seed": seed,
+                    "N": 1000 if k * n < 2000 else 4000,
+                    "dataset": "a", "error_mean": err + shift[seed] + e,
+                    "top1_mean": 1 - err, "top1_std": 0.01, "val_top1": ""})
+    (root / "sweep.json").write_text(json.dumps({"budget": "fixed steps: 10 per run"}))
+    text = write_report(root).read_text()
+    section = text.split("## Which splits are as good as the best")[1].split("##")[0]
+    rows = {line.split("|")[2].strip(): line.split("|")[3:6]
+            for line in section.splitlines() if line.startswith("| a |")}
+    best, same, apart = (c.strip() for c in rows["1,000"])
+    assert best == "10 x 100"
+    assert "25 x 40 (+0.0000 +- 0.0006, paired over 4)" in same and "100 x 10 (" in same
+    assert "unpaired" in same.split("100 x 10")[1]
+    assert "4 x 250 (+0.0200" in apart and "63 x 15 (+0.0050" in apart
+    assert "25 x 40" not in apart and "4 x 250" not in same
+    best, same, apart = (c.strip() for c in rows["4,000"])
+    assert best == "40 x 100" and "100 x 40 (no se): cannot tell" in same and apart == "-"
+    table = (root / "report" / "table.md").read_text()
+    bold = {(c[1].strip(), c[2].strip()) for c in (line.split("|") for line in table.splitlines())
+            if "**" in c[-2]}
+    assert bold == {("1,000", "10"), ("1,000", "25"), ("1,000", "100"), ("4,000", "40")}
