@@ -37,7 +37,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(dir=DATA))
     try:
         args = ["sweep", "--data", str(data / "pretrain"), "--suite", str(data / "suite.toml"),
-                "--out", str(work / "sweep"), "--cache-dir", str(work / "cache"), *GRID]
+                "--out", str(work / "sweep"), "--eval-cache", str(work / "cache"), *GRID]
         t = time.perf_counter()
         dry = subprocess.run([*dptrain, *args, "--dry-run"], capture_output=True, text=True,
                              check=True).stdout

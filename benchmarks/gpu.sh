@@ -11,8 +11,8 @@
 # exit status is that of the first failure. Results go to benchmarks/results/ as usual.
 # The training runs are whole runs (16 epochs of 20,000 JPEGs for ResNet-18, 3 for ResNet-50)
 # with the default pixel cache (on the GPU: filled once, inside the run's wall time) against
-# one memory-fed run each, and streaming (--cache off) beside them; the extraction step
-# measures the eval pixel cache's fill and reads against the model's own forward rate.
+# one memory-fed run each, and streaming (--pixel-cache off) beside them; the extraction step
+# measures the eval cache's fill and reads against the model's own forward rate.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -44,10 +44,10 @@ step data 50 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks')
 from common import imagenet_like; from loader import shards; print(shards(imagenet_like(100, 200)))"
 step tests 75 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 step train-resnet18 120 "$PY" benchmarks/train_step.py --arch resnet18 --res 176 \
-    --batch-size 256 --epochs 16 --images 20000 --variant cache=off
+    --batch-size 256 --epochs 16 --images 20000 --variant pixel_cache=off
 step probe 60 "$PY" benchmarks/probe.py --extraction-only  # the solver's figures are the CPU's
 step train-resnet50 100 "$PY" benchmarks/train_step.py --arch resnet50 --res 224 \
-    --batch-size 256 --epochs 3 --images 20000 --variant cache=off --variant cache=host
+    --batch-size 256 --epochs 3 --images 20000 --variant pixel_cache=off --variant pixel_cache=host
 step loader 40 "$PY" benchmarks/loader.py
 step eval-decode 30 "$PY" benchmarks/eval_decode.py
 # This run's result files only, logs and JSON in one archive (a transfer back may cap the

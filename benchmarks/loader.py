@@ -20,7 +20,7 @@ batches of 256, so an epoch lasts long enough to time):
     resize to 224, flip, one thread per core, prefetch 2, images only, through DALI's own
     PyTorch iterator. A speed reference, not a correct loader: on class-sorted shards its
     shuffle buffer gives near-single-class batches;
-(5) dptrain's Loader from its pixel cache (`--cache auto`: host memory on a CPU, the GPU on a
+(5) dptrain's Loader from its pixel cache (`--pixel-cache auto`: host memory on a CPU, the GPU on a
     GPU; the default stored side): the same batches as (1) where the images are stored whole,
     with no JPEG decoded after the first epoch. That first epoch fills the cache (each batch
     decoded whole, shrunk to the stored side, stored, then cropped): timed on its own, against

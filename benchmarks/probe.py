@@ -69,8 +69,8 @@ def sklearn_probe(xs, ys, xt, yt) -> list[float]:
 
 def extraction_rates() -> dict:
     """Feature extraction img/s through `features`, each call with an empty feature cache:
-    "fill": the first call, which decodes every JPEG and fills the eval pixel cache; "cached":
-    again, reading the cache; "streamed": decoding every JPEG, no pixel cache. Against
+    "fill": the first call, which decodes every JPEG and fills the eval cache; "cached":
+    again, reading the cache; "streamed": decoding every JPEG, no eval cache. Against
     "model": the backbone's own forward rate on the same uint8 batches, already on the device
     (the ceiling). A GPU gets 20,000 JPEGs, also CPU decoding and fp32 beside its autocast
     type; a CPU 1,000 JPEGs (~40 img/s)."""

@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --arch resnet18 --res 176 --batch-size 256 --steps 240 \\
         --images 20000 --variant hw_decoder_load=1.0     # GPU: target >= 0.95
     .venv/bin/python benchmarks/train_step.py --arch smallcnn --res 16 --images 3000 \\
-        --epochs 16 --variant cache=off   # decoding-bound: the whole cached run, fill included,
-                                          # target >= 0.8 of the memory-fed steady rate
+        --epochs 16 --variant pixel_cache=off   # decoding-bound: the whole cached run, fill
+                                  # included, target >= 0.8 of the memory-fed steady rate
 
 Every run calls the real `dptrain.train.train` (--amp auto: bf16 where the hardware has it,
 else fp32 on a CPU; channels_last, SGD) on generated ImageNet-like JPEGs (500x375, ~110 KB);
@@ -14,14 +14,15 @@ model trains; (b) uint8 batches decoded beforehand by the same loader and replay
 (on the device): the model's own ceiling. Throughput is the steady state (the mean of the
 metrics lines after the first, which holds the pipeline start-up) and the whole run's mean.
 
-The default loader run uses the default `--cache auto` (on the CPU: the host pixel cache,
-filled at the start of the run, inside its wall time); `--variant cache=off` streams.
+The default loader run uses the default `--pixel-cache auto` (on the CPU: the host pixel
+cache, filled at the start of the run, inside its wall time); `--variant pixel_cache=off`
+streams.
 "run img/s" is the whole run (the cache's fill included), "steady img/s" the mean of the
 metrics lines after the first. `--epochs` runs whole epochs instead of `--steps`.
 
 `--variant` (repeatable) adds loader-fed runs with other settings, each against the same
 memory-fed run: `key=value[,key=value]` with keys decode, hw_decoder_load, workers, prefetch,
-cache, cache_side.
+pixel_cache, pixel_cache_side.
 `--profile DIR` also writes a torch.profiler trace of a short loader-fed run and prints the
 busy share of each CUDA stream.
 """
@@ -47,6 +48,7 @@ from loader import shards  # noqa: E402
 import dptrain.train as T  # noqa: E402
 from dptrain.config import make_config  # noqa: E402
 from dptrain.device import resolve_amp  # noqa: E402
+from dptrain.options import RENAMED  # noqa: E402
 from dptrain.runfolder import RunFolder  # noqa: E402
 
 LOG = 10
@@ -82,8 +84,8 @@ def run(cfg, out: Path, name: str, make_loader=T.train_loader) -> dict:
     lines = RunFolder(out).read_metrics()
     steady = [x["images_per_s"] for x in lines[1:]]
     r = {"steady img/s": sum(steady) / len(steady), "run img/s": summary["images_per_s"],
-         "data wait": summary["data_wait_fraction"], "cache": summary["cache"]["where"],
-         "fill s": summary["cache"]["fill_s"] or 0.0,
+         "data wait": summary["data_wait_fraction"], "cache": summary["pixel_cache"]["where"],
+         "fill s": summary["pixel_cache"]["fill_s"] or 0.0,
          "loader threads": summary.get("loader_threads"),
          "loader ms/batch": summary.get("loader_ms_per_batch")}
     print(f"{name}: {json.dumps(r)}", flush=True)  # kept even if a time limit stops the rest
@@ -93,10 +95,11 @@ def run(cfg, out: Path, name: str, make_loader=T.train_loader) -> dict:
 def parse_variant(text: str) -> dict:
     """'hw_decoder_load=0.65,decode=gpu' -> config overrides."""
     types = {"decode": str, "hw_decoder_load": float, "workers": int, "prefetch": int,
-             "cache": str, "cache_side": int}
+             "pixel_cache": str, "pixel_cache_side": int}
     overrides = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
+        key = RENAMED.get(key, key)  # cache=off from before the rename
         if key not in types:
             raise SystemExit(f"--variant: unknown key {key!r} ({', '.join(types)})")
         overrides[key] = types[key](value)
@@ -157,7 +160,7 @@ def main() -> None:
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=DATA) as tmp:
         # The baseline first: the ratios need it.
-        memory = run(dataclasses.replace(cfg, cache="off"), Path(tmp) / "memory", "memory",
+        memory = run(dataclasses.replace(cfg, pixel_cache="off"), Path(tmp) / "memory", "memory",
                      lambda *a, **kw: MemoryLoader(T.train_loader(*a, **kw)))
         for name, overrides in variants.items():
             runs[name] = run(dataclasses.replace(cfg, **overrides),

@@ -14,11 +14,14 @@ from .downstream import ProbeOptions
 from .environment import Ranks
 from .errors import DataError, RunFailed, Stopped, one_line
 from .options import (
+    Renamed,
     click_options,
     json_option,
+    old_flags,
     one_default_style,
     pick,
     progress_option,
+    without_old_flags,
     workers_option,
 )
 from .predict import PredictOptions
@@ -34,6 +37,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as e:
+            raise without_old_flags(e) from None
         except (DataError, RunFailed, Stopped, KeyboardInterrupt, OSError) as e:
             line, status = one_line(e)  # anything else is a bug: its traceback stays
             if line and (not isinstance(e, Stopped) or Ranks.from_env().is_main):
@@ -182,27 +187,28 @@ def sweep(progress, **options):
 
 
 @main.command()
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The cache folder [$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain].")
+@click.option("--eval-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              cls=Renamed, old=old_flags("eval_cache"),
+              help="The eval cache's folder [$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain].")
 @click.option("--clear", is_flag=True, help="Remove every entry; run it when no probe or "
               "validation is using the folder (they would fail, not be served stale).")
 @json_option
-def cache(cache_dir, clear, as_json):
-    """The eval pixel caches (each downstream set's images decoded and resized once, for every
-    probe and validation): where, what set, how large; --clear removes them."""
+def cache(eval_cache, clear, as_json):
+    """The eval cache's entries (each downstream set's images decoded and resized once, for
+    every probe and validation): where, what set, how large; --clear removes them."""
     import shutil
 
     from .evalcache import default_cache_dir, entries
     from .progress import plural
 
-    root = cache_dir or default_cache_dir()
+    root = eval_cache or default_cache_dir()
     found = entries(root)
     if clear:
         for e in found:
             shutil.rmtree(e["path"])
     total = sum(e["bytes"] for e in found)
     if as_json:
-        click.echo(json.dumps({"cache_dir": str(root), "entries": found, "bytes": total,
+        click.echo(json.dumps({"eval_cache": str(root), "entries": found, "bytes": total,
                                "cleared": clear}))
         return
     for e in found:

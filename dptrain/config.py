@@ -12,13 +12,13 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import DataError
-from .options import option
+from .options import option, renamed
 from .tracking import BACKENDS
 
 SUBSET, TRAIN = "subset", "train"  # which options `sweep` sets per point, and which it passes on
 # Options that change how fast a run goes or where it reports, not what it computes: a resume
 # may change them.
-SPEED_ONLY = ("workers", "prefetch", "log_every", "cache", "cache_dir", "log_to")
+SPEED_ONLY = ("workers", "prefetch", "log_every", "pixel_cache", "eval_cache", "log_to")
 
 
 # Recipes are tables of values; any of them can be overridden on the command line.
@@ -123,16 +123,18 @@ class TrainConfig:
     log_every: int | None = _opt(None, "Steps between metrics lines (each one syncs host and "
                                  "device) [50, fewer in a run under 1,000 steps: 20 lines or "
                                  "more].", low=1)
-    cache: str = _opt("auto", "Pixel cache: decode the subset once and crop every epoch from the "
-                      "decoded images, kept on the gpu, in host memory (pinned on a GPU run), or "
-                      "off (decode every epoch); auto: the GPU if it fits beside training, else "
-                      "host memory, else off. Unless off, --val-data is read through the eval "
-                      "pixel cache in --cache-dir.", choices=("auto", "gpu", "host", "off"))
-    cache_side: int | None = _opt(None, "Longer side, px, at most, of the images the pixel cache "
-                                  "stores (never enlarged) [2 x --res].", low=16)
-    cache_dir: str | None = _opt(None, "Folder of eval pixel caches (--val-data here; probes and "
-                                 "sweeps use it too) [$XDG_CACHE_HOME/dptrain or "
-                                 "~/.cache/dptrain; off: none].")
+    pixel_cache: str = _opt("auto", "Pixel cache: decode the subset once and crop every epoch "
+                            "from the decoded images, kept on the gpu, in host memory (pinned "
+                            "on a GPU run), or off (decode every epoch); auto: the GPU if it "
+                            "fits beside training, else host memory, else off. Unless off, "
+                            "--val-data is read through the eval cache (--eval-cache).",
+                            choices=("auto", "gpu", "host", "off"))
+    pixel_cache_side: int | None = _opt(None, "Longer side, px, at most, of the images the pixel "
+                                        "cache stores (never enlarged) [2 x --res].", low=16)
+    eval_cache: str | None = _opt(None, "Folder of the eval cache: evaluation images decoded "
+                                  "and resized once (--val-data here; probes and sweeps use it "
+                                  "too) [$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain; off: "
+                                  "none].")
     log_to: tuple = _opt((), "Also log to TensorBoard (RUN/tensorboard) or Weights & Biases "
                          "(RUN/wandb; WANDB_MODE=offline works without a network); repeat for "
                          "both. Each needs its extra: pip install 'dptrain[tensorboard]'. "
@@ -231,7 +233,7 @@ def load_config(path: str | Path | None, recipe: str | None = None, **overrides)
         return make_config(recipe or "fast", **overrides)
     overrides["recipe"] = recipe
     try:
-        values = json.loads(Path(path).read_text())
+        values = renamed(json.loads(Path(path).read_text()))  # one written under old names too
     except (OSError, ValueError) as e:
         raise DataError(f"--config {path}: not a JSON config ({e})") from None
     names = {f.name for f in fields(TrainConfig)}
@@ -269,7 +271,7 @@ def check_config(cfg: TrainConfig, world_size: int, cuda: bool) -> None:
         raise DataError(f"--min-res {cfg.min_res} is above --res {cfg.res}")
     if cfg.amp == "fp16" and not cuda:
         raise DataError("--amp fp16 needs a GPU; on the CPU use auto, bf16 or off")
-    if cfg.cache == "gpu" and not cuda:
-        raise DataError("--cache gpu needs a GPU; on the CPU use auto, host or off")
+    if cfg.pixel_cache == "gpu" and not cuda:
+        raise DataError("--pixel-cache gpu needs a GPU; on the CPU use auto, host or off")
     if cfg.decode == "gpu" and not cuda:
         raise DataError("--decode must be auto or cpu, or gpu on a GPU run, not 'gpu'")

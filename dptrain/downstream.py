@@ -29,14 +29,14 @@ class ProbeOptions:
     repeats: int = option(5, "Probes per dataset, each with another validation split.", low=1)
     val_fraction: float = option(0.2, "Part of train held out to choose the L2 strength.",
                                  low=0, high=1, low_open=True, high_open=True)
-    # No --cache alias: pretrain's --cache takes auto|gpu|host|off, and `probe --cache off`
-    # made a folder named off.
-    cache: str | None = option(None, "Folder of the features cache [RUN/features].",
-                               flag="--feature-cache", path="out")
-    cache_dir: str | None = option(None, "Folder of eval pixel caches: each downstream set's "
-                                   "images, decoded and resized once, for every probe "
-                                   "[$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain; off: decode "
-                                   "every time].")
+    # No --cache alias: pretrain's --cache was its pixel cache's mode (auto|gpu|host|off), and
+    # `probe --cache off` made a folder named off.
+    feature_cache: str | None = option(None, "Folder of the feature cache [RUN/features].",
+                                       path="out")
+    eval_cache: str | None = option(None, "Folder of the eval cache: each downstream set's "
+                                    "images, decoded and resized once, for every probe "
+                                    "[$XDG_CACHE_HOME/dptrain or ~/.cache/dptrain; off: decode "
+                                    "every time].")
     device: str = option("auto", "Where features are computed; auto: the GPU when there is "
                          "one.", choices=("auto", "cpu", "cuda"))
     workers: int | None = option(None, "DALI threads for feature extraction [this process's "

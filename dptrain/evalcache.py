@@ -1,8 +1,8 @@
-"""Eval pixels on disk: a shard set's images eval-transformed once (the shorter side resized to
+"""The eval cache: a shard set's images eval-transformed once (the shorter side resized to
 res x eval_resize, the centre res x res) and kept as uint8, one .npy per class, so that every
 probe and every validation of a sweep reads pixels instead of decoding the JPEGs again.
 
-A cache folder (`--cache-dir`; a sweep gives all its runs SWEEP/cache) holds an entry per
+Its folder (`--eval-cache`; a sweep gives all its runs SWEEP/cache) holds an entry per
 (shard set content, res, eval_resize): eval/<key>/<label>.npy, each class's images in stored
 order. The key says what the data is (`datakey.checked_fingerprint`), so a set that changed
 since it was sharded is refused, never served stale. The first reader decodes and fills the
@@ -41,7 +41,7 @@ def default_cache_dir() -> Path:
 
 
 def cache_dir_option(value: str | None) -> Path | None:
-    """A --cache-dir value: a folder, the default one (None), or no cache ("off")."""
+    """An --eval-cache value: a folder, the default one (None), or no cache ("off")."""
     if value == "off":
         return None
     return Path(value) if value else default_cache_dir()

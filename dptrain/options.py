@@ -8,6 +8,7 @@ json_option) declared here once.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 from dataclasses import MISSING, field, fields
@@ -16,6 +17,75 @@ import click
 
 # Comma-separated values, checked where click parses them (a bad one is a usage error).
 LISTS = {"ints": int, "floats": float, "pairs": None}
+
+# Options renamed since runs were first recorded, old name -> new: one name per cache (the
+# pixel cache, the eval cache; issue 35). This is the one place that knows the old names: a
+# record written under them (config.json, a checkpoint's config, --config, a sweep's
+# pretrain.json and sweep.json, summary.json's "cache") reads as today's (`renamed`), and the
+# old flags still work, hidden, each use saying the new one (`click_options`, `Renamed`).
+RENAMED = {"cache": "pixel_cache", "cache_side": "pixel_cache_side", "cache_dir": "eval_cache"}
+
+
+def renamed(record):
+    """A recorded dict (a config, a summary) with its old names (RENAMED) as today's; a value
+    under both names keeps today's. Anything else comes back as it is, for its reader to
+    refuse."""
+    if not isinstance(record, dict):
+        return record
+    return {RENAMED.get(k, k): v for k, v in record.items()
+            if not (k in RENAMED and RENAMED[k] in record)}
+
+
+def renamed_argv(argv):
+    """Recorded command-line options (a sweep's) with the old flags as today's."""
+    old = {_flag(k): _flag(v) for k, v in RENAMED.items()}
+    return [old.get(a, a) for a in argv] if isinstance(argv, list) else argv
+
+
+def old_flags(name: str) -> tuple[str, ...]:
+    """The flags a field (or option) named `name` had before it was renamed."""
+    return tuple(_flag(k) for k, v in RENAMED.items() if v == name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class Renamed(click.Option):
+    """An option whose `old` flags still work but are not shown: each use says the new flag
+    on stderr, in one line, so that a user's scripts go on running; both at once is a usage
+    error."""
+
+    def __init__(self, *args, old: tuple = (), **kw):
+        super().__init__(*args, **kw)
+        self.old = old
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        parser.add_option(obj=self, opts=self.old, dest=self.name + _OLD,
+                          action="append" if self.multiple else "store", nargs=self.nargs)
+
+    def consume_value(self, ctx: click.Context, opts):
+        if self.name + _OLD in opts:
+            old, new = "/".join(self.old), self.opts[0]
+            if self.name in opts:
+                raise click.UsageError(f"{old} is the old name of {new}: give one of them", ctx)
+            click.echo(f"note: {old} is now {new} (the old name still works)", err=True)
+            opts = {**opts, self.name: opts[self.name + _OLD]}
+        return super().consume_value(ctx, opts)
+
+
+_OLD = "__old_flag"
+
+
+def without_old_flags(e: click.NoSuchOption) -> click.NoSuchOption:
+    """click's "Did you mean" for a mistyped option, offering today's flags only: the old
+    ones (`Renamed`) still work, but are not to be learnt."""
+    if e.ctx is not None and e.possibilities:
+        shown = [o for p in e.ctx.command.params if isinstance(p, click.Option)
+                 for o in p.opts + p.secondary_opts]
+        e.possibilities = difflib.get_close_matches(e.option_name, shown) or None
+    return e
 
 
 def option(default, help: str, *, group: str = "", choices: tuple = (), path: str = "",
@@ -102,7 +172,9 @@ def click_options(cls, group: str | None = None, shown=None):
             kw.update(type=str, callback=_parse_list(m["kind"]), default=None, show_default=False)
         elif m["scale"] > 1:
             kw["callback"] = lambda ctx, param, value, s=m["scale"]: int(value * s)
-        options.append(click.option(flag, *m["aliases"], f.name, **kw))
+        old = old_flags(f.name)
+        options.append(click.option(flag, *m["aliases"], f.name, **kw,
+                                    **({"cls": Renamed, "old": old} if old else {})))
     return lambda fn: functools.reduce(lambda g, o: o(g), reversed(options), fn)
 
 
@@ -119,6 +191,10 @@ class _DefaultInWords(click.Option):
         return extra
 
 
+class _RenamedInWords(_DefaultInWords, Renamed):
+    pass
+
+
 def one_default_style(group: click.Group) -> click.Group:
     """Every option's default shown one way, click's `[default: ...]`: a default the help
     says in words at its end ("[all]", "[the recipe's]", a recipe's values) moves there too,
@@ -129,7 +205,8 @@ def one_default_style(group: click.Group) -> click.Group:
             if m:
                 text = p.help[:m.start()].rstrip()
                 p.help = text + ("." if m[2] and not text.endswith(".") else "")
-                p.show_default, p.__class__ = m[1], _DefaultInWords
+                p.show_default = m[1]
+                p.__class__ = _RenamedInWords if isinstance(p, Renamed) else _DefaultInWords
     return group
 
 

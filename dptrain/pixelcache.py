@@ -1,10 +1,11 @@
 """Decode each image once: a training run's part of the subset kept decoded in memory, so that
-every epoch after the first crops from pixels instead of decoding the JPEGs again (`--cache`).
+every epoch after the first crops from pixels instead of decoding the JPEGs again
+(`--pixel-cache`).
 
 Each rank keeps its own part of the subset (`subset.rank_part`, fixed for the run) as uint8
 rows of one tensor: on the GPU, in pinned host memory, or in RAM on a machine without one.
 The cache fills as the first epoch trains: each of that epoch's batches is decoded whole
-(not just its crops), every image shrunk so that its longer side is at most `--cache-side`
+(not just its crops), each image shrunk so its longer side is at most `--pixel-cache-side`
 (never enlarged; `transforms.fit_size`) and stored, and the batch is then cut from the cache
 like every later one; the few images that epoch left out (the last, partial batch) are
 decoded at its end. So the fill costs no pass of its own: on a GPU the decoders fill it while
@@ -15,7 +16,7 @@ same transform at the epoch's resolution, so progressive resizing reads the same
 the stored side is at least the image's own, a batch is the streamed batch: bit for bit on the
 CPU (tested; on a GPU the whole-image and the crop decoders may upsample chroma differently).
 
-`--cache auto` puts the cache on the GPU when it fits beside training (the training step's
+`--pixel-cache auto` puts the cache on the GPU when it fits beside training (the training step's
 peak memory, measured on a copy of the model, plus a margin), else in host memory (half of what
 is available, shared between the machine's ranks), else the run streams as before: never an
 out-of-memory crash. The run's log and summary.json say where, why, how large, and how fast
@@ -49,7 +50,7 @@ GPU_MARGIN = 2 << 30  # bytes kept free on the GPU beyond the training step's me
 @dataclass(frozen=True)
 class CacheRecord:
     """Where a run's pixel cache lives ("gpu", "host" or "off"), why, how large, and how fast
-    it filled: what the run's first log line and its summary.json ("cache") say."""
+    it filled: what the run's first log line and its summary.json ("pixel_cache") say."""
 
     where: str
     why: str
@@ -137,7 +138,7 @@ def decide(mode: str, need: int, device: torch.device,
     """Where a cache of `need` bytes goes, and why: `mode` as asked, within what fits (see the
     module docstring)."""
     if mode == "off":
-        return "off", "--cache off: every epoch decodes the JPEGs"
+        return "off", "--pixel-cache off: every epoch decodes the JPEGs"
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     notes = []
     if device.type == "cuda" and mode in ("auto", "gpu"):
@@ -155,7 +156,7 @@ def decide(mode: str, need: int, device: torch.device,
                                           "used)"])
     notes.append(f"not in host memory ({gib(budget)} may be used)")
     return "off", ("; ".join(notes) + ": streaming, every epoch decodes the JPEGs; a smaller "
-                   "--cache-side makes the cache smaller")
+                   "--pixel-cache-side makes the cache smaller")
 
 
 class PixelCache:

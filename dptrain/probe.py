@@ -196,8 +196,8 @@ def run_probe(run: Path, o: ProbeOptions, progress: bool = False) -> dict:
     """`dptrain probe RUN`: its downstream sets from the options, probed."""
     return probe_run(run, downstream_sets(o.data, o.test_data, o.names,
                                           Path(o.suite) if o.suite else None),
-                     res=o.res, cache=Path(o.cache) if o.cache else None,
-                     pixels=cache_dir_option(o.cache_dir), repeats=o.repeats,
+                     res=o.res, cache=Path(o.feature_cache) if o.feature_cache else None,
+                     pixels=cache_dir_option(o.eval_cache), repeats=o.repeats,
                      val_fraction=o.val_fraction, seed=o.seed, device=o.device,
                      threads=o.workers, random_init=o.random_init,
                      allow_unfinished=o.allow_unfinished, overwrite=o.overwrite,

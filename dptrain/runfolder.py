@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import COUNT, DataError, mismatch
+from .options import renamed, renamed_argv
 
 PARTIAL = ".partial"  # suffix of files and folders being written
 LOCK = ".dptrain.lock"  # in a folder a command writes: who holds it, and its flock
@@ -206,7 +207,7 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", schema: dict | None =
     problem = mismatch(ckpt, {**CHECKPOINT_SCHEMA, **(schema or {})})
     if problem:
         raise DataError(f"{path} is not a dptrain checkpoint ({problem})")
-    return ckpt
+    return {**ckpt, "config": renamed(ckpt["config"])}  # under today's names
 
 
 @contextmanager
@@ -283,10 +284,14 @@ class RunFolder(_Folder):
                      "subset": dict, "total_steps?": COUNT}
 
     def read_config(self, overwrite: bool = False) -> dict | None:
-        return read_record(self / self.CONFIG, overwrite, self.CONFIG_SCHEMA)
+        """config.json, its options under today's names (one written before a rename reads
+        as a new one: options.RENAMED)."""
+        record = read_record(self / self.CONFIG, overwrite, self.CONFIG_SCHEMA)
+        return record and {**record, "config": renamed(record["config"])}
 
     def read_summary(self, overwrite: bool = False) -> dict | None:
-        return read_record(self / self.SUMMARY, overwrite)
+        """summary.json, its keys under today's names ("cache" is "pixel_cache")."""
+        return renamed(read_record(self / self.SUMMARY, overwrite))
 
     def read_probe(self) -> dict:
         return read_record(self / self.PROBE) or {}
@@ -393,7 +398,7 @@ class SweepFolder(_Folder):
     RESULTS = "results.csv"
     FAILURES = "failures.json"
     RUNS = "runs"
-    CACHE = "cache"  # the eval pixel cache its runs and probes share
+    CACHE = "cache"  # the eval cache its runs and probes share
     REPORT = "report"
     SUBMITIT = "submitit"
 
@@ -416,7 +421,10 @@ class SweepFolder(_Folder):
         problem = mismatch(spec, self.SPEC_SCHEMA)
         if problem:
             raise DataError(f"{self / self.SPEC} is not a sweep's record ({problem})")
-        return spec
+        # Under today's names, one written before a rename too (options.RENAMED).
+        return {**spec, **{k: renamed(spec[k]) for k in ("config",) if k in spec},
+                **{k: renamed_argv(spec[k]) for k in ("options", "pretrain_args", "probe_args")
+                   if k in spec}}
 
     def sizes(self) -> dict[str, int]:
         """Each run's budget N, as the sweep that ran it recorded it."""

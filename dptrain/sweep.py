@@ -48,7 +48,7 @@ class SweepOptions:
     suite: str = option(MISSING, "Downstream sets to probe every run on (TOML/JSON, as probe "
                         "--suite).", path="file")
     out: str = option(MISSING, "Sweep folder: runs/, results.csv, sweep.json, failures.json, "
-                      "cache/ (the eval pixel caches its runs share, unless --cache-dir).",
+                      "cache/ (the eval cache its runs share, unless --eval-cache).",
                       path="out")
     sizes: tuple = option((), "Budgets N, e.g. 64000,256000.", kind="ints")
     classes: tuple = option((), "K values per size (n = N / K, rounded).", kind="ints")
@@ -210,12 +210,12 @@ def prepare(cfg, *, suite: str, out: Path, repeats: int, gpus: int, launcher: st
     unless --workers was given."""
     slots = device_slots(gpus) if launcher == "local" and cfg.device != "cpu" else None
     probe_args = ["--device", cfg.device] if cfg.device != "auto" else []
-    # One eval pixel cache for the sweep: every run's validation and probes decode each
+    # One eval cache for the sweep: every run's validation and probes decode each
     # downstream set once between them.
-    cache_dir = "off" if cfg.cache == "off" else \
-        cfg.cache_dir or str(out.resolve() / SweepFolder.CACHE)
-    cfg = replace(cfg, cache_dir=cache_dir)
-    probe_args += ["--cache-dir", cache_dir]
+    eval_cache = "off" if cfg.pixel_cache == "off" else \
+        cfg.eval_cache or str(out.resolve() / SweepFolder.CACHE)
+    cfg = replace(cfg, eval_cache=eval_cache)
+    probe_args += ["--eval-cache", eval_cache]
     for kind in cfg.log_to:  # the probes' results go where the runs' numbers went
         probe_args += ["--log-to", kind]
     if launcher == "local" and cfg.workers is None:

@@ -113,7 +113,8 @@ def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks, device:
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         return training_step_bytes(model, step) + 2 * params
 
-    return prepare_cache(subset, mode=cfg.cache, side=cfg.cache_side or cache_side(cfg.res),
+    return prepare_cache(subset, mode=cfg.pixel_cache,
+                         side=cfg.pixel_cache_side or cache_side(cfg.res),
                          seed=cfg.seed, rank=ranks.rank, world=ranks.world, device=device,
                          threads=cfg.workers, step_bytes=step_bytes)
 
@@ -455,7 +456,7 @@ def _finish(run: _Run, loader: Loader | None) -> dict:
                "device": run.record["device"], "world_size": ranks.world,
                "amp": run.record["amp"], "loader_threads": loader_threads,
                "loader_ms_per_batch": loader_ms,
-               "cache": asdict(run.cache_record.filled(run.cache)),
+               "pixel_cache": asdict(run.cache_record.filled(run.cache)),
                "num_classes": run.subset.num_classes, "num_samples": len(run.subset)}
     if ranks.is_main:
         run.folder.write_summary(summary)
@@ -474,7 +475,7 @@ def validate(cfg: TrainConfig, model, subset, autocast, device: torch.device,
     index = ShardIndex.load(cfg.val_data)
     val = select(index, class_names=subset.class_names, allow_fewer=True)
     res = cfg.eval_res or cfg.res
-    root = cache_dir_option(cfg.cache_dir) if cfg.cache != "off" else None
+    root = cache_dir_option(cfg.eval_cache) if cfg.pixel_cache != "off" else None
     loader = Loader(val, batch_size=cfg.batch_size // ranks.world, train=False, res=res,
                     device=str(device), threads=cfg.workers, decode=cfg.decode,
                     source=EvalCache(root, index, res, EVAL_RESIZE) if root else None)

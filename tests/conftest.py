@@ -222,9 +222,41 @@ FAST = ["--arch", "smallcnn", "--res", "32", "--batch-size", "16", "--device", "
         "--log-every", "2", "--no-progress", "--workers", "2"]
 
 
+def under_old_names(folder: Path) -> list[str]:
+    """Rewrite the records of a run or sweep folder as dptrain wrote them before each cache
+    had one name (options.RENAMED, new -> old): the config of config.json, checkpoint.pt,
+    pretrain.json and sweep.json, sweep.json's recorded flags, summary.json's "pixel_cache".
+    Returns the files rewritten."""
+    from dptrain.options import RENAMED
+
+    old = {new: was for was, new in RENAMED.items()}
+    flags = {f"--{k.replace('_', '-')}": f"--{v.replace('_', '-')}" for k, v in old.items()}
+    back = lambda d: {old.get(k, k): v for k, v in d.items()}  # noqa: E731
+    done = []
+    for path in sorted(folder.rglob("*")):
+        if path.name in ("config.json", "sweep.json"):
+            record = json.loads(path.read_text())
+            record["config"] = back(record["config"])
+            for key in ("options", "probe_args"):
+                if key in record:
+                    record[key] = [flags.get(a, a) for a in record[key]]
+        elif path.name in ("pretrain.json", "summary.json"):
+            record = back(json.loads(path.read_text()))
+        elif path.name == "checkpoint.pt":
+            ckpt = torch.load(path, weights_only=True)
+            torch.save({**ckpt, "config": back(ckpt["config"])}, path)
+            done.append(path.name)
+            continue
+        else:
+            continue
+        path.write_text(json.dumps(record, indent=1))
+        done.append(path.name)
+    return done
+
+
 @pytest.fixture(autouse=True)
 def _private_cache_dir(tmp_path_factory, monkeypatch):
-    """Pixel caches of the tests' runs and probes (the default --cache-dir) go to a folder of
+    """Eval caches of the tests' runs and probes (the default --eval-cache) go to a folder of
     the test session's, never the user's ~/.cache; subprocesses inherit it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
 

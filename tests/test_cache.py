@@ -1,5 +1,5 @@
-"""Pixel caches: the training cache (pixelcache) and the eval cache (evalcache), on the CPU.
-The kill -9 resume tests in test_train.py run with the training cache too."""
+"""The pixel cache (pixelcache) and the eval cache (evalcache), on the CPU. The kill -9
+resume tests in test_train.py run with the pixel cache too."""
 
 from __future__ import annotations
 
@@ -120,19 +120,19 @@ def test_a_cache_that_does_not_fit_falls_back_to_streaming(shards, tmp_path, mon
     lines = []
     cfg = make_config("fast", data=str(shards), classes=4, per_class=8, batch_size=16, res=32,
                       epochs=1, warmup_epochs=0, device="cpu", workers=2, log_every=1,
-                      cache="host")  # no warm-up: a run all warm-up is warned about first
+                      pixel_cache="host")  # no warm-up: a run all warm-up is warned about first
     s = train(cfg, tmp_path / "run", progress=False, log=lines.append)
-    assert s["cache"]["where"] == "off" and "not in host memory" in s["cache"]["why"]
+    assert s["pixel_cache"]["where"] == "off" and "not in host memory" in s["pixel_cache"]["why"]
     assert lines[0].startswith("pixel cache: off") and "streaming" in lines[0]
     monkeypatch.undo()
     fits = train(cfg, tmp_path / "run2", progress=False, log=lines.append)
-    assert fits["cache"]["where"] == "host" and fits["cache"]["fill_s"] > 0
+    assert fits["pixel_cache"]["where"] == "host" and fits["pixel_cache"]["fill_s"] > 0
     assert fits["train_loss"] == s["train_loss"]  # stored whole: the same run either way
     assert pixelcache.decide("off", 1, torch.device("cpu"))[0] == "off"
 
 
 def test_auto_goes_to_the_gpu_then_pinned_host_memory_then_streams(monkeypatch):
-    """`--cache auto` on a GPU: the GPU while the cache fits beside the training step (its
+    """`--pixel-cache auto` on a GPU: the GPU while the cache fits beside the training step (its
     measured peak + 25% + 2 GiB), else pinned host memory within half of what is available,
     split between the machine's ranks, else streaming: never an out-of-memory crash. The
     device's and the host's free memory are made up here; the decision is the real one."""
@@ -158,16 +158,16 @@ def test_pretrain_reports_its_cache_and_refuses_a_gpu_cache_without_a_gpu(shards
     args = ["pretrain", "--data", shards, "--classes", 4, "--per-class", 8, "--epochs", 1,
             "--warmup-epochs", 0, "--res", 32, "--batch-size", 16, "--device", "cpu",
             "--no-progress"]  # no warm-up: a run all warm-up is warned about first
-    p = run_here(*args, "--out", tmp_path / "run", "--cache-side", 32, check=True)
+    p = run_here(*args, "--out", tmp_path / "run", "--pixel-cache-side", 32, check=True)
     assert p.stderr.startswith("pixel cache: host (") and "at <= 32 px" in p.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["cache"]["where"] == "host" and summary["cache"]["side"] == 32
+    assert summary["pixel_cache"]["where"] == "host" and summary["pixel_cache"]["side"] == 32
     if not torch.cuda.is_available():
-        p = run_here(*args, "--out", tmp_path / "r2", "--cache", "gpu")
-        assert p.returncode == 2 and "--cache gpu needs a GPU" in p.stderr
+        p = run_here(*args, "--out", tmp_path / "r2", "--pixel-cache", "gpu")
+        assert p.returncode == 2 and "--pixel-cache gpu needs a GPU" in p.stderr
         assert "Traceback" not in p.stderr
     # Where the pixels come from does not change what the run computes: a resume may differ.
-    p = run_here(*args, "--out", tmp_path / "run", "--cache-side", 32, "--cache", "off",
+    p = run_here(*args, "--out", tmp_path / "run", "--pixel-cache-side", 32, "--pixel-cache", "off",
                  check=True)
     assert "finished already" in p.stdout
 
@@ -271,9 +271,9 @@ def test_probe_through_the_pixel_cache_on_a_read_only_set(tmp_path, texture):
     pixels = tmp_path / "pixels"
     run_here("pretrain", "--data", train_set, "--classes", 4, "--per-class", 16, "--epochs", 1,
              "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress",
-             "--val-data", train_set, "--cache-dir", pixels, "--out", run, check=True)
+             "--val-data", train_set, "--eval-cache", pixels, "--out", run, check=True)
     args = ["probe", run, "--data", down, "--test-data", test, "--repeats", 1, "--no-progress",
-            "--cache-dir", pixels]
+            "--eval-cache", pixels]
     first = run_here(*args, "--feature-cache", tmp_path / "f1", check=True)
     second = run_here(*args, "--feature-cache", tmp_path / "f2", check=True)
     assert "(0/2 cached)" in second.stdout  # features computed again, from cached pixels
@@ -304,13 +304,15 @@ def test_a_gpu_run_caches_on_the_gpu_or_in_pinned_memory(shards, tmp_path):
                       epochs=2, device="cuda", log_every=1)
     lines = []
     summary = train(cfg, tmp_path / "run", progress=False, log=lines.append)
-    assert summary["cache"]["where"] == "gpu" and "kept for the training step" in lines[0]
-    off = train(replace(cfg, cache="off"), tmp_path / "off", progress=False, log=lines.append)
+    assert summary["pixel_cache"]["where"] == "gpu" and "kept for the training step" in lines[0]
+    off = train(replace(cfg, pixel_cache="off"), tmp_path / "off", progress=False,
+                log=lines.append)
     # The same crops, flips and order, cut from the GPU cache or decoded as they stream: the
     # two runs' losses agree step by step (within the two GPU decoders' chroma rounding).
     cached, streamed = ([r["loss"] for r in RunFolder(tmp_path / d).read_metrics()]
                         for d in ("run", "off"))
-    assert off["cache"]["where"] == "off" and len(cached) == len(streamed) == summary["steps"]
+    assert off["pixel_cache"]["where"] == "off"
+    assert len(cached) == len(streamed) == summary["steps"]
     assert np.allclose(cached, streamed, rtol=0.05), (cached, streamed)
 
 
@@ -322,17 +324,17 @@ def test_the_cache_command_lists_what_each_entry_holds_and_clears_them(shards, t
              "--res", 32, "--batch-size", 16, "--device", "cpu", "--no-progress", "--out", run,
              check=True)
     probe = ["probe", run, "--data", shards, "--test-data", shards, "--repeats", 1,
-             "--no-progress", "--cache-dir", tmp_path / "pixels"]
+             "--no-progress", "--eval-cache", tmp_path / "pixels"]
     run_here(*probe, check=True)
-    listed = json.loads(run_here("cache", "--cache-dir", tmp_path / "pixels", "--json",
+    listed = json.loads(run_here("cache", "--eval-cache", tmp_path / "pixels", "--json",
                                  check=True).stdout)
     (entry,) = listed["entries"]  # train and test are the same set: one entry
     assert (entry["data"], entry["res"], entry["classes"]) == (str(shards.resolve()), 32, 6)
     assert entry["bytes"] == listed["bytes"] == sum(
         f.stat().st_size for f in Path(entry["path"]).glob("*.npy")) > 6 * 20 * 32 * 32 * 3
-    p = run_here("cache", "--cache-dir", tmp_path / "pixels", "--clear", check=True)
+    p = run_here("cache", "--eval-cache", tmp_path / "pixels", "--clear", check=True)
     assert p.stdout.splitlines()[-1].startswith(f"{tmp_path / 'pixels'}: 1 entry, ")
-    assert "0 entries" in run_here("cache", "--cache-dir", tmp_path / "pixels").stdout
+    assert "0 entries" in run_here("cache", "--eval-cache", tmp_path / "pixels").stdout
     run_here(*probe, "--feature-cache", tmp_path / "features", check=True)  # filled again
-    assert len(json.loads(run_here("cache", "--cache-dir", tmp_path / "pixels", "--json",
+    assert len(json.loads(run_here("cache", "--eval-cache", tmp_path / "pixels", "--json",
                                    check=True).stdout)["entries"]) == 1

@@ -18,6 +18,40 @@ from conftest import DPTRAIN, interrupt, make_imagefolder, one_line_error, run_c
 from dptrain.index import ShardIndex
 
 
+def test_the_old_cache_flags_still_work_and_say_their_new_names(tmp_path):
+    """--cache, --cache-side and --cache-dir, from before each cache had one name, still work
+    where they did (pretrain, sweep, probe, `dptrain cache`; a user's scripts and the flags
+    older sweeps recorded), each use saying its new name in one line; --help shows only the
+    new ones, and an old flag with its new one is a usage error."""
+    from dptrain.cli import main
+
+    p = run_cli("pretrain", "--cache", "off", "--cache-side", 48, "--cache-dir", tmp_path / "e",
+                "--print-config")
+    cfg = json.loads(p.stdout)
+    assert (cfg["pixel_cache"], cfg["pixel_cache_side"], cfg["eval_cache"]) == \
+        ("off", 48, str(tmp_path / "e"))
+    assert not {"cache", "cache_side", "cache_dir"} & set(cfg)
+    assert p.stderr.splitlines() == [
+        f"note: {old} is now {new} (the old name still works)" for old, new in
+        [("--cache", "--pixel-cache"), ("--cache-side", "--pixel-cache-side"),
+         ("--cache-dir", "--eval-cache")]]
+    one_line_error(run_cli("pretrain", "--cache", "off", "--pixel-cache", "host",
+                           "--print-config", check=False),
+                   "--cache is the old name of --pixel-cache: give one of them")
+    suite = tmp_path / "suite.toml"
+    suite.write_text("")
+    required = {"sweep": ["--data", tmp_path, "--suite", suite, "--out", tmp_path / "o"],
+                "probe": [tmp_path], "cache": [], "pretrain": []}
+    for cmd, args in required.items():
+        old = ["--cache-dir", tmp_path / "e"] + (["--cache", "host", "--cache-side", 48]
+                                                 if cmd in ("pretrain", "sweep") else [])
+        params = main.commands[cmd].make_context(cmd, [str(a) for a in args + old]).params
+        assert params["eval_cache"] in (str(tmp_path / "e"), tmp_path / "e"), cmd
+        if cmd in ("pretrain", "sweep"):
+            assert (params["pixel_cache"], params["pixel_cache_side"]) == ("host", 48)
+        assert "--cache" not in run_cli(cmd, "--help").stdout, cmd  # --pixel-cache etc. only
+
+
 def test_help_for_every_command():
     import click
 
@@ -85,7 +119,8 @@ def test_bad_usage_one_line_errors(tmp_path, folder, texture):
     one_line_error(run_cli("info", unfinished, check=False), "run the dptrain shard command")
     one_line_error(run_cli("shard", folder, tmp_path / "o", "--quality", "0", check=False),
                    "--quality")
-    # probe's feature cache is --feature-cache: --cache (pretrain's mode) is no folder name
+    # probe's feature cache is --feature-cache: --cache (pretrain's old --pixel-cache) is no
+    # folder name
     one_line_error(run_cli("probe", tmp_path, "--cache", "off", cwd=tmp_path, check=False),
                    "No such option '--cache'", "'--feature-cache'")
     assert not (tmp_path / "off").exists()

@@ -35,7 +35,7 @@ from dptrain.runfolder import RunFolder, folder_lock
 
 FAST = [*conftest.FAST, "--recipe", "synthetic"]
 SPEEDS = {"wall_s", "images_per_s", "data_wait_fraction", "data_wait", "epoch_s",
-          "loader_ms_per_batch", "loader_threads", "cache"}
+          "loader_ms_per_batch", "loader_threads", "pixel_cache"}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def zero_sample(root: Path, row: int = 3) -> tuple[Path, int]:
 def test_a_zeroed_jpeg_in_training_data_names_shard_key_and_verify(sets, tmp_path, cache):
     data = copy_set(sets["train"], tmp_path / "train")
     tar, offset = zero_sample(data)
-    p = run_cli(*pretrain_args(data, tmp_path / "run", 1), "--cache", cache, check=False)
+    p = run_cli(*pretrain_args(data, tmp_path / "run", 1), "--pixel-cache", cache, check=False)
     one_line_error(p, f"{tar.name}: sample at offset {offset} (key ", "is not a JPEG",
                    "dptrain verify")
 
@@ -98,7 +98,7 @@ def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
     val = copy_set(sets["train"], tmp_path / "val")
     zero_sample(val)
     p = run_cli(*pretrain_args(sets["train"], tmp_path / "v", 1), "--val-data", val,
-                "--cache", "off", check=False)  # decoded (with a cache: keyed, as below)
+                "--pixel-cache", "off", check=False)  # decoded (with a cache: keyed, as below)
     one_line_error(p, val.name, "is not a JPEG", "dptrain verify")
     # Probing: every cache is keyed on what the data is, so a damaged set is never served
     # from one, and with no cache at all its decoder names the sample.
@@ -114,7 +114,7 @@ def test_a_zeroed_jpeg_in_validation_or_probe_data_is_refused(sets, tmp_path):
     meta = json.loads((down / "index.json").read_text())
     meta["tars"][ShardIndex.load(down).samples[3]["tar"]]["sha256"] = sha256_file(tar)
     (down / "index.json").write_text(json.dumps(meta))
-    one_line_error(run_cli(*probe, "--cache-dir", "off", "--feature-cache", tmp_path / "f2",
+    one_line_error(run_cli(*probe, "--eval-cache", "off", "--feature-cache", tmp_path / "f2",
                            check=False),
                    f"{tar.name}: sample at offset {offset} (key ", "is not a JPEG",
                    "dptrain verify")
@@ -127,7 +127,7 @@ def test_a_truncated_tar_is_named_on_every_path(sets, reference, tmp_path):
     one_line_error(run_cli(*pretrain_args(data, tmp_path / "run", 1), check=False),
                    tar.name, "cut short", "dptrain verify")
     one_line_error(run_cli(*pretrain_args(sets["train"], tmp_path / "v", 1), "--val-data", data,
-                           "--cache", "off", check=False),
+                           "--pixel-cache", "off", check=False),
                    tar.name, "cut short", "dptrain verify")
     one_line_error(run_here("probe", reference, "--data", data, "--test-data", data,
                             "--repeats", 1, "--no-progress"),
@@ -387,14 +387,14 @@ def test_an_unknown_key_in_a_suite_is_named(sets, reference, tmp_path):
 
 
 def test_resume_may_change_what_only_changes_speed(sets, reference, tmp_path):
-    """Killed mid-run, resumed with other DALI threads, prefetch, pixel caches (training and
-    eval) and progress: the uninterrupted run's records and weights, bit for bit."""
+    """Killed mid-run, resumed with other DALI threads, prefetch, caches (the pixel cache, the
+    eval cache) and progress: the uninterrupted run's records and weights, bit for bit."""
     run = tmp_path / "run"
     interrupt(pretrain_args(sets["train"], run), lambda: (run / "checkpoint.pt").is_file())
     assert not (run / "summary.json").exists()  # killed before it finished
     assert 0 < torch.load(run / "checkpoint.pt", weights_only=True)["step"] < 54
     run_here(*pretrain_args(sets["train"], run), "--workers", "1", "--prefetch", "1",
-             "--progress", "--cache", "off", "--cache-dir", tmp_path / "pixels", check=True)
+             "--progress", "--pixel-cache", "off", "--eval-cache", tmp_path / "pixels", check=True)
     assert records(run) == records(reference)
     assert all(torch.equal(v, weights(run)[k]) for k, v in weights(reference).items())
 
@@ -441,7 +441,7 @@ def test_rotated_and_damaged_jpegs_are_stored_so_that_training_and_probes_run(
     assert run_here("verify", new, check=True).stdout.startswith(f"{new}: OK")
     run = tmp_path / "run"
     run_here("pretrain", "--data", new, "--classes", 4, "--per-class", 20, "--epochs", 2,
-             "--out", run, "--cache", cache, "--val-data", new, *FAST, check=True)
+             "--out", run, "--pixel-cache", cache, "--val-data", new, *FAST, check=True)
     assert json.loads((run / "summary.json").read_text())["val_top1"] >= 0
     probe = run_here("probe", run, "--data", new, "--test-data", new, "--repeats", 1,
                      "--no-progress", check=True)
@@ -458,4 +458,4 @@ def test_a_set_written_before_the_decode_check_still_trains_and_verify_flags_it(
     p = run_cli("verify", old, check=False)
     assert p.returncode == 1 and p.stderr.count("carries EXIF orientation") == 47
     run_here("pretrain", "--data", old, "--classes", 4, "--per-class", 18, "--epochs", 1,
-             "--out", tmp_path / "run", "--cache", cache, *FAST, check=True)
+             "--out", tmp_path / "run", "--pixel-cache", cache, *FAST, check=True)

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 
 import pytest
-from conftest import interrupt, run_here, synthetic_data
+from conftest import interrupt, run_here, synthetic_data, under_old_names
 
 from dptrain.config import make_config
 from dptrain.downstream import read_suite
@@ -309,6 +309,31 @@ def test_a_rerun_retries_a_failed_point_and_clears_its_failure_and_reports_its_b
     assert (out / "sweep.json").read_bytes() == record
     r = run_here(*args, "--workers", "1", check=True)
     assert "1 finished already, 0 to run" in r.stderr
+
+
+def test_a_sweep_recorded_under_the_old_cache_names_resumes_and_reports(tmp_path, synthetic):
+    """A sweep folder written before each cache had one name (sweep.json's and pretrain.json's
+    cache, cache_side, cache_dir, the flags sweep.json records, its runs' records) reads as
+    today's: its report names today's flags, a call with another pixel cache side is refused
+    naming it, and the same options under their new names find the sweep finished. The old
+    flag itself still works, saying its new name."""
+    data, suite = synthetic
+    out = tmp_path / "sw"
+    args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8", *TINY]
+    r = run_here(*args, "--cache-side", 24, check=True)
+    assert "note: --cache-side is now --pixel-cache-side (the old name still works)" in r.stderr
+    assert json.loads((out / "pretrain.json").read_text())["pixel_cache_side"] == 24
+    rewritten = under_old_names(out)
+    assert {"sweep.json", "pretrain.json", "config.json", "summary.json"} <= set(rewritten)
+    assert '"--cache-side"' in (out / "sweep.json").read_text()
+    run_here("report", out, check=True)
+    report = (out / "report" / "report.md").read_text()
+    assert "--pixel-cache-side 24" in report and "--cache-side" not in report
+    r = run_here(*args, "--pixel-cache-side", 32)
+    assert r.returncode == 2 and "other options: --pixel-cache-side 24 (now 32)" in r.stderr
+    r = run_here(*args, "--pixel-cache-side", 24, "--pixel-cache", "off", check=True)  # speed
+    assert "1 point, 1 finished already, 0 to run" in r.stderr
+    assert json.loads((out / "sweep.json").read_text())["config"]["pixel_cache_side"] == 24
 
 
 def test_a_sweep_on_the_built_in_data_gets_its_recipe(tmp_path, synthetic):

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, interrupt, make_imagefolder, make_shard_set, run_cli, run_here
+from conftest import (
+    FAST,
+    interrupt,
+    make_imagefolder,
+    make_shard_set,
+    run_cli,
+    run_here,
+    under_old_names,
+)
 
 from dptrain.config import make_config
 from dptrain.index import ShardIndex
@@ -109,7 +117,7 @@ def test_resume_after_kill_9_is_exact(shards, tmp_path):
     others train from the pixel cache (images stored whole), but for one killed at once."""
     def args(out, cache="host"):
         return ["pretrain", "--data", shards, "--classes", 6, "--per-class", 24, "--epochs", 4,
-                "--out", out, *FAST, "--cache", cache]
+                "--out", out, *FAST, "--pixel-cache", cache]
 
     run_here(*args(tmp_path / "ref", cache="off"), check=True)  # a process only where killed
     reference = _weights(tmp_path / "ref")
@@ -129,7 +137,7 @@ def test_resume_after_kill_9_is_exact(shards, tmp_path):
             (out / "checkpoint.pt.999999999.partial").write_bytes(b"PK\x03\x04 cut short")
         run_here(*args(out, cache), check=True)
         assert not list(out.glob("*.partial"))
-        assert json.loads((out / "summary.json").read_text())["cache"]["where"] == cache
+        assert json.loads((out / "summary.json").read_text())["pixel_cache"]["where"] == cache
         got = _weights(out)
         assert got.keys() == reference.keys()
         assert all(torch.equal(v, got[k]) for k, v in reference.items()), name
@@ -140,6 +148,38 @@ def _safe(when, out) -> bool:
         return when(out)
     except Exception:  # a checkpoint being replaced as we read it
         return False
+
+
+def test_a_run_recorded_under_the_old_cache_names_resumes_and_reports(shards, tmp_path):
+    """A run folder written before each cache had one name (config.json's and the
+    checkpoint's cache, cache_side and cache_dir; summary.json's "cache") resumes under
+    today's names bit for bit, as the same run: its pixel cache's side, which changes the
+    crops, compares equal under either name. Finished, it is not retrained, and reports."""
+    def args(out):
+        return ["pretrain", "--data", shards, "--classes", 6, "--per-class", 24, "--epochs", 3,
+                "--out", out, *FAST, "--pixel-cache", "host", "--pixel-cache-side", 32,
+                "--eval-cache", tmp_path / "pixels"]
+
+    run_here(*args(tmp_path / "ref"), check=True)
+    reference = _weights(tmp_path / "ref")
+    old = tmp_path / "old"
+    interrupt(args(old), lambda: _safe(lambda out: (out / "checkpoint.pt").exists(), old))
+    assert not (old / "summary.json").exists(), "finished before the kill"
+    assert under_old_names(old) == ["checkpoint.pt", "config.json"]
+    assert json.loads((old / "config.json").read_text())["config"]["cache_side"] == 32
+    p = run_here(*args(old), check=True)
+    assert "resuming" in p.stderr and "is finished already" not in p.stdout
+    assert all(torch.equal(v, _weights(old)[k]) for k, v in reference.items())
+    assert json.loads((old / "config.json").read_text())["config"]["pixel_cache_side"] == 32
+
+    assert under_old_names(old) == ["checkpoint.pt", "config.json", "summary.json"]
+    assert json.loads((old / "summary.json").read_text())["cache"]["side"] == 32
+    mtime = (old / "checkpoint.pt").stat().st_mtime_ns
+    assert "is finished already" in run_here(*args(old), check=True).stdout
+    assert (old / "checkpoint.pt").stat().st_mtime_ns == mtime  # not retrained
+    assert RunFolder(old).read_summary()["pixel_cache"]["where"] == "host"
+    assert run_here("report", old, check=True).stdout.startswith("no probe yet")
+    assert (old / "report" / "curves.png").is_file()
 
 
 def test_ddp_two_processes_gloo_on_one_node_and_on_two(shards, tmp_path):
@@ -154,7 +194,8 @@ def test_ddp_two_processes_gloo_on_one_node_and_on_two(shards, tmp_path):
     assert p.stdout.count(f"{out}: 8 steps") == 1  # the summary from rank 0 only
     # Two processes on one machine: each DALI pipeline gets half of the cores, not all of them.
     assert summary["loader_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
-    assert summary["cache"]["where"] == "host" and summary["cache"]["images"] == 32  # its half
+    cache = summary["pixel_cache"]
+    assert cache["where"] == "host" and cache["images"] == 32  # its half
 
     # The same run as two "nodes" of one process each, rendezvous on localhost, each node its
     # own torchrun and process tree: the same weights, and each node's cores for its process.

@@ -310,7 +310,7 @@ def run_image_fuzzer(work: Path, cases: int, seed: int, workers: int) -> dict:
 
 def decode_samples(shard_set: Path, path: str, positions=None) -> dict:
     """Decode every sample (or `positions`) of a shard set through one loader path: "train"
-    (DALI's region decode, --cache off), "cache" (its whole-image decode filling a pixel
+    (DALI's region decode, --pixel-cache off), "cache" (its whole-image decode filling a pixel
     cache) or "eval"; a failing batch is bisected down to its samples."""
     import numpy as np
     import torch
@@ -497,7 +497,7 @@ def minimize_image(work: Path, artifact: Path) -> str | None:
 # Structured files: the fixtures, the mutations (Hypothesis), the worker that runs commands.
 
 PRETRAIN = ["--arch", "smallcnn", "--res", "32", "--batch-size", "4", "--device", "cpu",
-            "--epochs", "1", "--no-progress", "--workers", "1", "--cache", "off",
+            "--epochs", "1", "--no-progress", "--workers", "1", "--pixel-cache", "off",
             "--classes", "3", "--per-class", "4", "--log-every", "1"]
 PROBE = ["--repeats", "1", "--no-progress", "--workers", "1", "--device", "cpu"]
 
