@@ -58,7 +58,7 @@ from .runfolder import (
     write_atomic,
     write_json,
 )
-from .sources import SPLIT_FORMATS, Item, Source, detect_format, open_source
+from .sources import FORMATS, Item, Source, detect_format, open_source
 from .verify import sizes_differ
 
 
@@ -352,7 +352,7 @@ def shard_dataset(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = 
     src, out = Path(src), Path(out)
     labels = Path(labels) if labels else None
     source = open_source(src, fmt, labels, split)
-    if (source.format in ("imagefolder", "flat", "splits")
+    if (FORMATS[source.format].files_under_src
             and out.resolve().is_relative_to(src.resolve())):
         raise DataError(f"OUT {out} is inside SRC {src}: its files would be read as inputs")
     return write_source(source, out, labels=labels, classes_from=classes_from, split=split, **kw)
@@ -465,7 +465,7 @@ def shard_source(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "
     src, out = Path(src), Path(out)
     if fmt == "auto" and src.exists():
         fmt = detect_format(src, Path(labels) if labels else None)
-    if fmt not in SPLIT_FORMATS:
+    if fmt not in FORMATS or not FORMATS[fmt].splits:  # "auto" where SRC is missing
         return [(out, shard_dataset(src, out, fmt=fmt, labels=labels,
                                     classes_from=classes_from, **kw))]
     if classes_from is not None or labels is not None:

@@ -21,25 +21,8 @@ from .options import option
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder lists, so labels and files match it.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")
-FORMATS = ("imagefolder", "flat", "imagenet-tar", "wds", "cifar", "splits")
-SPLIT_FORMATS = ("cifar", "splits")  # one SRC holding a train and a test split
 CIFAR_QUALITY = 95  # JPEG quality CIFAR's raw pixels are stored at (recorded in the index)
 NOT_IMAGE_NAME = "not an image file name (extension)"
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """What `dptrain shard` reads: SRC's layout and, for some layouts, where its labels are."""
-
-    fmt: str = option("auto", "Layout of SRC: class folders (ImageNet train/), a flat folder + "
-                      "--labels (ImageNet val), ILSVRC2012_img_train.tar, WebDataset shards, "
-                      "CIFAR-10/100 python pickles, or train/ + test/ class folders (the last "
-                      "two write OUT/train and OUT/test).", flag="--format",
-                      choices=("auto", *FORMATS))
-    labels: str | None = option(None, "CSV 'filename,class' for a flat folder (Kaggle's "
-                                "LOC_val_solution.csv works).", path="file")
-    classes_from: str | None = option(None, "Use the class list and ids of this shard set (for "
-                                      "val/test splits).", path="dir")
 
 
 @dataclass(frozen=True)
@@ -75,8 +58,8 @@ class Item:
 @dataclass
 class Source:
     """What `dptrain shard` reads: the class names and, per class, its inputs (`items`, sorted
-    by name) and the files skipped in its folder. A streamed ImageNet tar lists nothing up
-    front: `classes()` reads it."""
+    by name) and the files skipped in its folder. A streamed source (the ImageNet tar) lists
+    nothing up front: `classes()` reads it, through `stream`."""
 
     format: str
     path: Path
@@ -86,6 +69,8 @@ class Source:
     items: dict[str, list[Item]] = field(default_factory=dict, repr=False)
     class_skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict, repr=False)
     origin: str | None = None  # what the data is, where no path says it (generated data)
+    # (path, wanted classes) -> what `classes()` yields, in one pass; None: `items` holds it
+    stream: Callable[[Path, set[str]], Iterator[tuple]] | None = field(default=None, repr=False)
 
     @property
     def identity(self) -> str:
@@ -95,14 +80,14 @@ class Source:
     @property
     def num_inputs(self) -> int | None:
         """Inputs to store; None where only a full pass can tell (a streamed tar)."""
-        if self.format == "imagenet-tar":
+        if self.stream is not None:
             return None
         return sum(map(len, self.items.values()))
 
     def classes(self, wanted: set[str]) -> Iterator[tuple[str, list[Item], list[tuple[str, str]]]]:
         """Yield (class name, its inputs in sorted order, its skipped files) for wanted classes."""
-        if self.format == "imagenet-tar":
-            yield from _stream_tar_of_tars(self.path, wanted)
+        if self.stream is not None:
+            yield from self.stream(self.path, wanted)
             return
         for name in self.class_names:
             if name in wanted:
@@ -334,31 +319,98 @@ def _cifar(root: Path, split: str) -> Source:
     return src
 
 
-def _is_splits(src: Path) -> bool:
+def _is_cifar(src: Path, labels: Path | None) -> bool:
+    return src.is_dir() and ((src / "batches.meta").is_file() or
+                             ((src / "meta").is_file() and (src / "train").is_file()))
+
+
+def _is_tar_of_tars(src: Path, labels: Path | None) -> bool:
+    if not src.is_file():
+        return False
+    first = _first_member(src)
+    if first is None:
+        raise DataError(f"{src} is an empty tar")
+    return first.endswith(".tar")
+
+
+def _is_splits(src: Path, labels: Path | None) -> bool:
     """A folder holding train/ and test/ ImageFolders (each made of class folders)."""
-    return all((src / s).is_dir() and any(e.is_dir() for e in os.scandir(src / s))
-               for s in ("train", "test"))
+    return src.is_dir() and labels is None and all(
+        (src / s).is_dir() and any(e.is_dir() for e in os.scandir(src / s))
+        for s in ("train", "test"))
+
+
+def _is_labelled(src: Path, labels: Path | None) -> bool:
+    return labels is not None and not src.is_file()  # a tar's labels are refused as a tar's
+
+
+def _has_class_folders(src: Path, labels: Path | None) -> bool:
+    return src.is_dir() and any(e.is_dir() for e in os.scandir(src))
+
+
+def _is_wds(src: Path, labels: Path | None) -> bool:
+    # Tried after the tar of tars and class folders: any other tar, or a folder of tars.
+    return src.is_file() or any(e.name.endswith(".tar") for e in os.scandir(src))
+
+
+def _read_splits(src: Path, labels: Path | None, split: str) -> Source:
+    source = _imagefolder(src / split)
+    source.format, source.path = "splits", src
+    return source
+
+
+def _read_flat(src: Path, labels: Path | None, split: str | None) -> Source:
+    if labels is None:
+        raise DataError("the flat format needs --labels FILE (CSV 'filename,class')")
+    return _flat(src, labels)
+
+
+def _read_tar_of_tars(src: Path, labels: Path | None, split: str | None) -> Source:
+    if not src.is_file():
+        raise DataError(f"format imagenet-tar needs the tar file, and {src} is a folder")
+    return Source("imagenet-tar", src, _tar_of_tars_names(src), stream=_stream_tar_of_tars)
+
+
+def _read_wds(src: Path, labels: Path | None, split: str | None) -> Source:
+    tars = [src] if src.is_file() else sorted(src.rglob("*.tar"))
+    if not tars:
+        raise DataError(f"{src} holds no .tar shards")
+    return _wds(src, tars)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One layout `dptrain shard` reads. A new layout is an entry of FORMATS and its reader."""
+
+    read: Callable[[Path, Path | None, str | None], Source]  # (SRC, --labels, split) -> inputs
+    detect: Callable[[Path, Path | None], bool]  # (SRC, --labels): is SRC in this layout?
+    detect_rank: int  # where `detect` is asked: the first layout (lowest rank) that says yes
+    labels: bool = False  # reads a --labels file
+    folder: bool = False  # SRC must be a folder
+    splits: bool = False  # SRC holds a train and a test split: OUT/train and OUT/test
+    files_under_src: bool = False  # inputs are SRC's files: an OUT inside SRC would be read
+
+
+# --format's choices, in this order. Detection asks the more particular layouts first: CIFAR's
+# pickles (their folder may hold train/ and test/ too), train/ + test/ before class folders,
+# --labels before class folders, a tar of tars before any tar.
+FORMATS: dict[str, Format] = {
+    "imagefolder": Format(lambda src, labels, split: _imagefolder(src), _has_class_folders, 4,
+                          folder=True, files_under_src=True),
+    "flat": Format(_read_flat, _is_labelled, 3, labels=True, folder=True, files_under_src=True),
+    "imagenet-tar": Format(_read_tar_of_tars, _is_tar_of_tars, 2),
+    "wds": Format(_read_wds, _is_wds, 5),
+    "cifar": Format(lambda src, labels, split: _cifar(src, split), _is_cifar, 0, splits=True),
+    "splits": Format(_read_splits, _is_splits, 1, splits=True, files_under_src=True),
+}
 
 
 def detect_format(src: Path, labels: Path | None) -> str:
-    if src.is_dir() and ((src / "batches.meta").is_file() or
-                         ((src / "meta").is_file() and (src / "train").is_file())):
-        return "cifar"
-    if src.is_dir() and labels is None and _is_splits(src):
-        return "splits"
-    if src.is_file():
-        first = _first_member(src)
-        if first is None:
-            raise DataError(f"{src} is an empty tar")
-        return "imagenet-tar" if first.endswith(".tar") else "wds"
-    if labels is not None:
-        return "flat"
-    entries = list(os.scandir(src))
-    if any(e.is_dir() for e in entries):
-        return "imagefolder"
-    if any(e.name.endswith(".tar") for e in entries):
-        return "wds"
-    if any(_is_image_name(e.name) for e in entries):
+    """The first of FORMATS, in detection order, whose layout SRC is in."""
+    for name, f in sorted(FORMATS.items(), key=lambda kv: kv[1].detect_rank):
+        if f.detect(src, labels):
+            return name
+    if any(_is_image_name(e.name) for e in os.scandir(src)):
         raise DataError(f"{src} is a flat folder of images: give its labels with --labels FILE")
     raise DataError(
         f"{src} holds no images: expected class folders, images + --labels, or .tar shards"
@@ -367,41 +419,38 @@ def detect_format(src: Path, labels: Path | None) -> str:
 
 def open_source(src: Path, fmt: str = "auto", labels: Path | None = None,
                 split: str | None = None) -> Source:
-    """Scan SRC (auto-detecting its layout unless `fmt` names one of FORMATS); for the
-    SPLIT_FORMATS, the `split` ("train" or "test") to read."""
+    """Scan SRC (auto-detecting its layout unless `fmt` names one of FORMATS); for a layout
+    holding splits, the `split` ("train" or "test") to read."""
     if not src.exists():
         raise DataError(f"source {src} does not exist")
     if fmt == "auto":
         fmt = detect_format(src, labels)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; expected one of: auto, {', '.join(FORMATS)}")
-    if labels is not None and fmt != "flat":
+    layout = FORMATS[fmt]
+    if labels is not None and not layout.labels:
         raise DataError(f"--labels goes with the flat format, not {fmt}")
-    if (fmt in SPLIT_FORMATS) != (split is not None):
+    if layout.splits != (split is not None):
         raise DataError(f"format {fmt} " + ("holds train and test splits: shard it with "
                         "dptrain shard SRC OUT" if split is None else "has no splits"))
-    if fmt in ("imagefolder", "flat") and not src.is_dir():
+    if layout.folder and not src.is_dir():
         raise DataError(f"format {fmt} needs a folder, and {src} is a file")
-    if fmt == "cifar":
-        source = _cifar(src, split)
-    elif fmt == "splits":
-        source = _imagefolder(src / split)
-        source.format, source.path = "splits", src
-    elif fmt == "imagefolder":
-        source = _imagefolder(src)
-    elif fmt == "flat":
-        if labels is None:
-            raise DataError("the flat format needs --labels FILE (CSV 'filename,class')")
-        source = _flat(src, labels)
-    elif fmt == "imagenet-tar":
-        if not src.is_file():
-            raise DataError(f"format imagenet-tar needs the tar file, and {src} is a folder")
-        source = Source("imagenet-tar", src, _tar_of_tars_names(src))
-    else:
-        tars = [src] if src.is_file() else sorted(src.rglob("*.tar"))
-        if not tars:
-            raise DataError(f"{src} holds no .tar shards")
-        source = _wds(src, tars)
+    source = layout.read(src, labels, split)
     if not source.class_names or source.num_inputs == 0:
         raise DataError(f"{src} holds no images (format {fmt})")
     return source
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What `dptrain shard` reads: SRC's layout and, for some layouts, where its labels are."""
+
+    fmt: str = option("auto", "Layout of SRC: class folders (ImageNet train/), a flat folder + "
+                      "--labels (ImageNet val), ILSVRC2012_img_train.tar, WebDataset shards, "
+                      "CIFAR-10/100 python pickles, or train/ + test/ class folders (the last "
+                      "two write OUT/train and OUT/test).", flag="--format",
+                      choices=("auto", *FORMATS))
+    labels: str | None = option(None, "CSV 'filename,class' for a flat folder (Kaggle's "
+                                "LOC_val_solution.csv works).", path="file")
+    classes_from: str | None = option(None, "Use the class list and ids of this shard set (for "
+                                      "val/test splits).", path="dir")
