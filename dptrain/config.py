@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import DataError
+from .optimizers import OPTIMIZER_HELP, OPTIMIZERS
 from .options import option, renamed
 from .tracking import BACKENDS
 
@@ -81,9 +82,7 @@ class TrainConfig:
                              low=1)
     batch_size: int = _recipe("batch_size", "Images per step over all ranks; changing it "
                               "without --lr scales the recipe's lr linearly.", low=1)
-    optimizer: str = _recipe("optimizer", "sgd: SGD with momentum; adam: Adam, weight decay added "
-                             "to the gradient (torch.optim.Adam); adamw: decoupled weight decay "
-                             "(torch.optim.AdamW).", choices=("sgd", "adam", "adamw"))
+    optimizer: str = _recipe("optimizer", OPTIMIZER_HELP, choices=tuple(OPTIMIZERS))
     lr: float = _recipe("lr", "Peak learning rate.", low=0, low_open=True)
     momentum: float = _recipe("momentum", "SGD's momentum, or Adam's beta1 (what a card written "
                               "for Adam calls its momentum).", low=0, high=1, high_open=True)

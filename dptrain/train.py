@@ -33,6 +33,7 @@ from .launch import relaunch
 from .loader import EVAL_RESIZE, Loader
 from .meter import METER, Meter
 from .models import build_model
+from .optimizers import OPTIMIZERS
 from .pixelcache import PixelCache, cache_side, training_step_bytes
 from .pixelcache import prepare as prepare_cache
 from .progress import bar as progress_bar
@@ -109,9 +110,9 @@ def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks, device:
             loss = twin(to_model_input(x, cfg.channels_last)).float().logsumexp(1).mean()
         loss.backward()
 
-    def step_bytes() -> int:  # + the optimiser's state (momentum, or Adam's two moments)
+    def step_bytes() -> int:  # + the optimiser's state, which the step (no optimiser) leaves out
         params = sum(p.numel() * p.element_size() for p in model.parameters())
-        return training_step_bytes(model, step) + 2 * params
+        return training_step_bytes(model, step) + OPTIMIZERS[cfg.optimizer].state_per_param * params
 
     return prepare_cache(subset, mode=cfg.pixel_cache,
                          side=cfg.pixel_cache_side or cache_side(cfg.res),
@@ -172,12 +173,8 @@ def build(cfg: TrainConfig, num_classes: int, amp: str, device: torch.device):
     model = build_model(cfg.arch, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, cfg.weight_decay, cfg.no_bn_wd)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        optimizer = adam(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))
+    optimizer = OPTIMIZERS[cfg.optimizer].make(
+        cfg, param_groups(model, cfg.weight_decay, cfg.no_bn_wd))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     return model, optimizer, amp_context(device.type, amp), scaler
 
