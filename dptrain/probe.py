@@ -195,28 +195,18 @@ def _brief(results: dict) -> dict:
 def run_probe(run: Path, o: ProbeOptions, progress: bool = False) -> dict:
     """`dptrain probe RUN`: its downstream sets from the options, probed."""
     return probe_run(run, downstream_sets(o.data, o.test_data, o.names,
-                                          Path(o.suite) if o.suite else None),
-                     res=o.res, cache=Path(o.feature_cache) if o.feature_cache else None,
-                     pixels=cache_dir_option(o.eval_cache), repeats=o.repeats,
-                     val_fraction=o.val_fraction, seed=o.seed, device=o.device,
-                     threads=o.workers, random_init=o.random_init,
-                     allow_unfinished=o.allow_unfinished, overwrite=o.overwrite,
-                     log_to=o.log_to, progress=progress)
+                                          Path(o.suite) if o.suite else None), o,
+                     progress=progress)
 
 
-def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | None = None,
-              cache: Path | None = None, pixels: Path | None = None, repeats: int = 5,
-              val_fraction: float = 0.2, seed: int = 0, device: str = "auto",
-              threads: int | None = None, random_init: bool = False,
-              allow_unfinished: bool = False, overwrite: bool = False, log_to=(),
-              progress: bool = False) -> dict:
-    """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards);
-    with `random_init`, also the run's architecture as initialised, the reference. `cache`:
-    the feature cache [RUN/features]; `pixels`: the eval pixel cache's folder (None: none).
-    A run whose checkpoint is short of its planned steps is refused unless
-    `allow_unfinished`. A set probed before with other settings (repeats, validation part,
-    data) is refused unless `overwrite`: probe.json keeps one result per name. `log_to`:
-    tracking backends the results also go to."""
+def probe_run(run: Path, datasets: list[tuple[str, str, str]], o: ProbeOptions = ProbeOptions(),
+              *, progress: bool = False) -> dict:
+    """Probe a run folder (or a checkpoint file) on each (name, train shards, test shards),
+    as `o` says (its --data, --test-data, --name and --suite aside: `datasets` are those); with
+    `o.random_init`, also the run's architecture as initialised, the reference. A run whose
+    checkpoint is short of its planned steps is refused unless `o.allow_unfinished`. A set
+    probed before with other settings (repeats, validation part, data) is refused unless
+    `o.overwrite`: probe.json keeps one result per name."""
     checkpoint = RunFolder(run).checkpoint if run.is_dir() else run
     if not checkpoint.is_file():
         if (run / LOCK).is_file():  # a run before its first checkpoint: who is writing it
@@ -225,34 +215,30 @@ def probe_run(run: Path, datasets: list[tuple[str, str, str]], *, res: int | Non
         raise DataError(f"{run} is not a dptrain run (no {RunFolder.CHECKPOINT})")
     run_dir = RunFolder(checkpoint.parent)
     with folder_lock(run_dir.path, "probe"):  # one writer of probe.json and summary.json
-        return _probe_run(checkpoint, datasets, run_dir, res=res, cache=cache, pixels=pixels,
-                          repeats=repeats, val_fraction=val_fraction, seed=seed, device=device,
-                          threads=threads, random_init=random_init,
-                          allow_unfinished=allow_unfinished, overwrite=overwrite,
-                          log_to=log_to, progress=progress)
+        return _probe_run(checkpoint, datasets, run_dir, o, progress)
 
 
-def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pixels, repeats,
-               val_fraction, seed, device, threads, random_init, allow_unfinished, overwrite,
-               log_to, progress) -> dict:
+def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, o: ProbeOptions,
+               progress: bool) -> dict:
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
     record = run_dir.read_config()  # None beside a bare checkpoint; unreadable: refused now
     done, total = unfinished(ckpt, record)
-    if done is not None and not allow_unfinished:
+    if done is not None and not o.allow_unfinished:
         raise DataError(f"{run_dir.path} is unfinished: its checkpoint is at step {done} of "
                         f"{total}; finish it (run its pretrain command again), or probe it as "
                         "it is with --allow-unfinished")
-    cache = cache or run_dir / RunFolder.FEATURES
-    kw = dict(res=res, cache=cache, pixels=pixels, repeats=repeats, val_fraction=val_fraction,
-              seed=seed, device=resolve_device(device), threads=threads, progress=progress)
+    cache = Path(o.feature_cache) if o.feature_cache else run_dir / RunFolder.FEATURES
+    kw = dict(res=o.res, cache=cache, pixels=cache_dir_option(o.eval_cache), repeats=o.repeats,
+              val_fraction=o.val_fraction, seed=o.seed, device=resolve_device(o.device),
+              threads=o.workers, progress=progress)
     old = run_dir.read_probe()
-    if not overwrite:
-        _refuse_other_settings(old, datasets, repeats, val_fraction, random_init)
+    if not o.overwrite:
+        _refuse_other_settings(old, datasets, o.repeats, o.val_fraction, o.random_init)
     out = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),
            "datasets": _probe(checkpoint, config, datasets, **kw)}
     merged = {**old, **out, "datasets": {**old.get("datasets", {}), **out["datasets"]}}
-    if random_init:
+    if o.random_init:
         out["random_init"] = _probe(random_init_checkpoint(checkpoint, cache), config, datasets,
                                     what="random init, ", **kw)
         merged["random_init"] = {**old.get("random_init", {}), **out["random_init"]}
@@ -261,8 +247,8 @@ def _probe_run(checkpoint: Path, datasets, run_dir: RunFolder, *, res, cache, pi
               **({"probe_random_init": _brief(merged["random_init"])}
                  if "random_init" in merged else {})}
     run_dir.update_summary(**briefs)
-    if log_to and record:
-        with open_tracker(log_to, run_dir.path, record, resume_step=None) as tracker:
+    if o.log_to and record:
+        with open_tracker(o.log_to, run_dir.path, record, resume_step=None) as tracker:
             tracker.log({f"{what}/{name}/top1": r["top1_mean"] for what, sets in briefs.items()
                          for name, r in sets.items()}, ckpt.get("step", 0))
             tracker.summary(briefs)

@@ -544,54 +544,48 @@ def refuse_other_options(old: dict, spec: SweepSpec) -> None:
 def sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *,
           launcher: str = "local", slots: list | None = None, slurm: dict | None = None,
           log=print, progress: bool = False) -> dict:
-    """Run the points not finished yet; write pretrain.json, sweep.json, failures.json and
-    results.csv."""
+    """Run the points not finished yet, holding SWEEP; write pretrain.json, sweep.json,
+    failures.json and results.csv."""
     with folder_lock(spec.out, "sweep"):
-        return _sweep(spec, points, datasets, launcher=launcher, slots=slots, slurm=slurm,
-                      log=log, progress=progress)
+        out = Path(spec.out)
+        folder = SweepFolder(out)
+        refuse_other_options(folder.read_spec(), spec)
+        write_json(spec.config_file, spec.config)
+        # Every point ever run here keeps its budget N: a later call may add points (a predicted
+        # split, say) without relabelling the earlier ones.
+        known = folder.sizes()
+        known.update({p.name: p.size for p in points})
+        write_json(folder / SweepFolder.SPEC,
+                   {**asdict(spec), "points": [{"run": r, "N": n} for r, n in known.items()]})
+        todo = [p for p in points if not folder.run(p.name).finished(datasets)]
+        log(f"{plural(len(points), 'point')}, {len(points) - len(todo)} finished already, "
+            f"{len(todo)} to run")
+        lock = threading.Lock()
+        bar = progress_bar(total=len(todo), unit="point", desc="sweep", enabled=progress)
+        failed = 0
 
+        def done(point: Point, r: dict) -> dict:
+            nonlocal failed
+            where = f" on GPU {r['device']}" if r.get("device") is not None else \
+                f" (job {r['job']})" if r.get("job") else ""
+            took = f" in {r['seconds']:.0f} s" if r.get("seconds") is not None else ""
+            with lock:
+                bar.write(f"{point.name}: {r['status']}{where}{took}"
+                          + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
+                write_results(out)  # after every point: a partial sweep is readable
+                failed += r["status"] != "done"
+                bar.set_postfix_str(f"last {point.name}, {failed} failed", refresh=False)
+                bar.update(1)  # with the ETA from the points so far
+            return r
 
-def _sweep(spec: SweepSpec, points: list[Point], datasets: list[str], *, launcher: str,
-           slots: list | None, slurm: dict | None, log, progress: bool) -> dict:
-    out = Path(spec.out)
-    folder = SweepFolder(out)
-    refuse_other_options(folder.read_spec(), spec)
-    write_json(spec.config_file, spec.config)
-    # Every point ever run here keeps its budget N: a later call may add points (a predicted
-    # split, say) without relabelling the earlier ones.
-    known = folder.sizes()
-    known.update({p.name: p.size for p in points})
-    write_json(folder / SweepFolder.SPEC,
-               {**asdict(spec), "points": [{"run": r, "N": n} for r, n in known.items()]})
-    todo = [p for p in points if not folder.run(p.name).finished(datasets)]
-    log(f"{plural(len(points), 'point')}, {len(points) - len(todo)} finished already, "
-        f"{len(todo)} to run")
-    lock = threading.Lock()
-    bar = progress_bar(total=len(todo), unit="point", desc="sweep", enabled=progress)
-    failed = 0
-
-    def done(point: Point, r: dict) -> dict:
-        nonlocal failed
-        where = f" on GPU {r['device']}" if r.get("device") is not None else \
-            f" (job {r['job']})" if r.get("job") else ""
-        took = f" in {r['seconds']:.0f} s" if r.get("seconds") is not None else ""
-        with lock:
-            bar.write(f"{point.name}: {r['status']}{where}{took}"
-                      + (f": {r['error']}" if r["error"] else ""), file=sys.stderr)
-            write_results(out)  # after every point: a partial sweep is readable
-            failed += r["status"] != "done"
-            bar.set_postfix_str(f"last {point.name}, {failed} failed", refresh=False)
-            bar.update(1)  # with the ETA from the points so far
-        return r
-
-    with bar:
-        if launcher == "local":
-            results = schedule(todo, slots or [None],
-                               lambda point, slot: done(point, run_point(point, spec, slot)))
-        else:
-            results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
-                                   else "slurm", slurm=slurm, done=done, log=log)
-    failures = [r for r in results if r["status"] != "done"]
-    write_json(folder / SweepFolder.FAILURES, failures)
-    write_results(out)
-    return {"points": len(points), "ran": len(todo), "failed": failures}
+        with bar:
+            if launcher == "local":
+                results = schedule(todo, slots or [None],
+                                   lambda point, slot: done(point, run_point(point, spec, slot)))
+            else:
+                results = submit_slurm(todo, spec, cluster="local" if launcher == "submitit-local"
+                                       else "slurm", slurm=slurm, done=done, log=log)
+        failures = [r for r in results if r["status"] != "done"]
+        write_json(folder / SweepFolder.FAILURES, failures)
+        write_results(out)
+        return {"points": len(points), "ran": len(todo), "failed": failures}

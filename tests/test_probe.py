@@ -154,7 +154,7 @@ def test_probe_bad_inputs(run_and_data, tmp_path):
 def test_trained_backbone_beats_random_init(tmp_path):
     """Pre-training on the synthetic pool helps on unseen classes of the same generator."""
     from dptrain.config import make_config
-    from dptrain.downstream import read_suite
+    from dptrain.downstream import ProbeOptions, read_suite
     from dptrain.probe import probe_run
     from dptrain.synthetic import Generator, write_pool, write_tasks
     from dptrain.train import train
@@ -165,7 +165,8 @@ def test_trained_backbone_beats_random_init(tmp_path):
     cfg = make_config("synthetic", data=str(tmp_path / "pretrain"), epochs=8, batch_size=100,
                       res=16)  # 6 epochs: +0.17 and +0.18 over random init (seeds 0, 1; fp32)
     train(cfg, tmp_path / "run", progress=False)
-    out = probe_run(tmp_path / "run", suite, repeats=2, random_init=True)
+    out = probe_run(tmp_path / "run", suite,
+                    ProbeOptions(repeats=2, random_init=True, eval_cache="off"))
     trained = out["datasets"]["synthetic-t1"]["top1_mean"]
     random = out["random_init"]["synthetic-t1"]["top1_mean"]
     assert trained > random + 0.1, (trained, random)
