@@ -1,9 +1,10 @@
 """Command-line options declared once, as dataclass fields: `option()` gives a field its help,
 allowed values and flag, and `click_options` turns a dataclass into click options. Each command's
-options live beside the code that uses them (TrainConfig in config, ShardOptions in shards,
-ProbeOptions in probe, SweepOptions in sweep, PredictOptions in predict); cli.py only stacks
-them, with the few options several commands share (progress_option, workers_option,
-json_option) declared here once.
+options live beside the code that uses them (TrainConfig and PretrainOptions in config,
+SourceOptions in sources, ShardOptions in shards, ProbeOptions in downstream: beside the sets
+it names, and free of probe.py's torch, so `--help` stays fast; SweepOptions in sweep,
+PredictOptions in predict); cli.py only stacks them, with the few options several commands
+share (progress_option, workers_option, json_option) declared here once.
 """
 
 from __future__ import annotations
