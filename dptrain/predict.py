@@ -260,7 +260,8 @@ def sweep_command(sweep_dir, out: dict, seeds: int) -> str | None:
 
 
 def render(out: dict) -> str:
-    """The predict result as text."""
+    """The predict result as text: per set, each predictor's fit, the held-out check and the
+    advice; then how to run the suggested splits and what could not be fitted."""
     near = (f", within {out['near']:g}x of each budget's best K/n" if out.get("near") else "")
     lines = [f"prediction for N={out['size']:,} from the points of N in {out['fit_sizes']}"
              f"{near}; limits: {out['limits']['max_classes']} classes, "
@@ -268,77 +269,10 @@ def render(out: dict) -> str:
     for name, e in out["sets"].items():
         lines.append(f"\n{name}: {plural(e['points'], 'point')} at N = {e['sizes']}")
         for method in ("free", "tied"):
-            r = e.get(method)
-            if r is None:
-                continue
-            if "error" in r:
-                lines.append(f"  {label(method)}: not possible: {r['error']}")
-                continue
-            pred = r["prediction"]
-            f = Fit(**r["params"])
-            lines.append(f"  {label(method)}{' (alpha = beta)' if method == 'tied' else ''}: "
-                         + fit_line(f, r["intervals"]))
-            lines.append("    residuals (measured - fit): " + residual_line(
-                [(x["classes"], x["per_class"], x["size"]) for x in r["residuals"]],
-                [x["residual"] for x in r["residuals"]]))
-            lines.append("    r* = K*/n* at measured N: " + ", ".join(
-                f"N={int(s):,}: {v:.3g}" for s, v in r["ratio_at"].items()))
-            ci = r["intervals"].get("classes")
-            lines.append(f"    predicted best: K*={pred['classes']} n*={pred['per_class']} "
-                         f"error {pred['error']:.4f}"
-                         + (f" (its own K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}"
-                            f"{_outside(pred['classes'], ci)})" if ci else "")
-                         + (" [clipped to the limits]" if pred["clipped"] else ""))
-            if "all_classes" in r:
-                a = r["all_classes"]
-                lines.append(f"    all classes: K={a['classes']} n={a['per_class']} predicted "
-                             f"error {a['error']:.4f}" + ("" if a["feasible"] else
-                                                         " (not feasible: too few images)"))
-        rr = e.get("ratio_rule", {})
-        if "error" in rr:
-            lines.append(f"  ratio rule: not possible: {rr['error']}")
-        elif rr:
-            pr = rr["prediction"]
-            lines.append("  ratio rule: r* measured " + ", ".join(
-                f"N={m['size']:,}: {m['ratio']:.3g}" + (" (grid edge)" if m["edge"] else "")
-                for m in rr["measured"]) + f" -> K = sqrt(r* N) = {pr['classes']}, "
-                f"n = {pr['per_class']}" + (" [clipped]" if pr["clipped"] else ""))
+            lines += _fit_lines(method, e.get(method))
+        lines += _ratio_rule_lines(e.get("ratio_rule", {}))
         lines += _check_lines(e.get("check"))
-        ci = e.get("interval")
-        q = e.get("quartiles")
-        within = (f", K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}, middle half {q[0]:.0f}..{q[1]:.0f}"
-                  f" ({INTERVAL_SOURCE})") if ci else (
-            f" (no interval: the {label(INTERVAL[0])}, whose bootstrap gives it, was not "
-            "possible)" if "error" in e.get(INTERVAL[0], {}) else " (no interval: --bootstrap 0)")
-        if e.get("recommended"):
-            m = e["recommended"]
-            pr = e[m]["prediction"]
-            lines.append(f"  recommended: {label(m)}: K={pr['classes']} n={pr['per_class']} "
-                         f"({_why(e.get('check'), m)}){within}"
-                         + (_outside(pr["classes"], ci, m if m != INTERVAL[0] else None)
-                            if ci else ""))
-            if e.get("warning"):
-                lines.append(f"  WARNING: {e['warning']}")
-        elif e.get("check"):
-            lines.append("  no recommendation: the held-out check could score no predictor")
-        elif "unvalidated" in e:
-            u = e["unvalidated"]
-            add = u["add"]
-            fitted = [label(m) for m in PREDICTORS if "prediction" in e.get(m, {})]
-            who = ("the three give" if len(fitted) == 3 else
-                   f"the {' and the '.join(fitted)} give{'s' if len(fitted) == 1 else ''}")
-            lines.append(f"  one budget fitted: no predictor can be validated; {who} "
-                         f"K* = {u['spread'][0]}..{u['spread'][1]}{within}.")
-            lines.append(f"  to tell them apart, add N={add['size']:,}, where they predict "
-                         + ", ".join(f"{label(m)} K={k}" for m, k in add["classes"].items())
-                         + ": run those splits, then predict again")
-        if "measured_best_at_size" in e:
-            m = e["measured_best_at_size"]
-            lines.append(f"  measured best at N={out['size']:,}: K={m['classes']} "
-                         f"n={m['per_class']} error {m['error']:.4f}")
-        if e.get("suggest") is not None:
-            lines.append("  to confirm, run at N={:,}: ".format(out["size"]) + (", ".join(
-                f"K={k} n={n}" for k, n in e["suggest"]) or "nothing new (all run already)"))
+        lines += _advice_lines(e, out["size"])
     if out.get("command"):
         lines.append(f"\nto run the suggested splits (from "
                      f"{'the average' if AVERAGE in out['sets'] else 'the first set'}):"
@@ -350,6 +284,90 @@ def render(out: dict) -> str:
         lines.append(f"no prediction for {', '.join(out['unpredicted'])}: no predictor could be "
                      "fitted (more points or budgets: see the reasons above)")
     return "\n".join(lines)
+
+
+def _fit_lines(method: str, r: dict | None) -> list[str]:
+    """A fitted predictor (free or tied): its fit, residuals, ratios and predicted best."""
+    if r is None:
+        return []
+    if "error" in r:
+        return [f"  {label(method)}: not possible: {r['error']}"]
+    pred = r["prediction"]
+    f = Fit(**r["params"])
+    lines = [f"  {label(method)}{' (alpha = beta)' if method == 'tied' else ''}: "
+             + fit_line(f, r["intervals"])]
+    lines.append("    residuals (measured - fit): " + residual_line(
+        [(x["classes"], x["per_class"], x["size"]) for x in r["residuals"]],
+        [x["residual"] for x in r["residuals"]]))
+    lines.append("    r* = K*/n* at measured N: " + ", ".join(
+        f"N={int(s):,}: {v:.3g}" for s, v in r["ratio_at"].items()))
+    ci = r["intervals"].get("classes")
+    lines.append(f"    predicted best: K*={pred['classes']} n*={pred['per_class']} "
+                 f"error {pred['error']:.4f}"
+                 + (f" (its own K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}"
+                    f"{_outside(pred['classes'], ci)})" if ci else "")
+                 + (" [clipped to the limits]" if pred["clipped"] else ""))
+    if "all_classes" in r:
+        a = r["all_classes"]
+        lines.append(f"    all classes: K={a['classes']} n={a['per_class']} predicted "
+                     f"error {a['error']:.4f}" + ("" if a["feasible"] else
+                                                 " (not feasible: too few images)"))
+    return lines
+
+
+def _ratio_rule_lines(rr: dict) -> list[str]:
+    """The ratio rule: r* measured per budget, and the split it gives."""
+    if "error" in rr:
+        return [f"  ratio rule: not possible: {rr['error']}"]
+    if not rr:
+        return []
+    pr = rr["prediction"]
+    return ["  ratio rule: r* measured " + ", ".join(
+        f"N={m['size']:,}: {m['ratio']:.3g}" + (" (grid edge)" if m["edge"] else "")
+        for m in rr["measured"]) + f" -> K = sqrt(r* N) = {pr['classes']}, "
+        f"n = {pr['per_class']}" + (" [clipped]" if pr["clipped"] else "")]
+
+
+def _advice_lines(e: dict, size: int) -> list[str]:
+    """What to do at N=`size`: the recommended split and its interval (or why none is
+    recommended), the measured best there, and the splits to run to confirm."""
+    lines = []
+    ci = e.get("interval")
+    q = e.get("quartiles")
+    within = (f", K* 95% interval {ci[0]:.0f}..{ci[1]:.0f}, middle half {q[0]:.0f}..{q[1]:.0f}"
+              f" ({INTERVAL_SOURCE})") if ci else (
+        f" (no interval: the {label(INTERVAL[0])}, whose bootstrap gives it, was not "
+        "possible)" if "error" in e.get(INTERVAL[0], {}) else " (no interval: --bootstrap 0)")
+    if e.get("recommended"):
+        m = e["recommended"]
+        pr = e[m]["prediction"]
+        lines.append(f"  recommended: {label(m)}: K={pr['classes']} n={pr['per_class']} "
+                     f"({_why(e.get('check'), m)}){within}"
+                     + (_outside(pr["classes"], ci, m if m != INTERVAL[0] else None)
+                        if ci else ""))
+        if e.get("warning"):
+            lines.append(f"  WARNING: {e['warning']}")
+    elif e.get("check"):
+        lines.append("  no recommendation: the held-out check could score no predictor")
+    elif "unvalidated" in e:
+        u = e["unvalidated"]
+        add = u["add"]
+        fitted = [label(m) for m in PREDICTORS if "prediction" in e.get(m, {})]
+        who = ("the three give" if len(fitted) == 3 else
+               f"the {' and the '.join(fitted)} give{'s' if len(fitted) == 1 else ''}")
+        lines.append(f"  one budget fitted: no predictor can be validated; {who} "
+                     f"K* = {u['spread'][0]}..{u['spread'][1]}{within}.")
+        lines.append(f"  to tell them apart, add N={add['size']:,}, where they predict "
+                     + ", ".join(f"{label(m)} K={k}" for m, k in add["classes"].items())
+                     + ": run those splits, then predict again")
+    if "measured_best_at_size" in e:
+        m = e["measured_best_at_size"]
+        lines.append(f"  measured best at N={size:,}: K={m['classes']} "
+                     f"n={m['per_class']} error {m['error']:.4f}")
+    if e.get("suggest") is not None:
+        lines.append("  to confirm, run at N={:,}: ".format(size) + (", ".join(
+            f"K={k} n={n}" for k, n in e["suggest"]) or "nothing new (all run already)"))
+    return lines
 
 
 def _outside(k: float, ci, other: str | None = None) -> str:
