@@ -9,7 +9,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from dptrain.imagenet_like import write_image_folder
+from dptrain.data.imagenet_like import write_image_folder
 
 BENCH = Path(__file__).resolve().parent
 DATA = BENCH / ".data"  # generated inputs, reused between runs (git-ignored)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import imagenet_like, save, table  # noqa: E402
 from loader import shards  # noqa: E402
 
-from dptrain.index import ShardIndex  # noqa: E402
+from dptrain.data.index import ShardIndex  # noqa: E402
 
 BATCH, COMPARED = 256, 1000
 

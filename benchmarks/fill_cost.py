@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import imagenet_like, save, table  # noqa: E402
 from loader import BATCH, RES, shards  # noqa: E402
 
-from dptrain.environment import cores_for_this_process  # noqa: E402
-from dptrain.index import ShardIndex  # noqa: E402
-from dptrain.loader import Loader  # noqa: E402
-from dptrain.pixelcache import cache_side, prepare  # noqa: E402
-from dptrain.subset import select  # noqa: E402
-from dptrain.transforms import fit, resize  # noqa: E402
+from dptrain.common.environment import cores_for_this_process  # noqa: E402
+from dptrain.data.index import ShardIndex  # noqa: E402
+from dptrain.data.subset import select  # noqa: E402
+from dptrain.loading.loader import Loader  # noqa: E402
+from dptrain.loading.pixelcache import cache_side, prepare  # noqa: E402
+from dptrain.loading.transforms import fit, resize  # noqa: E402
 
 SAMPLE = 300  # images for the per-part timings
 

@@ -65,10 +65,10 @@ def timed_epochs(run_epoch) -> float:
 def dptrain_loader(out: Path, device: str, cached: bool = False) -> tuple[float, dict]:
     """img/s, and the training thread's share: CPU ms per batch, epoch-start waits. With
     `cached`, from a pixel cache filled first (its fill rate is in the costs)."""
-    from dptrain.index import ShardIndex
-    from dptrain.loader import Loader
-    from dptrain.pixelcache import cache_side, prepare
-    from dptrain.subset import select
+    from dptrain.data.index import ShardIndex
+    from dptrain.data.subset import select
+    from dptrain.loading.loader import Loader
+    from dptrain.loading.pixelcache import cache_side, prepare
 
     subset = select(ShardIndex.load(out))
     cache, record = None, None
@@ -111,7 +111,7 @@ def dali_webdataset(out: Path, device: str) -> float:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from dptrain.index import ShardIndex, idx_name
+    from dptrain.data.index import ShardIndex, idx_name
 
     index = ShardIndex.load(out)
     gpu = device == "cuda"

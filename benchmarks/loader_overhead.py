@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, save, table  # noqa: E402
 from loader import shards  # noqa: E402
 
-from dptrain.imagenet_like import write_image_folder  # noqa: E402
-from dptrain.index import ShardIndex  # noqa: E402
-from dptrain.loader import Loader  # noqa: E402
-from dptrain.subset import epoch_order, select  # noqa: E402
+from dptrain.data.imagenet_like import write_image_folder  # noqa: E402
+from dptrain.data.index import ShardIndex  # noqa: E402
+from dptrain.data.subset import epoch_order, select  # noqa: E402
+from dptrain.loading.loader import Loader  # noqa: E402
 
 RES, BATCH, EPOCHS = 16, 256, 2
 

@@ -22,9 +22,9 @@ import scipy.optimize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, table  # noqa: E402
 
-from dptrain.calibrate import bootstrap, interval  # noqa: E402
-from dptrain.results import AVERAGE, errors_by_point, read_results  # noqa: E402
-from dptrain.theory import fit_points  # noqa: E402
+from dptrain.study.calibrate import bootstrap, interval  # noqa: E402
+from dptrain.study.results import AVERAGE, errors_by_point, read_results  # noqa: E402
+from dptrain.study.theory import fit_points  # noqa: E402
 
 STUDY = Path(__file__).resolve().parents[1] / "docs" / "study-synthetic"
 LIMITS = {"max_classes": 600, "max_per_class": 500}

@@ -8,7 +8,7 @@ accuracy is well below 100%), the full protocol for both: 45 L2 strengths in [1e
 chosen on a 20% validation split, warm-started strongest first, refit on train + val, scored
 on test, 5 repeats with the same splits. scikit-learn: LogisticRegression(lbfgs, C = 1/l2,
 warm_start=True) on StandardScaler features. Also: feature extraction img/s through the real
-`dptrain.probe.features` (DALI eval pipeline + frozen ResNet-18 at 224 px) on ImageNet-like
+`dptrain.probing.probe.features` (DALI eval pipeline + frozen ResNet-18 at 224 px) on ImageNet-like
 JPEGs: 1,000 on a CPU; 20,000 on a GPU, measured warm too (target >= 10,000 img/s there).
 """
 
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, imagenet_like, save, table  # noqa: E402
 from loader import shards  # noqa: E402
 
-from dptrain.logreg import L2_GRID, linear_probe  # noqa: E402
-from dptrain.probe import features  # noqa: E402
+from dptrain.probing.logreg import L2_GRID, linear_probe  # noqa: E402
+from dptrain.probing.probe import features  # noqa: E402
 
 N_TRAIN, N_TEST, DIM, CLASSES, REPEATS, VAL = 50_000, 10_000, 512, 10, 5, 0.2
 
@@ -76,12 +76,12 @@ def extraction_rates() -> dict:
     type; a CPU 1,000 JPEGs (~40 img/s)."""
     from torchvision.models import resnet18
 
-    from dptrain.device import amp_context, resolve_amp, to_model_input
-    from dptrain.evalcache import EvalCache
-    from dptrain.index import ShardIndex
-    from dptrain.loader import Loader
-    from dptrain.probe import load_backbone
-    from dptrain.subset import select
+    from dptrain.data.index import ShardIndex
+    from dptrain.data.subset import select
+    from dptrain.loading.evalcache import EvalCache
+    from dptrain.loading.loader import Loader
+    from dptrain.probing.probe import load_backbone
+    from dptrain.training.device import amp_context, resolve_amp, to_model_input
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"

@@ -65,7 +65,7 @@ def shards(src: Path) -> Path:
 
 
 def stream_dptrain(subset) -> tuple[int, float]:
-    from dptrain.loader import Loader
+    from dptrain.loading.loader import Loader
 
     warm = Loader(subset, batch_size=50, train=False, res=64, threads=2)
     sum(len(labels) for _, labels in warm)  # imports and the pipeline build read files too
@@ -116,7 +116,7 @@ def stream_webdataset(subset) -> tuple[int, float]:
 
 def fake_imagenet_index(root: Path) -> Path:
     """index.json + samples.npy shaped like ImageNet's: 1,000 classes of 732..1,300 images."""
-    from dptrain.index import FORMAT_VERSION, SAMPLE_DTYPE, sha256_file
+    from dptrain.data.index import FORMAT_VERSION, SAMPLE_DTYPE, sha256_file
 
     if (root / "index.json").is_file():
         return root
@@ -142,8 +142,8 @@ def fake_imagenet_index(root: Path) -> Path:
 SELECT = """
 import time, sys
 t = time.perf_counter()
-from dptrain.index import ShardIndex
-from dptrain.subset import select
+from dptrain.data.index import ShardIndex
+from dptrain.data.subset import select
 t_import = time.perf_counter()
 s = select(ShardIndex.load(sys.argv[1]), 500, 256, seed=0)
 t_done = time.perf_counter()
@@ -153,8 +153,8 @@ print(t_done - t_import, t_import - t)
 
 
 def main() -> None:
-    from dptrain.index import ShardIndex
-    from dptrain.subset import select
+    from dptrain.data.index import ShardIndex
+    from dptrain.data.subset import select
 
     out = shards(imagenet_like(50, 100))
     subset = select(ShardIndex.load(out), K, N, seed=0)

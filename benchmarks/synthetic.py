@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/synthetic.py    # target: >= 1,000 img/s at 64x64 on 2 cores
 
-(1) `dptrain.synthetic.write_pool`: 10,000 images (100 classes x 100) of 64x64 px rendered,
+(1) `dptrain.data.synthetic.write_pool`: 10,000 images (100 classes x 100) of 64x64 px rendered,
 JPEG-encoded and written through the shard writer (worker processes, tars, idx, sha256, index),
 all cores; (2) the floor in the same run: encoding 10,000 ready-made 64x64 arrays as JPEG with
 the same PIL call on the same number of processes (no rendering, no writing). Also 32x32, the
@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, table  # noqa: E402
 
-from dptrain.synthetic import Generator, write_pool  # noqa: E402
+from dptrain.data.synthetic import Generator, write_pool  # noqa: E402
 
 CLASSES, PER_CLASS = 100, 100
 

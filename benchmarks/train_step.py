@@ -7,7 +7,7 @@
         --epochs 16 --variant pixel_cache=off   # decoding-bound: the whole cached run, fill
                                   # included, target >= 0.8 of the memory-fed steady rate
 
-Every run calls the real `dptrain.train.train` (--amp auto: bf16 where the hardware has it,
+Every run calls the real `dptrain.training.train.train` (--amp auto: bf16 where the hardware has it,
 else fp32 on a CPU; channels_last, SGD) on generated ImageNet-like JPEGs (500x375, ~110 KB);
 the only difference is where the batches come from: (a) the DALI loader, decoding while the
 model trains; (b) uint8 batches decoded beforehand by the same loader and replayed from memory
@@ -45,17 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, imagenet_like, save, table  # noqa: E402
 from loader import shards  # noqa: E402
 
-import dptrain.train as T  # noqa: E402
-from dptrain.config import make_config  # noqa: E402
-from dptrain.device import resolve_amp  # noqa: E402
-from dptrain.options import RENAMED  # noqa: E402
-from dptrain.runfolder import RunFolder  # noqa: E402
+import dptrain.training.train as T  # noqa: E402
+from dptrain.common.options import RENAMED  # noqa: E402
+from dptrain.common.runfolder import RunFolder  # noqa: E402
+from dptrain.training.config import make_config  # noqa: E402
+from dptrain.training.device import resolve_amp  # noqa: E402
 
 LOG = 10
 
 
 class MemoryLoader:
-    """Replays batches decoded by the real loader; same interface as dptrain.loader.Loader."""
+    """Replays batches decoded by the real loader; the Loader's interface."""
 
     def __init__(self, real):
         self.res, self.device = real.res, real.device

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import click
 
-from .config import TRAIN, PretrainOptions, TrainConfig, default_in_recipes
-from .downstream import ProbeOptions
-from .environment import Ranks
-from .errors import DataError, RunFailed, Stopped, one_line
-from .options import (
+from .common.environment import Ranks
+from .common.errors import DataError, RunFailed, Stopped, one_line
+from .common.options import (
     Renamed,
     click_options,
     json_option,
@@ -24,11 +22,13 @@ from .options import (
     without_old_flags,
     workers_option,
 )
-from .predict import PredictOptions
-from .report import FORMATS
-from .shards import ShardOptions
-from .sources import SourceOptions
-from .sweep import SweepOptions
+from .data.shards import ShardOptions
+from .data.sources import SourceOptions
+from .probing.downstream import ProbeOptions
+from .study.predict import PredictOptions
+from .study.report import FORMATS
+from .study.sweep import SweepOptions
+from .training.config import TRAIN, PretrainOptions, TrainConfig, default_in_recipes
 
 
 class _Group(click.Group):
@@ -53,7 +53,7 @@ def main() -> None:
 
     Shard a dataset once (`dptrain shard`), then stream any K-class x n-per-class subset of it.
     """
-    from .launch import die_with_parent
+    from .common.launch import die_with_parent
 
     die_with_parent()
 
@@ -73,7 +73,7 @@ def shard(src, out, workers, overwrite, progress, **options):
     wds2idx index; index.json and samples.npy locate every image by (tar, offset, size). JPEGs
     are copied; others converted; broken files skipped and recorded. Rerun to resume.
     """
-    from .shards import render_results, shard_source
+    from .data.shards import render_results, shard_source
 
     out = out or Path("shards") / src.name.split(".")[0]
     click.echo(render_results(shard_source(
@@ -102,8 +102,8 @@ def pretrain(progress, **options):
     command again to resume an interrupted run; a finished run is not retrained. Multi-GPU:
     --gpus G, or torchrun --nproc_per_node=G -m dptrain pretrain ...
     """
-    from .config import pretrain_config
-    from .train import pretrain_run, summary_line
+    from .training.config import pretrain_config
+    from .training.train import pretrain_run, summary_line
 
     o = pick(PretrainOptions, options)
     cfg = pretrain_config(options, o, progress=progress, log=lambda m: click.echo(m, err=True))
@@ -126,7 +126,7 @@ def probe(run, progress, **options):
     1e-6..1e5), refit on train+val, scored on test. Writes probe.json and adds the results
     to the run's summary.json.
     """
-    from .probe import render, run_probe
+    from .probing.probe import render, run_probe
 
     click.echo(render(run_probe(run, ProbeOptions(**options), progress=progress)))
 
@@ -137,7 +137,7 @@ def probe(run, progress, **options):
 @json_option
 def info(shard_set, as_json):
     """Summarise the shard set in SET: classes, samples, per-class counts, bytes, skips."""
-    from .index import ShardIndex, render_info
+    from .data.index import ShardIndex, render_info
 
     i = ShardIndex.load(shard_set).info()
     click.echo(json.dumps(i) if as_json else render_info(i))
@@ -157,7 +157,7 @@ def verify(shard_set, workers, decode, as_json):
     One verdict: OK (exit 0), or a DAMAGED line per bad or missing file or sample, with how to
     rebuild the set (exit 1). Exit 2 is for usage errors only.
     """
-    from .verify import verdict
+    from .data.verify import verdict
 
     text, ok = verdict(shard_set, workers, as_json, decode)
     click.echo(text, err=not ok and not as_json)
@@ -176,7 +176,7 @@ def sweep(progress, **options):
     Each point is `dptrain pretrain` + `dptrain probe --suite`, in OUT/runs/K{K}-n{n}-s{seed}.
     Run the same command again to finish an interrupted or partly failed sweep.
     """
-    from .sweep import run_sweep
+    from .study.sweep import run_sweep
 
     o = pick(SweepOptions, options)
     text, failed = run_sweep(o, options, progress=progress, log=lambda m: click.echo(m, err=True))
@@ -198,8 +198,8 @@ def cache(eval_cache, clear, as_json):
     every probe and validation): where, what set, how large; --clear removes them."""
     import shutil
 
-    from .evalcache import default_cache_dir, entries
-    from .progress import plural
+    from .common.progress import plural
+    from .loading.evalcache import default_cache_dir, entries
 
     root = eval_cache or default_cache_dir()
     found = entries(root)
@@ -229,8 +229,8 @@ def report(folder, out, fmt):
     """Figures (error over log K, log n; error against K/n) and tables of a sweep, in
     SWEEP/report/report.md; or one run's curves (loss, lr, img/s, data wait against step) in
     RUN/report/curves.png, with its probe table."""
-    from .report import write_report, write_run_report
-    from .runfolder import RunFolder
+    from .common.runfolder import RunFolder
+    from .study.report import write_report, write_run_report
 
     if (folder / RunFolder.CONFIG).is_file():
         path, probes = write_run_report(folder, out, fmt)
@@ -255,7 +255,7 @@ def predict(sweep_dir, as_json, **options):
     at all (every predictor impossible); a predictor that fails beside others that did not is
     reported and leaves the exit status 0.
     """
-    from .predict import predict_sweep, render
+    from .study.predict import predict_sweep, render
 
     out = predict_sweep(sweep_dir, **options)
     click.echo(json.dumps(out, indent=1) if as_json else render(out))

@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dptrain import imagenet_like
-from dptrain.results import COLUMNS
+from dptrain.data import imagenet_like
+from dptrain.study.results import COLUMNS
 
 DPTRAIN = [sys.executable, "-m", "dptrain"]
 
@@ -119,7 +119,7 @@ def damaged_jpegs(texture: np.ndarray) -> dict[str, tuple[bytes, str]]:
 def synthetic_data(root: Path, classes: int, per_class: int) -> tuple[Path, Path]:
     """The built-in data, small: a pool of 16 px images (root/pretrain) and one 3-class task
     of 6 train and 3 test images a class, with its suite file."""
-    from dptrain.synthetic import Generator, write_pool, write_tasks
+    from dptrain.data.synthetic import Generator, write_pool, write_tasks
 
     gen = Generator(res=16)
     write_pool(root / "pretrain", classes, per_class, gen, progress=False)
@@ -144,7 +144,7 @@ def make_imagefolder(root: Path, texture: np.ndarray, classes: int = 4, per_clas
 def make_shard_set(root: Path, texture: np.ndarray, classes: int, per_class: int,
                    size: tuple[int, int], classes_from: Path | None = None) -> Path:
     """Generated JPEGs in root/src, sharded into root/out (returned)."""
-    from dptrain.shards import shard_dataset
+    from dptrain.data.shards import shard_dataset
 
     src = make_imagefolder(root / "src", texture, classes=classes, per_class=per_class,
                            size=size, bad=False)
@@ -227,7 +227,7 @@ def under_old_names(folder: Path) -> list[str]:
     had one name (options.RENAMED, new -> old): the config of config.json, checkpoint.pt,
     pretrain.json and sweep.json, sweep.json's recorded flags, summary.json's "pixel_cache".
     Returns the files rewritten."""
-    from dptrain.options import RENAMED
+    from dptrain.common.options import RENAMED
 
     old = {new: was for was, new in RENAMED.items()}
     flags = {f"--{k.replace('_', '-')}": f"--{v.replace('_', '-')}" for k, v in old.items()}

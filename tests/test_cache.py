@@ -13,16 +13,16 @@ import pytest
 import torch
 from conftest import DEVICES, make_shard_set, run_here, tree_bytes
 
-from dptrain import pixelcache
-from dptrain.config import make_config
-from dptrain.errors import DataError
-from dptrain.evalcache import EvalCache
-from dptrain.index import ShardIndex
-from dptrain.loader import Loader
-from dptrain.runfolder import RunFolder
-from dptrain.subset import select
-from dptrain.train import train
-from dptrain.transforms import crop_windows, filter_weights, fit_size, resample, resize
+from dptrain.common.errors import DataError
+from dptrain.common.runfolder import RunFolder
+from dptrain.data.index import ShardIndex
+from dptrain.data.subset import select
+from dptrain.loading import pixelcache
+from dptrain.loading.evalcache import EvalCache
+from dptrain.loading.loader import Loader
+from dptrain.loading.transforms import crop_windows, filter_weights, fit_size, resample, resize
+from dptrain.training.config import make_config
+from dptrain.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_batched_resample_is_the_per_image_kernel_within_rounding(texture):
 
     from PIL import Image
 
-    from dptrain.imagenet_like import jpeg
+    from dptrain.data.imagenet_like import jpeg
 
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(np.array(Image.open(io.BytesIO(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import TRUE, model
 
-from dptrain.calibrate import (
+from dptrain.study.calibrate import (
     at_budget,
     draws,
     holdout_check,
@@ -20,7 +20,7 @@ from dptrain.calibrate import (
     pooled_std,
     predict_split,
 )
-from dptrain.theory import Fit, FitError, best_split, fit_points
+from dptrain.study.theory import Fit, FitError, best_split, fit_points
 
 # The coverage study's tooling lives in tools/ (only it and these tests use it).
 _spec = importlib.util.spec_from_file_location(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import DPTRAIN, interrupt, make_imagefolder, one_line_error, run_cli, tree_bytes
 
-from dptrain.index import ShardIndex
+from dptrain.data.index import ShardIndex
 
 
 def test_the_old_cache_flags_still_work_and_say_their_new_names(tmp_path):

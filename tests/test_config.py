@@ -20,7 +20,7 @@ def test_every_config_field_is_an_option_and_print_config_resolves_it(shards, tm
     import click
 
     from dptrain.cli import main
-    from dptrain.config import TrainConfig
+    from dptrain.training.config import TrainConfig
 
     names = {o.name for o in main.commands["pretrain"].params if isinstance(o, click.Option)}
     assert {f.name for f in fields(TrainConfig)} <= names  # declared once, in config.py
@@ -56,8 +56,8 @@ def test_a_config_file_is_checked_as_the_command_line_is(bad, message):
     import re
     from dataclasses import replace
 
-    from dptrain.config import check_config, make_config
-    from dptrain.errors import DataError
+    from dptrain.common.errors import DataError
+    from dptrain.training.config import check_config, make_config
 
     with pytest.raises(DataError, match=re.escape(message)):
         check_config(replace(make_config("synthetic", data="x"), **bad), 1, False)
@@ -66,8 +66,8 @@ def test_a_config_file_is_checked_as_the_command_line_is(bad, message):
 def test_the_paper_card_is_adam_as_written_and_paper_sgd_is_the_same_with_sgd():
     import torch
 
-    from dptrain.config import make_config
-    from dptrain.train import build
+    from dptrain.training.config import make_config
+    from dptrain.training.train import build
 
     paper, sgd = make_config("paper", data="x"), make_config("paper-sgd", data="x")
     assert (paper.optimizer, paper.lr, paper.momentum, paper.weight_decay, paper.batch_size,
@@ -90,7 +90,7 @@ def test_the_built_in_data_gets_its_recipe_unless_another_is_given(tmp_path, fol
     """A set tools/make_shards.py wrote trains with --recipe synthetic (the ImageNet recipes
     would train its 32 px images at 160-192 px with resnet18); any other set, or a recipe
     given, as before."""
-    from dptrain.synthetic import Generator, write_pool
+    from dptrain.data.synthetic import Generator, write_pool
 
     write_pool(tmp_path / "pool", 4, 8, Generator(res=16), progress=False)
     printed = lambda *a: json.loads(run_here("pretrain", *a, "--print-config",  # noqa: E731

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dptrain.environment import Ranks, cores_for_this_process, under_torchrun
+from dptrain.common.environment import Ranks, cores_for_this_process, under_torchrun
 
 
 def test_ranks_come_from_torchruns_variables(monkeypatch):

@@ -28,10 +28,10 @@ from conftest import (
     tree_bytes,
 )
 
-from dptrain import imagenet_like
-from dptrain.errors import DataError
-from dptrain.index import ShardIndex, sha256_file
-from dptrain.runfolder import RunFolder, folder_lock
+from dptrain.common.errors import DataError
+from dptrain.common.runfolder import RunFolder, folder_lock
+from dptrain.data import imagenet_like
+from dptrain.data.index import ShardIndex, sha256_file
 
 FAST = [*conftest.FAST, "--recipe", "synthetic"]
 SPEEDS = {"wall_s", "images_per_s", "data_wait_fraction", "data_wait", "epoch_s",
@@ -225,7 +225,7 @@ def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_changes_nothing():
     records it); a second Ctrl-C ends the process at once, by the signal, while a repeated
     SIGTERM (a dying sweep's threads may each send one) is only recorded again."""
     script = ("import os, signal, sys\n"
-              "from dptrain.stopping import StopOnSignal\n"
+              "from dptrain.training.stopping import StopOnSignal\n"
               "sig = getattr(signal, sys.argv[1])\n"
               "with StopOnSignal() as stop:\n"
               "    os.kill(os.getpid(), sig)\n"
@@ -258,7 +258,7 @@ def test_kill_9_mid_epoch_resumes_with_the_records_of_an_uninterrupted_run(sets,
 def test_a_killed_sweep_takes_its_runs_with_it(tmp_path):
     """kill -9 of a sweep: its pretrain child is told (SIGTERM), saves a checkpoint, exits
     and lets go of its run folder, so a rerun never trains a point twice at once."""
-    from dptrain.synthetic import Generator, write_pool, write_tasks
+    from dptrain.data.synthetic import Generator, write_pool, write_tasks
 
     gen = Generator(res=16)
     write_pool(tmp_path / "pool", 4, 40, gen, progress=False)
@@ -333,7 +333,7 @@ def test_a_failed_checkpoint_write_keeps_the_epochs_before_it(sets, reference, t
     checkpoint kept, and the rerun ends with the records and weights of an uninterrupted run."""
     import errno
 
-    from dptrain import runfolder
+    from dptrain.common import runfolder
 
     run, real, saved = tmp_path / "run", runfolder.write_atomic, []
 
@@ -349,7 +349,7 @@ def test_a_failed_checkpoint_write_keeps_the_epochs_before_it(sets, reference, t
                    "No space left on device", "run the same command again", status=1)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 18  # 2 epochs of 9
     monkeypatch.undo()
-    from dptrain import train
+    from dptrain.training import train
 
     steps, step = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a: steps.append(1) or step(*a))
@@ -408,8 +408,8 @@ def phone_photos(tmp_path_factory, texture) -> dict[str, Path]:
     (the set `verify` flags), then with the damaged JPEGs added, as shard writes them now."""
     from conftest import damaged_jpegs, rotated
 
-    from dptrain import images
-    from dptrain.shards import ShardOptions, shard_dataset
+    from dptrain.data import images
+    from dptrain.data.shards import ShardOptions, shard_dataset
 
     root = tmp_path_factory.mktemp("phone")
     for c in range(4):

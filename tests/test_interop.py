@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from test_shards import read_samples
 
-from dptrain.index import ShardIndex, idx_name
-from dptrain.shards import ShardOptions, shard_dataset
+from dptrain.data.index import ShardIndex, idx_name
+from dptrain.data.shards import ShardOptions, shard_dataset
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import torch
 from conftest import DEVICES, make_imagefolder, make_shard_set
 from PIL import Image
 
-from dptrain.errors import DataError
-from dptrain.index import ShardIndex
-from dptrain.loader import EVAL_RESIZE, Loader
-from dptrain.shards import shard_dataset
-from dptrain.subset import select
-from dptrain.transforms import batch_augmentation
+from dptrain.common.errors import DataError
+from dptrain.data.index import ShardIndex
+from dptrain.data.shards import shard_dataset
+from dptrain.data.subset import select
+from dptrain.loading.loader import EVAL_RESIZE, Loader
+from dptrain.loading.transforms import batch_augmentation
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_damaged_tar_names_file_and_sample(tmp_path, texture):
 def test_index_not_matching_tar_names_file_and_sample(tmp_path, texture):
     import json
 
-    from dptrain.index import sha256_file
+    from dptrain.data.index import sha256_file
 
     src = make_imagefolder(tmp_path / "src", texture, classes=2, per_class=6, bad=False)
     out = tmp_path / "out"
@@ -301,7 +301,7 @@ def test_gpu_batches_survive_a_slow_consumer_on_another_stream(index):
 
 
 def test_crop_windows_are_torchvisions_random_resized_crop_and_seeded():
-    from dptrain.transforms import crop_windows
+    from dptrain.loading.transforms import crop_windows
 
     rng = np.random.default_rng(0)
     h, w = rng.integers(20, 600, 5000), rng.integers(20, 600, 5000)

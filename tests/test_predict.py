@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import TRUE, fake_sweep, grid_points, model, run_cli
 
-from dptrain.report import write_report
-from dptrain.theory import Fit, FitError, fit
+from dptrain.study.report import write_report
+from dptrain.study.theory import Fit, FitError, fit
 
 
 def test_predict_command(tmp_path):
@@ -130,7 +130,7 @@ def test_an_underdetermined_fit_is_refused_with_the_reason(tmp_path):
 
 
 def test_the_recommended_line_says_why_it_was_chosen():
-    from dptrain.predict import _why
+    from dptrain.study.predict import _why
 
     # the study's average at 4,000 fitted on 1,000: the free fit scored best, the ratio rule
     # was within a seed std of it with one parameter, and so was recommended
@@ -169,7 +169,7 @@ def test_exit_status_and_intervals_agree_with_what_predict_prints(tmp_path):
 
 
 def test_a_fitted_value_outside_its_interval_is_marked():
-    from dptrain.theory import fit_line
+    from dptrain.study.theory import fit_line
 
     f = Fit(c0=0.567, a=1.0, alpha=0.5, b=1.0, beta=0.5, tied=True, rmse=0.01, points=7)
     line = fit_line(f, {"c0": (9.08e-16, 0.463), "a": (0.9, 1.1)})
@@ -186,9 +186,9 @@ def test_the_sweeps_word_before_it_runs_agrees_with_what_predict_then_makes(tmp_
                                                                             ks):
     """`sweep` (and its --dry-run) tells from the grid alone which predictors predict will make
     and whether its held-out check can choose one: checked against predict on that grid."""
-    from dptrain.calibrate import PREDICTORS, label
-    from dptrain.predict import grid_line, predict_sweep
-    from dptrain.results import read_results
+    from dptrain.study.calibrate import PREDICTORS, label
+    from dptrain.study.predict import grid_line, predict_sweep
+    from dptrain.study.results import read_results
 
     root = fake_sweep(tmp_path / "sw", sizes=sizes, ks=ks, sets=("a",))
     line = grid_line({(r["K"], r["n"], r["N"]) for r in read_results(root)})

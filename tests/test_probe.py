@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import DEVICES, make_shard_set, run_here
 
-import dptrain.logreg as logreg
-from dptrain.logreg import fit_logreg, linear_probe
+import dptrain.probing.logreg as logreg
+from dptrain.probing.logreg import fit_logreg, linear_probe
 
 
 def blobs(rng, n, k, d, spread):
@@ -153,11 +153,11 @@ def test_probe_bad_inputs(run_and_data, tmp_path):
 
 def test_trained_backbone_beats_random_init(tmp_path):
     """Pre-training on the synthetic pool helps on unseen classes of the same generator."""
-    from dptrain.config import make_config
-    from dptrain.downstream import ProbeOptions, read_suite
-    from dptrain.probe import probe_run
-    from dptrain.synthetic import Generator, write_pool, write_tasks
-    from dptrain.train import train
+    from dptrain.data.synthetic import Generator, write_pool, write_tasks
+    from dptrain.probing.downstream import ProbeOptions, read_suite
+    from dptrain.probing.probe import probe_run
+    from dptrain.training.config import make_config
+    from dptrain.training.train import train
 
     gen = Generator(res=16)  # 16 px: 4x cheaper than the default 32, the same structure
     write_pool(tmp_path / "pretrain", 50, 40, gen, progress=False)

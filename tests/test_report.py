@@ -7,8 +7,8 @@ import json
 
 from conftest import fake_sweep, run_cli
 
-from dptrain.report import write_report
-from dptrain.results import COLUMNS
+from dptrain.study.report import write_report
+from dptrain.study.results import COLUMNS
 
 
 def test_report_writes_figures_and_table(tmp_path):

@@ -18,9 +18,9 @@ import pytest
 from conftest import bad_inputs, make_imagefolder, tree_bytes
 from PIL import Image, ImageOps
 
-from dptrain.errors import DataError
-from dptrain.index import ShardIndex, idx_name
-from dptrain.shards import ShardOptions, shard_dataset
+from dptrain.common.errors import DataError
+from dptrain.data.index import ShardIndex, idx_name
+from dptrain.data.shards import ShardOptions, shard_dataset
 
 
 def read_samples(out: Path) -> list[tuple[str, bytes, int]]:
@@ -147,7 +147,7 @@ def test_shard_size_splits_classes(tmp_path, texture):
 
 
 def test_max_side_reencodes_only_larger_images(tmp_path, texture):
-    from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
+    from dptrain.data.imagenet_like import jpeg as imagenet_like_jpeg
 
     src = make_imagefolder(tmp_path / "src", texture, classes=1, per_class=3, size=(500, 375),
                            bad=False)
@@ -220,7 +220,7 @@ def test_imagenet_tar_of_tars_matches_folder(tmp_path, folder):
 def test_webdataset_source_reindexed_by_class(tmp_path, texture):
     import webdataset as wds
 
-    from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
+    from dptrain.data.imagenet_like import jpeg as imagenet_like_jpeg
 
     src = tmp_path / "wds"
     src.mkdir()
@@ -249,7 +249,7 @@ def test_webdataset_source_reindexed_by_class(tmp_path, texture):
 def test_bad_image_checks(texture):
     from conftest import encode, rgb, with_sof_size
 
-    from dptrain.images import BadImage, store_image
+    from dptrain.data.images import BadImage, store_image
 
     good = encode(rgb(1))
     assert store_image(good).action == "copied"
@@ -286,8 +286,8 @@ def test_a_plain_labels_csv_keeps_class_names_with_spaces(tmp_path, folder):
 
 
 def test_hostile_and_linked_tar_members_are_named_in_the_index(tmp_path, texture):
-    from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
-    from dptrain.shards import render_results
+    from dptrain.data.imagenet_like import jpeg as imagenet_like_jpeg
+    from dptrain.data.shards import render_results
 
     src = tmp_path / "wds"
     src.mkdir()
@@ -323,7 +323,7 @@ def test_an_exif_orientation_is_applied_and_stored_upright(texture, orientation)
     index's size is what every decoder makes of it."""
     from conftest import rotated
 
-    from dptrain.images import LoaderDecoder, read_jpeg_header, store_image
+    from dptrain.data.images import LoaderDecoder, read_jpeg_header, store_image
 
     data = rotated(texture, orientation)
     stored = store_image(data)
@@ -347,7 +347,7 @@ def test_an_exif_orientation_is_applied_and_stored_upright(texture, orientation)
 def test_damage_only_a_decoder_sees_is_converted_or_skipped(texture):
     from conftest import damaged_jpegs
 
-    from dptrain.images import BadImage, LoaderDecoder, read_jpeg_header, store_image
+    from dptrain.data.images import BadImage, LoaderDecoder, read_jpeg_header, store_image
 
     for name, (data, fate) in damaged_jpegs(texture).items():
         assert read_jpeg_header(data) is not None, name  # the marker walk passes them
@@ -365,7 +365,7 @@ def test_damage_only_a_decoder_sees_is_converted_or_skipped(texture):
 def test_the_loader_decoder_names_the_damaged_images_of_a_batch(texture):
     from conftest import damaged_jpegs, rotated
 
-    from dptrain.images import LoaderDecoder
+    from dptrain.data.images import LoaderDecoder
 
     good = [rotated(texture, 1, i=i) for i in range(6)]
     bad = {k: v[0] for k, v in damaged_jpegs(texture).items()}
@@ -382,7 +382,7 @@ def test_the_loader_decoder_names_the_damaged_images_of_a_batch(texture):
 def test_a_source_with_no_storable_image_is_refused_and_leaves_out_empty(tmp_path):
     from conftest import encode, one_line_error, rgb, run_here
 
-    from dptrain.index import SAMPLE_DTYPE, sha256_file
+    from dptrain.data.index import SAMPLE_DTYPE, sha256_file
 
     for c in ("a", "b"):
         (tmp_path / "src" / c).mkdir(parents=True)
@@ -417,8 +417,8 @@ def test_a_shard_worker_forked_from_a_process_that_decoded_does_not_hang(tmp_pat
     script = """if True:
     import gc, sys
     from pathlib import Path
-    from dptrain import images, shards
-    from dptrain.imagenet_like import jpeg, texture
+    from dptrain.data import images, shards
+    from dptrain.data.imagenet_like import jpeg, texture
 
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     for c in range(2):

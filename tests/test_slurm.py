@@ -23,8 +23,8 @@ import torch
 from conftest import DPTRAIN, FAST, one_line_error, run_cli, run_here, synthetic_data
 from test_faults import zero_sample
 
-from dptrain.index import ShardIndex
-from dptrain.subset import select
+from dptrain.data.index import ShardIndex
+from dptrain.data.subset import select
 
 pytestmark = pytest.mark.slurm
 

@@ -12,7 +12,7 @@ from conftest import make_imagefolder, run_cli
 from PIL import Image
 from test_shards import read_samples
 
-from dptrain.index import ShardIndex
+from dptrain.data.index import ShardIndex
 
 NAMES = ["zebra", "apple", "moose"]  # not sorted: CIFAR's own ids must survive
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import make_imagefolder
 
-from dptrain.errors import DataError
-from dptrain.index import ShardIndex
-from dptrain.shards import shard_dataset
-from dptrain.subset import epoch_order, rank_part, read_class_list, select, steps_per_epoch
+from dptrain.common.errors import DataError
+from dptrain.data.index import ShardIndex
+from dptrain.data.shards import shard_dataset
+from dptrain.data.subset import epoch_order, rank_part, read_class_list, select, steps_per_epoch
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_limits_name_the_largest_allowed_values(index):
 def test_selection_is_index_only():
     """1.28 M samples, 1000 classes: selecting 500 x 256 opens no tar. (How fast it is, a few
     milliseconds, is benchmarks/subset_io.py's to measure, not a test's.)"""
-    from dptrain.index import SAMPLE_DTYPE
+    from dptrain.data.index import SAMPLE_DTYPE
 
     counts = np.random.default_rng(0).integers(732, 1301, 1000)
     samples = np.zeros(int(counts.sum()), SAMPLE_DTYPE)

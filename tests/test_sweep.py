@@ -14,13 +14,13 @@ from dataclasses import asdict
 import pytest
 from conftest import interrupt, run_here, synthetic_data, under_old_names
 
-from dptrain.config import make_config
-from dptrain.downstream import read_suite
-from dptrain.errors import DataError
-from dptrain.grid import Point, grid
-from dptrain.index import ShardIndex
-from dptrain.sweep import SweepSpec, device_slots, schedule, sweep
-from dptrain.synthetic import Generator, write_tasks
+from dptrain.common.errors import DataError
+from dptrain.data.index import ShardIndex
+from dptrain.data.synthetic import Generator, write_tasks
+from dptrain.probing.downstream import read_suite
+from dptrain.study.grid import Point, grid
+from dptrain.study.sweep import SweepSpec, device_slots, schedule, sweep
+from dptrain.training.config import make_config
 
 
 def test_grid_sizes_ratios_and_points():
@@ -70,7 +70,7 @@ def test_each_child_of_a_local_sweep_sees_only_its_own_gpu(tmp_path, monkeypatch
     pretrain and probe, which would need the GPUs)."""
     import sys
 
-    import dptrain.sweep as sweep_module
+    import dptrain.study.sweep as sweep_module
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     seen = tmp_path / "seen.jsonl"
@@ -235,8 +235,8 @@ def test_dry_run_plans_images_and_time_without_running(tmp_path, synthetic):
 
 
 def test_plan_schedules_like_the_sweep(synthetic):
-    from dptrain.index import ShardIndex
-    from dptrain.plan import plan
+    from dptrain.data.index import ShardIndex
+    from dptrain.study.plan import plan
 
     data, _ = synthetic
     cfg = make_config("synthetic", data=str(data), epochs=1, batch_size=8)

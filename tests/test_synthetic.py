@@ -14,11 +14,11 @@ import pytest
 from conftest import run_cli, tree_bytes
 from PIL import Image
 
-import dptrain.synthetic as synthetic
-from dptrain.index import ShardIndex
-from dptrain.logreg import linear_probe
-from dptrain.synthetic import POOL, TEST, TRAIN, Generator, write_pool, write_tasks
-from dptrain.verify import verify
+import dptrain.data.synthetic as synthetic
+from dptrain.data.index import ShardIndex
+from dptrain.data.synthetic import POOL, TEST, TRAIN, Generator, write_pool, write_tasks
+from dptrain.data.verify import verify
+from dptrain.probing.logreg import linear_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 

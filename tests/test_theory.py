@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import TRUE, grid_points, model
 
-from dptrain.theory import (
+from dptrain.study.theory import (
     Fit,
     FitError,
     best_ratio_measured,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, make_shard_set, run_cli
 
-from dptrain.runfolder import RunFolder
+from dptrain.common.runfolder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def wandb_history(path: Path) -> list[tuple[int, dict]]:
 def test_a_sweeps_points_are_grouped_and_tagged(tmp_path, monkeypatch):
     import wandb
 
-    from dptrain import tracking
+    from dptrain.common import tracking
 
     seen = {}
 
@@ -106,8 +106,8 @@ def test_a_sweeps_points_are_grouped_and_tagged(tmp_path, monkeypatch):
 def test_a_missing_backend_is_a_one_line_error(tmp_path, monkeypatch):
     import sys
 
-    from dptrain.errors import DataError
-    from dptrain.tracking import open_tracker
+    from dptrain.common.errors import DataError
+    from dptrain.common.tracking import open_tracker
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(DataError, match=r"pip install 'dptrain\[wandb\]'"):

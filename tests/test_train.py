@@ -21,12 +21,12 @@ from conftest import (
     under_old_names,
 )
 
-from dptrain.config import make_config
-from dptrain.index import ShardIndex
-from dptrain.runfolder import RunFolder
-from dptrain.shards import shard_dataset
-from dptrain.subset import select
-from dptrain.train import lr_at, res_at, train_loader
+from dptrain.common.runfolder import RunFolder
+from dptrain.data.index import ShardIndex
+from dptrain.data.shards import shard_dataset
+from dptrain.data.subset import select
+from dptrain.training.config import make_config
+from dptrain.training.train import lr_at, res_at, train_loader
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_loss_decreases_and_val_top1(shards, tmp_path, texture):
                                size=(48, 40), bad=False)
     for p in val_src.rglob("*.JPEG"):  # other images of the same classes: indexes 100+
         c, i = map(int, p.stem.split("_")[1:])
-        from dptrain.imagenet_like import jpeg as imagenet_like_jpeg
+        from dptrain.data.imagenet_like import jpeg as imagenet_like_jpeg
         p.write_bytes(imagenet_like_jpeg(texture, 0, c, 100 + i, width=48, height=40))
     shard_dataset(val_src, tmp_path / "valshards", classes_from=shards, progress=False)
     out = tmp_path / "run"
@@ -356,8 +356,8 @@ def test_gpu_training_steps_never_make_the_host_wait(shards):
     """Between log lines the loop only queues work on the GPU: no copy or read that waits for
     the device, so the host runs ahead and a late batch or a slow launch costs no GPU time.
     (Moving the normalisation constants to the GPU every step once made it wait twice.)"""
-    from dptrain.meter import Meter
-    from dptrain.train import build, train_step
+    from dptrain.training.meter import Meter
+    from dptrain.training.train import build, train_step
 
     cfg = make_config("fast", data=str(shards), batch_size=16, res=32, device="cuda")
     device = torch.device("cuda")
@@ -381,8 +381,8 @@ def test_gpus_relaunch_torchrun_with_the_resolved_config(shards, tmp_path, monke
     no option again (os.execv is caught here; no GPU is needed)."""
     from dataclasses import asdict
 
-    from dptrain.config import PretrainOptions, load_config
-    from dptrain.train import pretrain_run
+    from dptrain.training.config import PretrainOptions, load_config
+    from dptrain.training.train import pretrain_run
 
     class Launched(Exception):
         pass

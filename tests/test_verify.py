@@ -6,7 +6,7 @@ import json
 
 from conftest import run_cli, run_here
 
-from dptrain.index import idx_name
+from dptrain.data.index import idx_name
 
 
 def test_verify_names_each_damaged_file(tmp_path, folder):
@@ -32,7 +32,7 @@ def test_verify_names_each_damaged_file(tmp_path, folder):
 def test_verify_checks_table_against_tars(tmp_path, folder):
     import numpy as np
 
-    from dptrain.index import sha256_file
+    from dptrain.data.index import sha256_file
 
     out = tmp_path / "out"
     run_cli("shard", folder, out, "--no-progress")
@@ -75,8 +75,8 @@ def test_verify_flags_a_set_written_before_shard_decoded_and_rotated(tmp_path, t
     the same folder verifies OK, with the decoder run or not."""
     from conftest import damaged_jpegs, rotated
 
-    from dptrain import images
-    from dptrain.shards import ShardOptions, shard_dataset
+    from dptrain.data import images
+    from dptrain.data.shards import ShardOptions, shard_dataset
 
     src = tmp_path / "src"
     for c in range(2):
@@ -106,7 +106,7 @@ def test_verify_flags_a_set_written_before_shard_decoded_and_rotated(tmp_path, t
 def test_verify_reports_records_it_cannot_parse_instead_of_crashing(tmp_path, folder):
     """Two crashes the fuzzer found (tools/fuzz.py): an index.json holding JSON that is not an
     object, and a tar header field that is not UTF-8 (its checksum and the index kept true)."""
-    from dptrain.index import sha256_file
+    from dptrain.data.index import sha256_file
 
     out = tmp_path / "out"
     run_here("shard", folder, out, "--no-progress", check=True)

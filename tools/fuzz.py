@@ -108,7 +108,7 @@ def seed_images() -> tuple[dict[str, bytes], list[str]]:
     import numpy as np
     from PIL import Image
 
-    from dptrain import imagenet_like
+    from dptrain.data import imagenet_like
 
     tex = imagenet_like.texture(0)
     base = Image.open(io.BytesIO(imagenet_like.jpeg(tex, 0, 1, 2, width=48, height=32)))
@@ -178,8 +178,8 @@ def image_case(data: bytes, scratch: Path) -> dict:
     """What `dptrain shard` does to one input file (shards.write_class: store_image, the tar
     writer, the class's manifest), and its fate: written (copied), converted, skipped with a
     reason, or a traceback (anything the writer lets through, which would stop shard)."""
-    from dptrain.shards import ShardOptions, write_class
-    from dptrain.sources import Item
+    from dptrain.data.shards import ShardOptions, write_class
+    from dptrain.data.sources import Item
 
     t0 = time.perf_counter()
     try:
@@ -211,8 +211,8 @@ def atheris_child(args) -> None:
         import PIL.PngImagePlugin  # noqa: F401
         import PIL.WebPImagePlugin  # noqa: F401
 
-        import dptrain.images  # noqa: F401
-        import dptrain.shards  # noqa: F401
+        import dptrain.data.images  # noqa: F401
+        import dptrain.data.shards  # noqa: F401
     scratch = Path(tempfile.mkdtemp(prefix="fuzz-scratch-", dir="/dev/shm"))
     log = open(args.log, "a", buffering=1)
     accepted = Path(args.accepted)
@@ -315,10 +315,10 @@ def decode_samples(shard_set: Path, path: str, positions=None) -> dict:
     import numpy as np
     import torch
 
-    from dptrain import pixelcache
-    from dptrain.index import ShardIndex
-    from dptrain.loader import Loader
-    from dptrain.subset import select
+    from dptrain.data.index import ShardIndex
+    from dptrain.data.subset import select
+    from dptrain.loading import pixelcache
+    from dptrain.loading.loader import Loader
 
     subset = select(ShardIndex.load(shard_set))
     positions = np.arange(len(subset)) if positions is None else positions
@@ -382,7 +382,7 @@ def decode_all(work: Path, accepted: Path, in_process: bool = False) -> dict:
     """Shard every accepted input again (`dptrain shard`), check it is accepted again, and
     decode the set through the loader's three paths, each in a child process (a crash there is
     counted; its half is retried to find the sample), or here with `in_process`."""
-    from dptrain.index import ShardIndex
+    from dptrain.data.index import ShardIndex
 
     files = sorted(accepted.glob("*.jpg"))
     src = work / "decode-src"
@@ -424,8 +424,8 @@ def _decode_path(work: Path, shard_set: Path, path: str, positions) -> dict:
     if p.returncode > 0:  # an exception outside the decode (a harness bug, or a refusal)
         return {"samples": 0, "failed": [], "crashes": [], "tracebacks": [p.stderr[-3000:]]}
     # killed by a signal: find the sample in halves, each in a process of its own
-    from dptrain.index import ShardIndex
-    from dptrain.subset import select
+    from dptrain.data.index import ShardIndex
+    from dptrain.data.subset import select
 
     if positions is None:
         positions = np.arange(len(select(ShardIndex.load(shard_set))))
@@ -530,7 +530,7 @@ def build_fixtures(root: Path) -> Path:
     """A valid shard set (3 classes x 4 images) and its test split, a run pre-trained on it
     with its checkpoint at the last step (no summary yet: `pretrain` resumes it, `probe`
     probes it), a suite TOML, and a made-up sweep folder (conftest.fake_sweep)."""
-    from dptrain import imagenet_like
+    from dptrain.data import imagenet_like
 
     root.mkdir(parents=True, exist_ok=True)
     tex = imagenet_like.texture(0)
@@ -619,9 +619,9 @@ def worker_main(args) -> None:
     os.environ["XDG_CACHE_HOME"] = str(scratch / "xdg")
     inp, outp = os.fdopen(args.inp, "rb"), os.fdopen(args.outp, "wb")
     import dptrain.cli  # noqa: F401  (the imports a case would pay for, paid once)
-    import dptrain.probe  # noqa: F401
-    import dptrain.report  # noqa: F401
-    import dptrain.train  # noqa: F401
+    import dptrain.probing.probe  # noqa: F401
+    import dptrain.study.report  # noqa: F401
+    import dptrain.training.train  # noqa: F401
     while True:
         head = inp.read(4)
         if len(head) < 4:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dptrain.calibrate import (  # noqa: E402
+from dptrain.study.calibrate import (  # noqa: E402
     PREDICTORS,
     bootstrap,
     interval,
@@ -29,9 +29,9 @@ from dptrain.calibrate import (  # noqa: E402
     pooled_std,
     predict_split,
 )
-from dptrain.predict import data_limits  # noqa: E402
-from dptrain.results import best_per_size, errors_by_point, read_results  # noqa: E402
-from dptrain.theory import FitError  # noqa: E402
+from dptrain.study.predict import data_limits  # noqa: E402
+from dptrain.study.results import best_per_size, errors_by_point, read_results  # noqa: E402
+from dptrain.study.theory import FitError  # noqa: E402
 
 # How a K* interval may be drawn (calibrate.draws; "mix": the three predictors' "budgets"
 # draws pooled, a third each)

@@ -8,7 +8,7 @@ The input for `dptrain shard` in the demo and the benchmarks; a finished folder 
 
 import click
 
-from dptrain.imagenet_like import write_image_folder
+from dptrain.data.imagenet_like import write_image_folder
 
 
 @click.command()

@@ -11,8 +11,8 @@ larger pool keeps every image of a smaller one. See docs/synthetic.md.
 
 import click
 
-from dptrain.errors import DataError
-from dptrain.synthetic import (
+from dptrain.common.errors import DataError
+from dptrain.data.synthetic import (
     DEFAULT_DIR,
     POOL_CLASSES,
     POOL_PER_CLASS,
