@@ -1,4 +1,4 @@
-"""Write a class-indexed shard set: `dptrain shard SRC OUT` (format: see `dptrain.index`).
+"""Write a class-indexed shard set: `dptrain shard SRC OUT` (format: see `dptrain.data.index`).
 
     dptrain shard /data/imagenet/train shards/imagenet-train
 

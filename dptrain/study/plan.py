@@ -63,7 +63,8 @@ def probe_cost(suite: str, cfg, repeats: int, device: str, extraction: bool = Tr
     from ..probing.probe import measure_extraction
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import dptrain.train, dptrain.probe"], check=True)
+    subprocess.run([sys.executable, "-c", "import dptrain.training.train, dptrain.probing.probe"],
+                   check=True)
     startup = time.perf_counter() - t
     sets = []
     for name, train, test in read_suite(Path(suite)):
