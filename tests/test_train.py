@@ -427,3 +427,19 @@ def test_options_that_do_not_fit_the_data_are_said_on_the_first_lines(shards, tm
                         "the learning rate only rises; fewer --warmup-epochs or more --epochs")
     p = run_here(*base, "--res", 32, "--epochs", 3, "--out", tmp_path / "b", check=True)
     assert "WARNING" not in p.stderr
+
+
+def test_subset_seed_draws_the_subset_and_seed_the_training(shards, tmp_path):
+    """--subset-seed chooses the classes and images alone: a run with --subset-seed 3
+    --seed 0 trains on the subset of --seed 3, and --seed still draws its training (its
+    weights are not those of --seed 3 on that very subset)."""
+    def run(out, *extra):
+        run_here("pretrain", "--data", shards, "--classes", 3, "--per-class", 8, "--epochs", 1,
+                 "--out", out, *FAST, *extra, check=True)
+        return json.loads((out / "config.json").read_text())["subset"]
+
+    apart = run(tmp_path / "apart", "--subset-seed", 3, "--seed", 0)
+    assert apart == run(tmp_path / "s3", "--seed", 3) != run(tmp_path / "s0", "--seed", 0)
+    assert apart["class_names"] == select(ShardIndex.load(shards), 3, 8, seed=3).class_names
+    a, b = (_weights(tmp_path / d) for d in ("apart", "s3"))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)

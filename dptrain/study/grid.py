@@ -46,13 +46,16 @@ def grid(*, sizes: list[int] = (), classes: list[int] = (), ratios: list[float] 
 
 
 def feasible(index: ShardIndex, triples: list[tuple[int, int, int]], seeds: list[int],
-             allow_fewer: bool = False) -> tuple[list[Point], list[str]]:
-    """The points the shard set can hold, and a reason for each one it cannot."""
+             allow_fewer: bool = False,
+             subset_seed: int | None = None) -> tuple[list[Point], list[str]]:
+    """The points the shard set can hold (their subsets drawn with `subset_seed`, else each
+    point's seed), and a reason for each one it cannot."""
     ok, skipped = [], []
     for k, n, size in triples:
         for seed in seeds:
             try:
-                select(index, k, n, seed=seed, allow_fewer=allow_fewer)
+                select(index, k, n, seed=seed if subset_seed is None else subset_seed,
+                       allow_fewer=allow_fewer)
             except DataError as e:
                 skipped.append(f"K={k} n={n} seed={seed}: {e}")
                 continue

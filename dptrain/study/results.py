@@ -14,9 +14,9 @@ from pathlib import Path
 from ..common.errors import DataError
 from ..common.runfolder import SweepFolder, write_atomic
 
-COLUMNS = ("run", "K", "n", "N", "seed", "dataset", "top1_mean", "top1_std", "error_mean",
-           "train_loss", "train_top1", "val_top1", "steps", "epochs", "pretrain_s", "probe_s",
-           "images_per_s", "device")
+COLUMNS = ("run", "K", "n", "N", "seed", "subset_seed", "dataset", "top1_mean", "top1_std",
+           "error_mean", "train_loss", "train_top1", "val_top1", "steps", "epochs", "pretrain_s",
+           "probe_s", "images_per_s", "device")
 
 
 def collect(out: Path) -> list[dict]:
@@ -37,7 +37,9 @@ def collect(out: Path) -> list[dict]:
         for name, r in sorted(summary.get("probe", {}).items()):
             p = probe["datasets"].get(name, {})
             rows.append({"run": run.name, "K": k, "n": n, "N": sizes.get(run.name, k * n),
-                         "seed": config["config"]["seed"], "dataset": name,
+                         "seed": config["config"]["seed"],
+                         "subset_seed": config["subset"].get("seed", config["config"]["seed"]),
+                         "dataset": name,
                          "top1_mean": r["top1_mean"], "top1_std": r["top1_std"],
                          "error_mean": r["error_mean"], "train_loss": summary["train_loss"],
                          "train_top1": summary["train_top1_last_epoch"],

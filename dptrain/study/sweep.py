@@ -127,7 +127,8 @@ def run_sweep(o: SweepOptions, train_options: dict, *, progress: bool,
                  "gpus_per_node": o.gpus}
     datasets = [d[0] for d in read_suite(Path(o.suite))]
     index = ShardIndex.load(o.data)
-    todo, skipped = feasible(index, pairs, list(range(o.seeds)), cfg.allow_fewer)
+    todo, skipped = feasible(index, pairs, list(range(o.seeds)), cfg.allow_fewer,
+                             subset_seed=cfg.subset_seed)
     if not todo:
         for reason in skipped:
             log(f"skipped (infeasible) {reason}")

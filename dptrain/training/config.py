@@ -65,7 +65,12 @@ class TrainConfig:
                                   "choice of K.", group=SUBSET, path="file")
     allow_fewer: bool = _opt(False, "Keep classes smaller than n whole instead of refusing.",
                              group=SUBSET)
-    seed: int = _opt(0, "Subset choice, data order, init and augmentation.", group=SUBSET)
+    seed: int = _opt(0, "Subset choice (unless --subset-seed), data order, init and "
+                     "augmentation.", group=SUBSET)
+    subset_seed: int | None = _opt(None, "Seed of the subset's choice alone (which classes, "
+                                   "which images), apart from the training randomness that "
+                                   "--seed draws: a sweep given it trains every seed on one "
+                                   "subset [--seed].", low=0)
     val_data: str | None = _opt(None, "Held-out images of the same classes (shards made with "
                                 "--classes-from).", path="dir")
     recipe: str = _opt("fast", "fast: FFCV-style (label smoothing, warm-up + linear decay, no wd "

@@ -160,8 +160,8 @@ def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
 
 def _computes(record: dict) -> dict:
     """What a run computes: its options but those that only change its speed, and its data.
-    Records from before --optimizer trained with SGD."""
-    config = {"optimizer": "sgd", "beta2": 0.999, **record["config"]}
+    Records from before --optimizer trained with SGD, and drew their subset with --seed."""
+    config = {"optimizer": "sgd", "beta2": 0.999, "subset_seed": None, **record["config"]}
     return {**{k: v for k, v in config.items() if k not in SPEED_ONLY},
             "subset": record["subset"]}
 
@@ -343,7 +343,8 @@ def _set_up(cfg: TrainConfig, out: Path, overwrite: bool, log,
     ranks, device = setup_ranks(cfg)
     cuda = device.type == "cuda"
     names = read_class_list(cfg.class_list) if cfg.class_list else None
-    subset = select(ShardIndex.load(cfg.data), cfg.classes, cfg.per_class, seed=cfg.seed,
+    subset = select(ShardIndex.load(cfg.data), cfg.classes, cfg.per_class,
+                    seed=cfg.seed if cfg.subset_seed is None else cfg.subset_seed,
                     class_names=names, allow_fewer=cfg.allow_fewer)  # from the index alone
     plan = plan_steps(cfg, len(subset), ranks.world)
     amp = resolve_amp(cfg.amp, cuda)
