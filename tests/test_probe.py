@@ -202,3 +202,22 @@ def test_a_set_probed_again_with_other_settings_is_refused_unless_overwrite(run_
     run_here(*args, "--repeats", 1, "--overwrite", check=True)
     assert len(json.loads((run / "probe.json").read_text())["datasets"]["again"]["repeats"]) \
         == 1
+
+
+def test_weights_that_give_non_finite_features_are_one_line(run_and_data, tmp_path):
+    """A checkpoint whose weights overflow the features (a damaged file: the fuzzer set one
+    byte of a weight and the solver failed inside L-BFGS; or a run that diverged) is refused
+    in one line, and nothing is cached or written."""
+    run, data = run_and_data
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    first = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and v.dim() == 4)
+    ckpt["model"][first] = ckpt["model"][first] * 1e30
+    bad = tmp_path / "huge.pt"
+    torch.save(ckpt, bad)
+    p = run_here("probe", bad, "--data", data["train"], "--test-data", data["test"],
+                 "--feature-cache", tmp_path / "features")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        f"huge.pt's weights give non-finite features on {data['train']} (a damaged "
+        "checkpoint, or a run that diverged): nothing was probed")
+    assert not list((tmp_path / "features").glob("*.npz"))

@@ -190,7 +190,8 @@ def must_replace(folder: Path, old: dict | None, new: dict, *, overwrite: bool,
 
 
 # What every reader of a checkpoint uses (a run's, or a random init's that probe saves).
-CHECKPOINT_SCHEMA = {"config": {"arch": str, "seed": int, "res": int}, "model": dict,
+CHECKPOINT_SCHEMA = {"config": {"arch": str, "seed": int, "res": int,
+                                "eval_res?": (int, type(None))}, "model": dict,
                      "num_classes": (int, lambda v: v >= 1, "1 or more"), "step?": COUNT}
 
 

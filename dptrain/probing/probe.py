@@ -148,6 +148,9 @@ def features(checkpoint: Path, config: dict, shards: str, *, res: int | None = N
             on_batch(len(y))
     loader.close()
     out_f, out_l = np.concatenate(feats), np.concatenate(labels)
+    if not np.isfinite(out_f).all():  # fp16: also what exceeds 65,504
+        raise DataError(f"{checkpoint}'s weights give non-finite features on {shards} (a "
+                        "damaged checkpoint, or a run that diverged): nothing was probed")
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, features=out_f, labels=out_l)

@@ -52,12 +52,21 @@ def data_limits(sweep_dir, max_classes: int | None = None,
     set's (its classes with images, its smallest class); None where neither is known (a
     sweep folder copied without its data)."""
     data = SweepFolder(sweep_dir).read_spec().get("data")
-    if (max_classes is None or max_per_class is None) and data and Path(data).is_dir():
+    if (max_classes is None or max_per_class is None) and data and _is_dir(data):
         counts = ShardIndex.load(data).counts
         counts = counts[counts > 0]
         max_classes = max_classes or len(counts)
         max_per_class = max_per_class or int(counts.min())
     return {"max_classes": max_classes, "max_per_class": max_per_class}
+
+
+def _is_dir(path: str) -> bool:
+    """Whether a recorded path is a folder here; a name the system cannot take (too long, a
+    NUL) is not one."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
