@@ -73,7 +73,10 @@ def test_help_for_every_command():
                if isinstance(o, click.Option) and re.search(r"\]\.?$", o.help or "")]
         assert not own and "[default: (" not in p.stdout, (cmd, own)
     text = " ".join(run_cli("pretrain", "--help").stdout.split())
-    assert "--seed INTEGER Subset choice, data order, init and augmentation. [default: 0]" in text
+    assert ("--seed INTEGER Subset choice (unless --subset-seed), data order, init and "
+            "augmentation. [default: 0]") in text
+    assert "--subset-seed INTEGER RANGE Seed of the subset's choice alone" in text
+    assert "one subset. [default: --seed; x>=0]" in text
     assert "K: number of classes. [default: all; x>=1]" in text
 
 

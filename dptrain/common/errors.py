@@ -36,9 +36,9 @@ def one_line(e: BaseException) -> tuple[str, int]:
     usage errors), 1 for a failed run or an output that cannot be written, 128 + the signal
     for a stop. Re-raises anything else, which is a bug and keeps its traceback."""
     if isinstance(e, DataError):
-        return f"Error: {e}", 2
+        return f"Error: {printable(str(e))}", 2
     if isinstance(e, RunFailed):
-        return f"Error: {e}", 1
+        return f"Error: {printable(str(e))}", 1
     if isinstance(e, Stopped):
         return str(e), 128 + e.signum
     if isinstance(e, KeyboardInterrupt):  # before anything was worth saving, or saved as it went
@@ -46,6 +46,12 @@ def one_line(e: BaseException) -> tuple[str, int]:
     if isinstance(e, OSError) and e.errno in OUTPUT_ERRORS:  # a full disk, a quota, ...
         return f"Error: {output_error(e)}", 1
     raise e
+
+
+def printable(text: str) -> str:
+    """`text` with what is not printable escaped as Python writes it (a control character, a
+    line or paragraph separator read from a damaged file): an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def output_error(e: OSError) -> str:
