@@ -52,8 +52,8 @@ study: $(STAMP)
 clean:
 	rm -rf $(VENV) $(DEMO) shards/synthetic benchmarks/.data
 
-# The fuzzing campaign of issue 33 (tools/fuzz.py, ~1.5 h on 2 cores): every record file dptrain
-# reads mutated by Hypothesis (2,000 each), and 10,000 libFuzzer images through shard and the
+# The fuzzing campaign of issue 33 (tools/fuzz.py, ~40 min on 2 idle cores): every record
+# file dptrain reads mutated by Hypothesis (2,000 each), and 10,000 libFuzzer images through shard and the
 # loader; results in docs/fuzz/campaign.json, findings shrunk into tests/fuzz_regressions/.
 .PHONY: fuzz
 fuzz: $(STAMP)
