@@ -206,8 +206,10 @@ def test_the_readme_recipe_for_a_time_limit_saves_and_the_resubmitted_job_resume
     """`sbatch --signal=B:TERM@N` with `exec dptrain pretrain ...`: the run gets SIGTERM N s
     before its time limit (up to 30 s earlier: slurmctld looks every 30 s), saves a checkpoint
     and exits; the same script submitted again resumes the run and finishes it. The test
-    brings the first job's limit near once it trains (`scontrol update TimeLimit`), so that
-    the signal comes within 30 s whatever this machine's speed."""
+    brings the first job's limit near once it trains (`scontrol update TimeLimit=1`: the
+    signal is then due at once, and comes at slurmctld's next look, within 30 s), and the run
+    is long enough to outlast that on a fast CPU (96 epochs: ~55 s at 530 img/s with
+    AVX-512 BF16, where 24 epochs once ended first)."""
     data, _ = synthetic
     out = tmp_path / "run"
     script = tmp_path / "pretrain.sh"
@@ -215,7 +217,7 @@ def test_the_readme_recipe_for_a_time_limit_saves_and_the_resubmitted_job_resume
         "#!/bin/bash\n"
         f"#SBATCH --time=10 --signal=B:TERM@100 --cpus-per-task=2 --output={tmp_path}/%j.out\n"
         f"exec {sys.executable} -m dptrain pretrain --data {data} --classes 8 --per-class 40 "
-        f"--epochs 24 --out {out} {' '.join(FAST)} --recipe synthetic\n")
+        f"--epochs 96 --out {out} {' '.join(FAST)} --recipe synthetic\n")
 
     def submit(*options) -> str:
         return subprocess.run(["sbatch", "--parsable", *options, str(script)],
@@ -225,7 +227,7 @@ def test_the_readme_recipe_for_a_time_limit_saves_and_the_resubmitted_job_resume
     job = submit()
     wait_for(lambda: (out / "metrics.jsonl").is_file() and
              len((out / "metrics.jsonl").read_text().splitlines()) >= 2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=2"], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True)
     wait_for(lambda: job_field(job, "JobState") not in ("RUNNING", "COMPLETING"), 120)
     said = (tmp_path / f"{job}.out").read_text()
     # Stopped by its signal before the limit: the run's own exit, not Slurm's kill (TIMEOUT).
@@ -236,8 +238,8 @@ def test_the_readme_recipe_for_a_time_limit_saves_and_the_resubmitted_job_resume
     job = submit("--wait", "--time=20")  # time to finish, on a busy machine too
     said = (tmp_path / f"{job}.out").read_text()
     assert job_field(job, "JobState") == "COMPLETED", said
-    assert f"{out}: 480 steps" in said  # 24 epochs of 20 batches
-    assert json.loads((out / "summary.json").read_text())["steps"] == 480 and 0 < stopped < 480
+    assert f"{out}: 1,920 steps" in said  # 96 epochs of 20 batches
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1920 and 0 < stopped < 1920
 
 
 def test_a_failed_point_a_stopped_sweep_and_a_cancelled_job(cluster, synthetic, tmp_path):
@@ -254,7 +256,9 @@ def test_a_failed_point_a_stopped_sweep_and_a_cancelled_job(cluster, synthetic, 
     damaged = next(int(r) for r in select(index, 4, 20).rows
                    if r not in set(select(index, 2, 40).rows))
     zero_sample(data, damaged)
-    args = [*sweep_args(data, suite, tmp_path / "sw", "2:8,4:20,2:40", 30), *SLURM,
+    # 300 epochs: K2-n40 trains for minutes, so Ctrl-C and scancel find its job running even
+    # on a fast CPU (30 epochs, 8 s with AVX-512 BF16, once ended first); it never finishes.
+    args = [*sweep_args(data, suite, tmp_path / "sw", "2:8,4:20,2:40", 300), *SLURM,
             "--slurm-cpus", 1]
     sweep = start(*args)
     cancelled = wait_for(lambda: (tmp_path / "sw/runs/K2-n40-s0/metrics.jsonl").is_file()
