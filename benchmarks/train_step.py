@@ -59,7 +59,7 @@ class MemoryLoader:
 
     def __init__(self, real):
         self.res, self.device = real.res, real.device
-        self.pipeline = getattr(real, "pipeline", None)  # (a loader older than the feeder's)
+        self.threads = real.threads
         self.batches = [(x.clone(), y.clone()) for x, y in real]
         real.close()
 
