@@ -203,3 +203,24 @@ def test_the_sweeps_word_before_it_runs_agrees_with_what_predict_then_makes(tmp_
         assert "the ratio rule needs 3 values of --classes at one budget" in line
     if len(sizes) == 1:
         assert "add a smaller budget (--sizes)" in line
+
+
+def test_the_recommendations_line_says_whose_interval_it_shows_and_where_k_falls():
+    """Issue 36's held-out sweep: predict recommended the ratio rule's K = 171 beside the free
+    fit's interval 72..500, middle half 211..500, which leaves that K out. The line says, in
+    itself, why the free fit's interval is shown, and that K lies outside its middle half; a
+    free-fit recommendation inside both says neither."""
+    from dptrain.study.predict import _advice_lines
+
+    e = {"interval": [72, 500], "quartiles": [211, 500], "recommended": "ratio_rule",
+         "ratio_rule": {"prediction": {"classes": 171, "per_class": 94}}}
+    line = _advice_lines(e, 16000)[0]
+    assert line.startswith("  recommended: ratio rule: K=171 n=94")
+    assert "K* 95% interval 72..500, middle half 211..500 (the free fit's bootstrap" in line
+    assert ("shown for the ratio rule too: the one interval that held the held-out best split "
+            "in 90% or more of the built-in study's checks (its own held fewer)") in line
+    assert line.endswith("; K=171 lies in it but outside its middle half: the ratio rule and "
+                         "the free fit lean apart")
+    e = {**e, "recommended": "free", "free": {"prediction": {"classes": 300, "per_class": 53}}}
+    line = _advice_lines(e, 16000)[0]
+    assert "shown for" not in line and "outside" not in line

@@ -350,10 +350,13 @@ def _advice_lines(e: dict, size: int) -> list[str]:
     if e.get("recommended"):
         m = e["recommended"]
         pr = e[m]["prediction"]
+        other = m if m != INTERVAL[0] else None  # the interval is another predictor's
         lines.append(f"  recommended: {label(m)}: K={pr['classes']} n={pr['per_class']} "
                      f"({_why(e.get('check'), m)}){within}"
-                     + (_outside(pr["classes"], ci, m if m != INTERVAL[0] else None)
-                        if ci else ""))
+                     + (f"; shown for the {label(m)} too: the one interval that held the "
+                        "held-out best split in 90% or more of the built-in study's checks "
+                        "(its own held fewer)" if ci and other else "")
+                     + (_outside(pr["classes"], ci, other, q) if ci else ""))
         if e.get("warning"):
             lines.append(f"  WARNING: {e['warning']}")
     elif e.get("check"):
@@ -379,10 +382,15 @@ def _advice_lines(e: dict, size: int) -> list[str]:
     return lines
 
 
-def _outside(k: float, ci, other: str | None = None) -> str:
-    """Why K lies outside the interval printed beside it, or nothing: its own fit's bootstrap,
-    or (`other`: the predictor K is from) the interval's predictor's."""
+def _outside(k: float, ci, other: str | None = None, middle=None) -> str:
+    """Why K lies outside the interval printed beside it (or its `middle` half), or nothing:
+    its own fit's bootstrap, or (`other`: the predictor K is from) the interval's
+    predictor's."""
     if ci[0] <= k <= ci[1]:
+        if middle and not middle[0] <= k <= middle[1]:
+            return (f"; K={k} lies in it but outside its middle half"
+                    + (f": the {label(other)} and the {label(INTERVAL[0])} lean apart"
+                       if other else ""))
         return ""
     if other:
         return (f"; K={k} lies outside it: the {label(other)} and the {label(INTERVAL[0])} "
