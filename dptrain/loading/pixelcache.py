@@ -116,9 +116,9 @@ def host_budget() -> int:
 
 
 def training_step_bytes(model: torch.nn.Module, step) -> int:
-    """Peak GPU memory one training step adds (activations, gradients, optimiser state), run
-    by `step(model_copy)` on a copy of the model, so the run's weights, buffers and random
-    state are untouched."""
+    """Peak GPU memory `step(model_copy)` adds (a forward and backward pass: activations,
+    gradients; the optimiser's state is the caller's to add, `optimizers.OPTIMIZERS`), run on
+    a copy of the model, so the run's weights, buffers and random state are untouched."""
     device = next(model.parameters()).device
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
