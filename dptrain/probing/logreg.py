@@ -9,6 +9,7 @@ cross-entropy plus l2 / 2 * ||W||^2, with an unpenalised bias.
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import NamedTuple
 
@@ -99,7 +100,23 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
 
 
 def _accuracy(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (torch.addmm(fit.b, x, fit.w.T).argmax(1) == y).double().mean().item()
+    return float(_correct(fit, x, y).mean())
+
+
+def _correct(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    return (torch.addmm(fit.b, x, fit.w.T).argmax(1) == y).cpu().numpy()
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """Which test images a fit got right, as base64 of one bit each (8 KB per 50,000 images
+    in probe.json): what a bootstrap over the test set and the noise budget resample
+    (study/noise.py)."""
+    return base64.b64encode(np.packbits(correct.astype(bool))).decode()
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """`pack_correct`'s inverse: `n` booleans."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
 
 
 # L-BFGS evaluations (loss + gradient over the fit split) one repeat of `linear_probe` takes:
@@ -151,7 +168,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     yt = torch.as_tensor(test_y, dtype=torch.int64, device=device)
     grid = sorted(l2_grid, reverse=True)  # strongest first: each fit warm-starts the next
     x_all, x_test = _standardise(xs, xt)
-    refits: dict[float, float] = {}  # the refit on all of train depends only on l2
+    refits: dict[float, np.ndarray] = {}  # the refit on all of train depends only on l2
     runs = []
     for r in range(repeats):
         t0 = time.perf_counter()
@@ -171,8 +188,10 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
         l2 = float(grid[best])
         if l2 not in refits:  # warm-started from the sweep's solution at that strength
             final = fit_logreg(x_all, ys, num_classes, l2, init=fits[best + 1][:2])
-            refits[l2] = _accuracy(final, x_test, yt)
-        runs.append({"seed": r, "l2": l2, "val_top1": scores[best], "test_top1": refits[l2],
+            refits[l2] = _correct(final, x_test, yt)
+        runs.append({"seed": r, "l2": l2, "val_top1": scores[best],
+                     "test_top1": float(refits[l2].mean()),
+                     "test_correct": pack_correct(refits[l2]),
                      "seconds": time.perf_counter() - t0})
         if on_repeat:
             on_repeat()

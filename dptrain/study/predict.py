@@ -29,7 +29,15 @@ from .calibrate import (
     predict_split,
     shortfall,
 )
-from .results import AVERAGE, best_per_size, errors_by_point, read_results
+from .noise import difference_sd, near_best_range, seeds_to_separate
+from .results import (
+    AVERAGE,
+    TIE_SE,
+    best_per_size,
+    errors_by_point,
+    errors_by_seed,
+    read_results,
+)
 from .theory import (
     PARAMS,
     RATIOS_NEEDED,
@@ -141,7 +149,8 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
     limits = data_limits(sweep_dir, max_classes, max_per_class)
     out = {"size": size, "fit_sizes": sorted(fit_sizes) or "all", "limits": limits, "sets": {},
            "near": near, "failures": [], "unpredicted": [], "interval": INTERVAL}
-    by_set = errors_by_point(read_results(sweep_dir))
+    rows = read_results(sweep_dir)
+    by_set, by_seed = errors_by_point(rows), errors_by_seed(rows)
     for name, points in by_set.items():
         fitted = {p: v for p, v in points.items() if not fit_sizes or p[2] in fit_sizes}
         if near:
@@ -152,7 +161,7 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         if measured:
             entry["measured_best_at_size"] = {"classes": measured[0], "per_class": measured[1],
                                               "error": float(np.mean(points[measured]))}
-        drawn, preds = {}, {}  # each predictor's bootstrap K*s, and its prediction
+        drawn, preds, fits = {}, {}, {}  # each predictor's bootstrap K*s, its prediction, fits
         for method in PREDICTORS:
             try:
                 pred = preds[method] = predict_split(fitted, size, method, limits)
@@ -163,6 +172,7 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
             boots = bootstrap(fitted, size, method, INTERVAL[1], limits=limits,
                               samples=samples)
             drawn[method] = [b["classes"] for b in boots]
+            fits[method] = [pred.get("fit")] + [b.get("fit") for b in boots]
             if method == "ratio_rule":
                 entry[method] = {"measured": pred["measured"], "ratio": pred["ratio"],
                                  "prediction": {k: v for k, v in pred.items()
@@ -174,6 +184,8 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
         printed = drawn.get(INTERVAL[0], [])
         entry["interval"], entry["quartiles"] = interval(printed), interval(printed, 0.5)
         made = list(preds)
+        entry.update(noise_entry({p: v for p, v in by_seed[name].items() if p[2] in sizes},
+                                 fits, size, limits))
         if not made:
             out["unpredicted"].append(name)
         check = holdout_check(fitted, limits=limits) if len(sizes) > 1 else None
@@ -195,6 +207,30 @@ def predict_sweep(sweep_dir, size: int, *, fit_sizes: list[int] = (),
     if suggest:
         seeds = max(len(v) for points in by_set.values() for v in points.values())
         out["command"] = sweep_command(sweep_dir, out, seeds)
+    return out
+
+
+def noise_entry(measured: dict, fits: dict, size: int, limits: dict) -> dict:
+    """What the noise this sweep measured (`measured`: {(K, n, N): {seed: error}} of the fitted
+    budgets) says at `size`: "power", the std of a per-seed difference between two splits and
+    the seeds a split needs to tell a 1-point gap at TIE_SE standard errors; and "near_best",
+    the K whose error the first curve-giving fit of `fits` (the free fit, else the tied)
+    predicts within one standard error of such a difference (at the sweep's own seeds a
+    point) of its best, with the 95% range of each end over that fit's bootstrap."""
+    sd, df = difference_sd(measured)
+    if not df:
+        return {}
+    seeds = int(np.median([len(v) for v in measured.values()]))
+    out = {"power": {"sd_diff": sd, "df": df, "seeds": seeds_to_separate(sd)}}
+    method = next((m for m in ("free", "tied") if fits.get(m)), None)
+    if method is None:
+        return out
+    tolerance = sd / math.sqrt(seeds)
+    lo, hi = class_limits(size, limits["max_classes"], limits["max_per_class"])
+    ends = [near_best_range(f.err, size, tolerance, lo, hi) for f in fits[method]]
+    out["near_best"] = {"method": method, "classes": list(ends[0]), "tolerance": tolerance,
+                        "seeds": seeds, "low": interval([e[0] for e in ends[1:]]),
+                        "high": interval([e[1] for e in ends[1:]])}
     return out
 
 
@@ -372,6 +408,7 @@ def _advice_lines(e: dict, size: int) -> list[str]:
         lines.append(f"  to tell them apart, add N={add['size']:,}, where they predict "
                      + ", ".join(f"{label(m)} K={k}" for m, k in add["classes"].items())
                      + ": run those splits, then predict again")
+    lines += _noise_lines(e)
     if "measured_best_at_size" in e:
         m = e["measured_best_at_size"]
         lines.append(f"  measured best at N={size:,}: K={m['classes']} "
@@ -379,6 +416,26 @@ def _advice_lines(e: dict, size: int) -> list[str]:
     if e.get("suggest") is not None:
         lines.append("  to confirm, run at N={:,}: ".format(size) + (", ".join(
             f"K={k} n={n}" for k, n in e["suggest"]) or "nothing new (all run already)"))
+    return lines
+
+
+def _noise_lines(e: dict) -> list[str]:
+    """The near-best range and the power line (`noise_entry`)."""
+    lines = []
+    if "near_best" in e:
+        nb = e["near_best"]
+        ends = (f"; its ends' 95% intervals {nb['low'][0]:.0f}..{nb['low'][1]:.0f} and "
+                f"{nb['high'][0]:.0f}..{nb['high'][1]:.0f}" if nb["low"] else "")
+        lines.append(f"  near-best: K={nb['classes'][0]}..{nb['classes'][1]}, predicted by the "
+                     f"{label(nb['method'])} within {100 * nb['tolerance']:.1f} points of its "
+                     f"best (the standard error of two splits' difference at this sweep's "
+                     f"{nb['seeds']} seeds a point): the runs cannot rank these{ends}")
+    if "power" in e:
+        pw = e["power"]
+        lines.append(f"  to tell a 1-point gap at {TIE_SE:g} standard errors: {pw['seeds']} "
+                     f"seeds a split (a per-seed difference of two splits varies by "
+                     f"{100 * pw['sd_diff']:.1f} points here, pooled over {pw['df']} degrees "
+                     "of freedom)")
     return lines
 
 
