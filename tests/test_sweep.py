@@ -126,8 +126,10 @@ def test_tiny_sweep_resumes_after_interruption(tmp_path, synthetic):
         [("2", "8", "synthetic-t1"), ("4", "4", "synthetic-t1")]
     for x in got:  # each row is its run's own probe result
         probe = json.loads((out / "runs" / x["run"] / "probe.json").read_text())
-        assert float(x["error_mean"]) == pytest.approx(
-            probe["datasets"][x["dataset"]]["error_mean"])
+        mine = probe["datasets"][x["dataset"]]
+        for column in ("top1_mean", "top1_std", "error_mean"):
+            assert float(x[column]) == pytest.approx(mine[column]), column
+        assert mine["top1_std"] != pytest.approx(mine["top1_mean"])  # two columns told apart
     # One run at a time on a CPU: each child gets all of this process's cores for DALI.
     cores = len(os.sched_getaffinity(0))
     commands = [x for x in (first / "sweep.log").read_text().splitlines() if x.startswith("$ ")]
