@@ -226,13 +226,15 @@ def under_old_names(folder: Path) -> list[str]:
     """Rewrite the records of a run or sweep folder as dptrain wrote them before each cache
     had one name (options.RENAMED, new -> old): the config of config.json, checkpoint.pt,
     pretrain.json and sweep.json, sweep.json's recorded flags, summary.json's "pixel_cache";
-    and before --subset-seed (its field dropped where unset). Returns the files rewritten."""
+    and before --subset-seed and --order (their fields dropped where unset). Returns the files
+    rewritten."""
     from dptrain.common.options import RENAMED
 
     old = {new: was for was, new in RENAMED.items()}
     flags = {f"--{k.replace('_', '-')}": f"--{v.replace('_', '-')}" for k, v in old.items()}
     back = lambda d: {old.get(k, k): v for k, v in d.items()  # noqa: E731
-                      if not (k == "subset_seed" and v is None)}
+                      if not (k == "subset_seed" and v is None or k == "order" and v ==
+                              "shuffled")}
     done = []
     for path in sorted(folder.rglob("*")):
         if path.name in ("config.json", "sweep.json"):

@@ -142,6 +142,39 @@ def test_eval_transform_matches_pil(index, ratio, device, decode):
         assert int(labels[i]) == int(s.labels[i])
 
 
+def test_keyed_crops_follow_the_image_whatever_its_subset_batch_or_place(tmp_path, texture):
+    """--order keyed: an image's crop window and flip are drawn from (seed, epoch, its row),
+    so two nested subsets give a shared image the same window, in whichever batch and place
+    it comes; the shuffled transform's windows follow the batch's places instead. The Loader
+    given order="keyed" plans and crops that way."""
+    from dptrain.loading.transforms import TrainTransform
+
+    index = ShardIndex.load(make_shard_set(tmp_path, texture, 5, 10, (64, 48)))
+    small, large = select(index, 3, 6, seed=1), select(index, 5, 10, seed=1)
+    h, w = index.samples["height"], index.samples["width"]
+
+    def windows(subset, keyed: bool, epoch=0):
+        t = TrainTransform(7, 32, subset.rows if keyed else None)
+        pos = np.random.default_rng(epoch).permutation(len(subset))  # any batch, any place
+        drawn = t.draw(epoch, 0, pos, h[subset.rows[pos]], w[subset.rows[pos]])
+        return {int(r): tuple(np.concatenate([a[i].ravel() for a in drawn]))
+                for i, r in enumerate(subset.rows[pos])}
+
+    a, b = windows(small, True), windows(large, True)
+    assert all(a[r] == b[r] for r in a) and len(set(a.values())) > len(a) // 2
+    assert windows(small, True, epoch=1) != a  # each epoch its own
+    a, b = windows(small, False), windows(large, False)
+    assert sum(a[r] == b[r] for r in a) < len(a) // 4
+    loader = Loader(large, batch_size=8, train=True, res=32, seed=1, order="keyed")
+    assert loader.transform.keys is large.rows
+    shared = set(small.rows.tolist())
+    planned = [r for batch in loader.plan(0) for r in large.rows[batch].tolist() if r in shared]
+    inside = Loader(small, batch_size=6, train=True, res=32, seed=1, order="keyed")
+    assert planned[:6] == [r for batch in inside.plan(0) for r in small.rows[batch].tolist()][:6]
+    loader.close()
+    inside.close()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_transform_crops_resizes_and_flips_half(tmp_path, device):
     """Images brighten left to right (120 x 90 px): a res x res crop of a window w px wide

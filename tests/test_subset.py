@@ -106,6 +106,32 @@ def test_epoch_shuffle_mixes_classes(index):
     assert np.array_equal(order, epoch_order(len(s), seed=0, epoch=0))
 
 
+def test_a_keyed_order_meets_the_images_two_subsets_share_in_the_same_order(index):
+    """--order keyed: nested subsets (8 x 10 inside 10 x 12) see their shared rows in one
+    order, and each image in the same place relative to the others; each epoch reorders;
+    the shuffled order (a permutation of positions) shares nothing of the kind."""
+    small, large = select(index, 8, 10, seed=0), select(index, 10, 12, seed=0)
+    shared = set(small.rows.tolist())
+
+    def rows(subset, epoch, keyed=True):
+        order = epoch_order(len(subset), seed=0, epoch=epoch,
+                            keys=subset.rows if keyed else None)
+        assert sorted(order.tolist()) == list(range(len(subset)))
+        return [r for r in subset.rows[order].tolist() if r in shared]
+
+    assert rows(small, 0) == rows(large, 0) != rows(small, 1) == rows(large, 1)
+    assert rows(small, 0, keyed=False) != rows(large, 0, keyed=False)
+    label = dict(zip(small.rows.tolist(), small.labels.tolist()))
+    seen = [label[r] for r in rows(small, 0)]
+    assert all(len(set(seen[i:i + 32])) > 1 for i in range(0, 96, 32))  # still mixes classes
+    # with ranks: each rank's fixed part, in the keyed order
+    parts = [epoch_order(len(large), seed=0, epoch=0, rank=r, world_size=2, keys=large.rows)
+             for r in (0, 1)]
+    for r, part in enumerate(parts):
+        assert sorted(part.tolist()) == rank_part(len(large), seed=0, rank=r,
+                                                  world_size=2).tolist()
+
+
 def test_rank_parts_disjoint_equal_fixed_and_reshuffled():
     n, world = 103, 4
     parts = [epoch_order(n, seed=1, epoch=2, rank=r, world_size=world) for r in range(world)]

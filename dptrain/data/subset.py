@@ -148,9 +148,15 @@ def rank_part(num_samples: int, *, seed: int, rank: int = 0, world_size: int = 1
 
 
 def epoch_order(num_samples: int, *, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1) -> np.ndarray:
+                world_size: int = 1, keys: np.ndarray | None = None) -> np.ndarray:
     """This rank's positions in the subset for one epoch: its part (`rank_part`) shuffled,
-    seeded by (seed, epoch) and, with several ranks, the rank."""
+    seeded by (seed, epoch) and, with several ranks, the rank. With `keys` (each position's
+    row in the shard set: `Subset.rows`), sorted by a number drawn for each row from (seed,
+    epoch) instead: two subsets of one shard set then meet the images they share in the same
+    order (--order keyed)."""
     part = rank_part(num_samples, seed=seed, rank=rank, world_size=world_size)
+    if keys is not None:  # the draws of rows 0..max: a row's number is the same in any subset
+        drawn = np.random.default_rng((seed, 1, epoch)).random(int(keys.max()) + 1)
+        return part[np.argsort(drawn[keys[part]], kind="stable")]
     key = (seed, 1, epoch) if world_size == 1 else (seed, 1, epoch, rank)
     return part[np.random.default_rng(key).permutation(len(part))]

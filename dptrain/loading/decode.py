@@ -148,7 +148,7 @@ class _Reader:
         if not (heights.all() and widths.all()):
             raise DataError(f"{self._name(positions[np.argmin(heights * widths)])} has no image "
                             "size in the index: re-shard it with this version of dptrain")
-        anchor, shape, flips = self.draw(epoch, step, heights, widths)
+        anchor, shape, flips = self.draw(epoch, step, positions, heights, widths)
         self.pending.append((positions, shape, flips))
         return jpegs, labels, anchor, shape
 

@@ -148,10 +148,12 @@ def _shutdown(jpegs: Decoder, running: list[_Feeder], close_tars: bool) -> None:
 
 
 def epoch_batches(num_samples: int, epoch: int, *, batch_size: int, train: bool, seed: int,
-                  rank: int, world_size: int, drop_last: bool) -> list[np.ndarray]:
-    """One epoch's batches (positions in the subset) for one rank."""
+                  rank: int, world_size: int, drop_last: bool,
+                  keys: np.ndarray | None = None) -> list[np.ndarray]:
+    """One epoch's batches (positions in the subset) for one rank (`keys`: epoch_order's)."""
     if train:
-        order = epoch_order(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+        order = epoch_order(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                            keys=keys)
     else:  # evaluation reads in stored order, each rank a contiguous part
         per_rank = num_samples // world_size
         order = np.arange(rank * per_rank, (rank + 1) * per_rank)
@@ -178,7 +180,8 @@ class Loader:
                  eval_resize: float = EVAL_RESIZE, device: str = "cpu", seed: int = 0,
                  rank: int = 0, world_size: int = 1, drop_last: bool | None = None,
                  threads: int | None = None, prefetch: int = 2, decode: str = "auto",
-                 hw_decoder_load: float | None = None, source: PixelSource | None = None):
+                 hw_decoder_load: float | None = None, source: PixelSource | None = None,
+                 order: str = "shuffled"):
         if len(subset) == 0:
             raise DataError("the subset is empty")
         # Options are checked where they are parsed (config.check_config); these are bugs.
@@ -197,8 +200,11 @@ class Loader:
         if len(self) == 0:
             raise DataError(f"{len(subset)} samples over {world_size} rank(s) make no full batch "
                             f"of {batch_size}: use a smaller batch size")
-        # The epoch order is shared by all ranks; augmentation is not.
-        self.transform = TrainTransform(seed * 1009 + rank, res) if train else \
+        # The epoch order is shared by all ranks; augmentation is not. Keyed (--order keyed):
+        # the order and each image's crop follow its row in the shard set, not its position.
+        assert order in ("shuffled", "keyed"), order
+        keys = subset.rows if order == "keyed" else None
+        self.transform = TrainTransform(seed * 1009 + rank, res, keys) if train else \
             EvalTransform(res, eval_resize)
         self.threads, self.prefetch = threads or cores_for_this_process(), prefetch
         self._jpegs = Decoder(subset, self.transform, gpu=gpu,
@@ -210,7 +216,7 @@ class Loader:
         # loader, so the feeder can plan from it.
         self.plan = partial(epoch_batches, len(subset), batch_size=batch_size, train=train,
                             seed=seed, rank=rank, world_size=world_size,
-                            drop_last=self.drop_last)
+                            drop_last=self.drop_last, keys=keys)
         self.epoch, self.start_step = 0, 0
         self.bytes_read = 0  # JPEG bytes of the batches handed out (benchmarks and tests)
         self._running: list[_Feeder] = []  # the feeder, once started

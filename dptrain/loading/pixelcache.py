@@ -240,8 +240,8 @@ class PixelCache:
                 slots = self.slot[positions]
                 if (slots < 0).any():
                     raise RuntimeError("a batch asks for an image of another rank's part")
-                anchor, shape, flips = feed.transform.draw(epoch, step, self.orig_h[slots],
-                                                           self.orig_w[slots])
+                anchor, shape, flips = feed.transform.draw(epoch, step, positions,
+                                                           self.orig_h[slots], self.orig_w[slots])
                 with on_stream(feed.stream):
                     images = self._crops(slots, *self.windows(slots, anchor, shape), flips,
                                          feed.transform, pool)

@@ -71,6 +71,12 @@ class TrainConfig:
                                    "which images), apart from the training randomness that "
                                    "--seed draws: a sweep given it trains every seed on one "
                                    "subset [--seed].", low=0)
+    order: str = _opt("shuffled", "Each epoch's data order and crops: shuffled (a seeded "
+                      "permutation of the subset; crops drawn per batch) or keyed (each image's "
+                      "place and crop drawn from the seed, the epoch and the image itself, so that "
+                      "a sweep's splits, nested subsets, meet the images they share in the same "
+                      "order and crops: their differences then pair closer by seed; "
+                      "docs/noise-budget.md).", choices=("shuffled", "keyed"))
     val_data: str | None = _opt(None, "Held-out images of the same classes (shards made with "
                                 "--classes-from).", path="dir")
     recipe: str = _opt("fast", "fast: FFCV-style (label smoothing, warm-up + linear decay, no wd "

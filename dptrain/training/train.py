@@ -96,7 +96,7 @@ def train_loader(subset, cfg: TrainConfig, res: int, device: str, rank: int, wor
     return Loader(subset, batch_size=cfg.batch_size // world, train=True, res=res,
                   device=device, seed=cfg.seed, rank=rank, world_size=world,
                   threads=cfg.workers, decode=cfg.decode, hw_decoder_load=cfg.hw_decoder_load,
-                  prefetch=cfg.prefetch, source=cache)
+                  prefetch=cfg.prefetch, source=cache, order=cfg.order)
 
 
 def pixel_cache(subset, cfg: TrainConfig, model, autocast, ranks: Ranks, device: torch.device):
@@ -160,8 +160,10 @@ def plan_steps(cfg: TrainConfig, num_samples: int, world: int) -> Plan:
 
 def _computes(record: dict) -> dict:
     """What a run computes: its options but those that only change its speed, and its data.
-    Records from before --optimizer trained with SGD, and drew their subset with --seed."""
-    config = {"optimizer": "sgd", "beta2": 0.999, "subset_seed": None, **record["config"]}
+    Records from before --optimizer trained with SGD, drew their subset with --seed, and
+    shuffled their order."""
+    config = {"optimizer": "sgd", "beta2": 0.999, "subset_seed": None, "order": "shuffled",
+              **record["config"]}
     return {**{k: v for k, v in config.items() if k not in SPEED_ONLY},
             "subset": record["subset"]}
 
