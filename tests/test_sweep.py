@@ -317,8 +317,9 @@ def test_a_sweep_recorded_under_the_old_cache_names_resumes_and_reports(tmp_path
     """A sweep folder written before each cache had one name (sweep.json's and pretrain.json's
     cache, cache_side, cache_dir, the flags sweep.json records, its runs' records) reads as
     today's: its report names today's flags, a call with another pixel cache side is refused
-    naming it, and the same options under their new names find the sweep finished. The old
-    flag itself still works, saying its new name."""
+    naming it (so is --order keyed: its runs, from before --order, were shuffled), and the
+    same options under their new names find the sweep finished. The old flag itself still
+    works, saying its new name."""
     data, suite = synthetic
     out = tmp_path / "sw"
     args = ["sweep", "--data", data, "--suite", suite, "--out", out, "--points", "2:8", *TINY]
@@ -333,6 +334,8 @@ def test_a_sweep_recorded_under_the_old_cache_names_resumes_and_reports(tmp_path
     assert "--pixel-cache-side 24" in report and "--cache-side" not in report
     r = run_here(*args, "--pixel-cache-side", 32)
     assert r.returncode == 2 and "other options: --pixel-cache-side 24 (now 32)" in r.stderr
+    r = run_here(*args, "--pixel-cache-side", 24, "--order", "keyed")  # its runs: shuffled
+    assert r.returncode == 2 and "other options: --order shuffled (now keyed)" in r.stderr
     r = run_here(*args, "--pixel-cache-side", 24, "--pixel-cache", "off", check=True)  # speed
     assert "1 point, 1 finished already, 0 to run" in r.stderr
     assert json.loads((out / "sweep.json").read_text())["config"]["pixel_cache_side"] == 24

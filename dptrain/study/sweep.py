@@ -528,7 +528,8 @@ def refuse_other_options(old: dict, spec: SweepSpec) -> None:
 
     if not old:
         return
-    was, now = old.get("config", {}), spec.config
+    # what a sweep from before --subset-seed and --order ran with
+    was, now = {"subset_seed": None, "order": "shuffled", **old.get("config", {})}, spec.config
     differ = [(f"--{k.replace('_', '-')}", was.get(k), now.get(k))
               for k in sorted(set(was) & set(now))  # a key an older dptrain lacked: unknown
               if k not in SPEED_ONLY and was[k] != now[k]]
