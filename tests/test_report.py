@@ -101,12 +101,14 @@ def test_report_marks_the_splits_it_cannot_tell_from_the_best(tmp_path):
     """A made-up sweep with known ties and gaps. Each seed shifts every split's error alike
     (+-3 points, as a seed's draws do), so only paired differences can see a 2-point gap:
     at N=1,000, 25 x 40 ties 10 x 100 (the best), 4 x 250 (+2 points) and 63 x 15 (+0.5)
-    are told apart, and 100 x 10, run on other seeds (unpaired), cannot be told apart. At
-    N=4,000, one seed: nothing can be told."""
+    are told apart, 16 x 62 (+0.15 points, 2.6 paired standard errors over 4 seeds) is not
+    (Student's t at 3 degrees of freedom asks 3.18), and 100 x 10, run on other seeds
+    (unpaired), cannot be told apart. At N=4,000, one seed: nothing can be told."""
     shift = {0: 0.03, 1: -0.03, 2: 0.01, 3: -0.01, 10: 0.02, 11: -0.02}
     wiggle = [0.001, -0.001, 0.001, -0.001]
     runs = [(10, 100, 0.30, [0, 1, 2, 3], [0] * 4), (25, 40, 0.30, [0, 1, 2, 3], wiggle),
             (4, 250, 0.32, [0, 1, 2, 3], wiggle), (63, 15, 0.305, [0, 1, 2, 3], wiggle),
+            (16, 62, 0.3015, [0, 1, 2, 3], wiggle),
             (100, 10, 0.30, [10, 11], [0, 0]), (40, 100, 0.25, [0], [0]),
             (100, 40, 0.26, [0], [0])]
     root = tmp_path / "sw"
@@ -132,9 +134,12 @@ def test_report_marks_the_splits_it_cannot_tell_from_the_best(tmp_path):
     assert "unpaired" in same.split("100 x 10")[1]
     assert "4 x 250 (+0.0200" in apart and "63 x 15 (+0.0050" in apart
     assert "25 x 40" not in apart and "4 x 250" not in same
+    # 2.6 paired standard errors over 4 seeds (3 degrees of freedom): within Student's 3.18
+    assert "16 x 62 (+0.0015 +- 0.0006, paired over 4)" in same and "16 x 62" not in apart
     best, same, apart = (c.strip() for c in rows["4,000"])
     assert best == "40 x 100" and "100 x 40 (no se): cannot tell" in same and apart == "-"
     table = (root / "report" / "table.md").read_text()
     bold = {(c[1].strip(), c[2].strip()) for c in (line.split("|") for line in table.splitlines())
             if "**" in c[-2]}
-    assert bold == {("1,000", "10"), ("1,000", "25"), ("1,000", "100"), ("4,000", "40")}
+    assert bold == {("1,000", "10"), ("1,000", "25"), ("1,000", "100"), ("1,000", "16"),
+                    ("4,000", "40")}

@@ -177,8 +177,10 @@ def ties_section(compared: dict[str, dict]) -> list[str]:
           f"Each split's mean error minus its budget's best, +- the standard error of that "
           f"difference: paired by seed (the std of the per-seed differences / sqrt(seeds)) "
           f"where the two share 2 or more seeds, else from each split's own seeds. A split "
-          f"within {TIE_SE:g} standard errors of the best is not told apart from it (bold in "
-          "the table above, ringed on the contour maps). With one seed nothing can be told.",
+          f"is told apart from the best when its difference exceeds Student's t bound for "
+          f"95% on the se's degrees of freedom (3.18 standard errors at 4 paired seeds, 2.57 "
+          f"at 6, near {TIE_SE:g} at 60); else it is not (bold in the table above, ringed on "
+          "the contour maps). With one seed nothing can be told.",
           "", "| set | N | best K x n | not told apart | told apart (difference +- se) |",
           "|---|---|---|---|---|"]
     for name, comp in compared.items():

@@ -127,39 +127,54 @@ def errors_by_point(rows: list[dict]) -> dict[str, dict[tuple[int, int, int], li
             for name, pts in errors_by_seed(rows).items()}
 
 
-TIE_SE = 2.0  # a split is told apart from the best when their difference exceeds 2 standard errors
+TIE_SE = 2.0  # standard errors that tell a gap, many seeds on (predict's power line)
+
+
+def t_bound(df: float, level: float = 0.95) -> float:
+    """How many standard errors a difference must exceed to be told apart at `level`
+    (two-sided), its se having `df` degrees of freedom: Student's t (3.18 at 3, 2.0 near 60),
+    since few seeds measure their own spread loosely."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
 
 
 def versus_best(points: dict[tuple[int, int, int], dict[int, float]],
                 size: int) -> dict[tuple[int, int, int], dict]:
     """Each split of budget `size` against the best one (lowest mean error): `diff`, its mean
     error minus the best's; `se`, the standard error of that difference; `paired`, the number
-    of seeds it is paired over; and `tied`, whether the runs cannot tell it from the best
-    (|diff| <= TIE_SE x se; None where no se can be had).
+    of seeds it is paired over; `bound`, the standard errors a difference must exceed to be
+    told apart (`t_bound` on the se's degrees of freedom); and `tied`, whether the runs cannot
+    tell it from the best (diff <= bound x se; None where no se can be had).
 
     Splits run on the same seeds are paired (a sweep's seed s of every split shares its
     seed's draws where the splits allow): the se is the std of the per-seed differences over
-    the shared seeds / sqrt(their number), which removes what the seeds share. With fewer than
-    2 shared seeds, Welch's unpaired se from each split's own seeds; with one seed each, none."""
+    the shared seeds / sqrt(their number), which removes what the seeds share, with one
+    degree of freedom fewer than seeds. With fewer than 2 shared seeds, Welch's unpaired se
+    from each split's own seeds (and Welch-Satterthwaite's degrees of freedom); with one seed
+    each, none."""
     at = {p: v for p, v in points.items() if p[2] == size}
     best = min(at, key=lambda p: statistics.mean(at[p].values()))
     out = {}
     for p, v in at.items():
         diff = statistics.mean(v.values()) - statistics.mean(at[best].values())
         shared = sorted(set(v) & set(at[best]))
+        se, paired, df = None, 0, None
         if p == best:
             se, paired = 0.0, len(v)
         elif len(shared) >= 2:
             d = [v[s] - at[best][s] for s in shared]
-            se, paired = statistics.stdev(d) / math.sqrt(len(d)), len(d)
+            se, paired, df = statistics.stdev(d) / math.sqrt(len(d)), len(d), len(d) - 1
         elif len(v) >= 2 and len(at[best]) >= 2:
-            se = math.sqrt(statistics.variance(v.values()) / len(v)
-                           + statistics.variance(at[best].values()) / len(at[best]))
-            paired = 0
-        else:
-            se, paired = None, 0
-        tied = True if p == best else (None if se is None else diff <= TIE_SE * se)
-        out[p] = {"diff": diff, "se": se, "paired": paired, "tied": tied, "best": p == best}
+            a = statistics.variance(v.values()) / len(v)
+            b = statistics.variance(at[best].values()) / len(at[best])
+            se = math.sqrt(a + b)
+            df = (a + b) ** 2 / (a * a / (len(v) - 1) + b * b / (len(at[best]) - 1)) \
+                if a + b > 0 else math.inf
+        bound = t_bound(df) if df else None
+        tied = True if p == best else (None if se is None else diff <= bound * se)
+        out[p] = {"diff": diff, "se": se, "paired": paired, "bound": bound, "tied": tied,
+                  "best": p == best}
     return out
 
 
