@@ -280,8 +280,9 @@ def main(sweep: Path, row: Path, prefixes: str, keyed: Path | None,
         keyed_runs = runs_of(keyed)
         size = {"synthetic": "50", "test500": "500"}  # the built-in suite's two test sets
         designs = [(f"{order} order, {size.get(x, x)} test images a class", runs, x)
-                   for order, runs in
-                   (("shuffled", diag), ("keyed", keyed_runs)) for x in names]
+                   for order, runs in (("shuffled", diag), ("keyed", keyed_runs)) for x in names
+                   if any(SET.match(k) and SET.match(k)["prefix"] == x
+                          for k in next(iter(runs.values())))]
         out["designs"], table = designs_table(designs)
         text += "\n" + table
     print(text)
