@@ -65,16 +65,34 @@ def runs_of(sweep: Path) -> dict[tuple, dict]:
     return out
 
 
+def sets_of(probe: dict, prefix: str) -> list[dict]:
+    """probe.json's results of the sets named PREFIX-tK."""
+    return [v for k, v in probe.items() if SET.match(k) and SET.match(k)["prefix"] == prefix]
+
+
+def errors_by_split(runs: dict, prefix: str) -> dict[tuple, dict[int, float]]:
+    """{(K, n): {seed: average error over the prefix's sets}} of `runs_of`'s runs."""
+    return {s: {k[3]: average(p, prefix) for k, p in runs.items() if k[:2] == s}
+            for s in sorted({k[:2] for k in runs})}
+
+
+def paired(errs: dict) -> list[tuple[tuple, tuple, list[float]]]:
+    """(a, b, per-seed differences a - b over their shared seeds) for every pair of splits of
+    `errors_by_split`."""
+    return [(a, b, [errs[a][s] - errs[b][s] for s in sorted(set(errs[a]) & set(errs[b]))])
+            for a, b in itertools.combinations(errs, 2)]
+
+
 def average(probe: dict, prefix: str) -> float:
     """The error averaged over a prefix's sets, as results.csv's "average" is."""
-    sets = [v for k, v in probe.items() if SET.match(k) and SET.match(k)["prefix"] == prefix]
+    sets = sets_of(probe, prefix)
     return statistics.mean(v["error_mean"] for v in sets)
 
 
 def test_variance(probe: dict, prefix: str) -> tuple[float, float]:
     """(bootstrap, binomial) variance of the average error that its test sets alone give: the
     sets are scored on separate images, so the average's is the mean of theirs / sets."""
-    sets = [v for k, v in probe.items() if SET.match(k) and SET.match(k)["prefix"] == prefix]
+    sets = sets_of(probe, prefix)
     boot = [bootstrap_se(np.stack([unpack_correct(r["test_correct"], v["test_samples"])
                                    for r in v["repeats"]])) ** 2 for v in sets]
     binom = [binomial_se(v["top1_mean"], v["test_samples"]) ** 2 for v in sets]
@@ -84,7 +102,7 @@ def test_variance(probe: dict, prefix: str) -> tuple[float, float]:
 def repeat_variance(probe: dict, prefix: str) -> float:
     """The variance of the average error that the probe's repeats (their validation splits,
     hence their L2) add to one run: each set's repeat variance / repeats."""
-    sets = [v for k, v in probe.items() if SET.match(k) and SET.match(k)["prefix"] == prefix]
+    sets = sets_of(probe, prefix)
     return sum(statistics.variance([r["test_top1"] for r in v["repeats"]]) / len(v["repeats"])
                for v in sets) / len(sets) ** 2
 
@@ -109,8 +127,8 @@ def image_share(runs: dict, prefix: str) -> float:
 
 def budget(diag: dict, row: dict, prefix: str) -> dict:
     """The noise budget of one point's average error (see the module's docstring)."""
-    splits = sorted({k[:2] for k in diag})
-    by_split = [[average(p, prefix) for k, p in diag.items() if k[:2] == s] for s in splits]
+    errs = errors_by_split(diag, prefix)
+    by_split = [list(v.values()) for v in errs.values()]
     v_both, df_both = pooled_variance(by_split)
     v_train, df_train = pooled_variance([[average(p, prefix) for p in row.values()]])
     boot, binom = zip(*(test_variance(p, prefix) for p in [*diag.values(), *row.values()]))
@@ -122,7 +140,7 @@ def budget(diag: dict, row: dict, prefix: str) -> dict:
     fixed = sorted({k[:2] for k in row})
     share = image_share({k: p for k, p in diag.items() if k[:2] == fixed[0]}, prefix)
     return {"prefix": prefix, "points_seeds": {f"{k}x{n}": len(g) for (k, n), g in
-                                               zip(splits, by_split)},
+                                               zip(errs, by_split)},
             "fixed_subset_split": f"{fixed[0][0]}x{fixed[0][1]}", "fixed_subset_runs": len(row),
             "var_subset_and_training": v_both, "df_subset_and_training": df_both,
             "ci_subset_and_training": variance_interval(v_both, df_both),
@@ -137,16 +155,12 @@ def budget(diag: dict, row: dict, prefix: str) -> dict:
 def differences(diag: dict, prefix: str) -> list[dict]:
     """Every pair of splits: the mean difference of their average errors and its standard
     error at their shared seeds, paired and unpaired (Welch)."""
-    splits = sorted({k[:2] for k in diag})
-    errs = {s: {k[3]: average(p, prefix) for k, p in diag.items() if k[:2] == s}
-            for s in splits}
+    errs = errors_by_split(diag, prefix)
     out = []
-    for a, b in itertools.combinations(splits, 2):
-        shared = sorted(set(errs[a]) & set(errs[b]))
-        d = [errs[a][s] - errs[b][s] for s in shared]
+    for a, b, d in paired(errs):
         unpaired = math.sqrt(statistics.variance(errs[a].values()) / len(errs[a])
                              + statistics.variance(errs[b].values()) / len(errs[b]))
-        out.append({"a": f"{a[0]}x{a[1]}", "b": f"{b[0]}x{b[1]}", "seeds": len(shared),
+        out.append({"a": f"{a[0]}x{a[1]}", "b": f"{b[0]}x{b[1]}", "seeds": len(d),
                     "diff": statistics.mean(d), "se_paired": statistics.stdev(d)
                     / math.sqrt(len(d)), "se_unpaired": unpaired,
                     "sd_paired": statistics.stdev(d)})
@@ -158,14 +172,8 @@ def resampled_seeds(diag: dict, prefix: str, draws: int = 2000, seed: int = 0) -
     seeds with replacement (the same seeds for both splits: paired), of the mean difference of
     every pair of splits, pooled over pairs; the smallest m where TIE_SE times it is <= 1
     point."""
-    splits = sorted({k[:2] for k in diag})
-    errs = {s: {k[3]: average(p, prefix) for k, p in diag.items() if k[:2] == s}
-            for s in splits}
     rng = np.random.default_rng(seed)
-    diffs = []
-    for a, b in itertools.combinations(splits, 2):
-        shared = sorted(set(errs[a]) & set(errs[b]))
-        diffs.append(np.array([errs[a][s] - errs[b][s] for s in shared]))
+    diffs = [np.array(d) for _, _, d in paired(errors_by_split(diag, prefix))]
     for m in itertools.count(2):
         var = statistics.mean(float(d[rng.integers(0, len(d), (draws, m))].mean(1).var())
                               for d in diffs)
